@@ -1,0 +1,1 @@
+"""Workspace RPM/TPM token buckets: pure maths, an in-process twin and a Redis backend."""
