@@ -1,0 +1,226 @@
+"""Process helpers shared by the integration and end-to-end tests.
+
+Tests start real servers (Postgres, Envoy, the sidecar, the demo upstream). These helpers make
+sure each one gets a free port, is waited for with a deadline instead of a fixed sleep, has
+everything it printed kept in a log file the test can grep, and is always stopped together with
+its children, even when the test fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import signal
+import socket
+import subprocess
+import time
+import weakref
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Self
+
+_POLL_INTERVAL = 0.02
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that nothing listens on right now.
+
+    The OS picks it (bind to port 0), so parallel tests do not collide on hard-coded ports.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for_port(
+    host: str,
+    port: int,
+    *,
+    timeout: float,
+    proc: subprocess.Popen[bytes] | None = None,
+) -> None:
+    """Poll until something accepts TCP connections on host:port, or raise TimeoutError.
+
+    If `proc` is given and exits first, fail at once instead of waiting out the deadline.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"nothing listening on {host}:{port} after {timeout:.1f}s")
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(
+                f"process {proc.pid} exited with {proc.returncode} "
+                f"before listening on {host}:{port}"
+            )
+        try:
+            with socket.create_connection((host, port), timeout=min(remaining, 0.5)):
+                return
+        except OSError:
+            time.sleep(_POLL_INTERVAL)
+
+
+def _signal_group_or_process(pid: int, sig: int, *, group: bool) -> None:
+    """Send `sig` to the process group led by `pid` (or to `pid` alone); ignore if gone."""
+    with contextlib.suppress(ProcessLookupError):
+        if group:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+
+
+def _leads_own_group(proc: subprocess.Popen[bytes]) -> bool:
+    """Tell whether `proc` was started in its own process group (start_new_session=True).
+
+    Only asked while Popen has not reaped the child, so the pid cannot have been reused.
+    """
+    if proc.returncode is not None:
+        return False
+    try:
+        return os.getpgid(proc.pid) == proc.pid
+    except ProcessLookupError:
+        return False
+
+
+def stop_process(
+    proc: subprocess.Popen[bytes],
+    *,
+    timeout: float = 5.0,
+    group: bool | None = None,
+) -> int:
+    """Stop `proc` with SIGTERM, then SIGKILL after `timeout`; return its exit code.
+
+    When the child leads its own process group (auto-detected unless `group` is given), the
+    whole group is signalled so grandchildren (Postgres backends, worker processes) go too.
+    Calling it on a process that already exited is fine.
+    """
+    if group is None:
+        group = _leads_own_group(proc)
+    if proc.poll() is None:
+        _signal_group_or_process(proc.pid, signal.SIGTERM, group=group)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _signal_group_or_process(proc.pid, signal.SIGKILL, group=group)
+            proc.wait()
+    if group:
+        # Children that ignored SIGTERM must not outlive the test.
+        _signal_group_or_process(proc.pid, signal.SIGKILL, group=True)
+    return proc.returncode
+
+
+def child_identity(user: str | None) -> tuple[int | None, int | None, list[int] | None]:
+    """Popen `user`, `group`, `extra_groups` that drop root to `user` (initdb refuses root)."""
+    if user is None:
+        return None, None, None
+    entry = pwd.getpwnam(user)
+    return entry.pw_uid, entry.pw_gid, []
+
+
+def _finalize(proc: subprocess.Popen[bytes], log_file: IO[bytes]) -> None:
+    """Last-resort cleanup when a ManagedProcess is garbage-collected or Python exits."""
+    try:
+        stop_process(proc, timeout=2.0, group=True)
+    finally:
+        log_file.close()
+
+
+class ManagedProcess:
+    """A child process in its own process group whose stdout and stderr go to a log file.
+
+    Starts on construction, like `subprocess.Popen`. Use it as a context manager (or call
+    `stop()`) so the process and all its children are gone when the test ends, pass or fail.
+    The log is opened in append mode so restarting a server under the same name keeps one
+    file with everything it ever printed.
+    """
+
+    def __init__(
+        self,
+        args: Sequence[str],
+        *,
+        log_dir: Path,
+        name: str | None = None,
+        env: Mapping[str, str] | None = None,
+        inherit_env: bool = True,
+        cwd: Path | None = None,
+        user: str | None = None,
+    ) -> None:
+        """Start `args`; `env` is added over the inherited environment (or replaces it)."""
+        self.name = name or Path(args[0]).name
+        self.log_path = Path(log_dir) / f"{self.name}.log"
+        child_env = dict(os.environ) if inherit_env else {}
+        child_env.update(env or {})
+        uid, gid, extra_groups = child_identity(user)
+        log_file = self.log_path.open("ab")
+        try:
+            self.proc: subprocess.Popen[bytes] = subprocess.Popen(
+                list(args),
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=child_env,
+                cwd=cwd,
+                start_new_session=True,
+                user=uid,
+                group=gid,
+                extra_groups=extra_groups,
+            )
+        except BaseException:
+            log_file.close()
+            raise
+        self._log_file = log_file
+        self._finalizer = weakref.finalize(self, _finalize, self.proc, log_file)
+
+    @property
+    def pid(self) -> int:
+        """The child's pid, which is also its process group id."""
+        return self.proc.pid
+
+    def read_log(self) -> str:
+        """Everything the process printed so far (stdout and stderr interleaved)."""
+        return self.log_path.read_bytes().decode("utf-8", errors="replace")
+
+    def is_running(self) -> bool:
+        """True while the process has not exited."""
+        return self.proc.poll() is None
+
+    def send_signal(self, sig: int, *, group: bool = False) -> None:
+        """Signal the process (or its whole group), e.g. SIGTERM to test graceful shutdown."""
+        if self.proc.poll() is None or group:
+            _signal_group_or_process(self.proc.pid, sig, group=group)
+
+    def wait(self, timeout: float) -> int:
+        """Wait for the process to exit and return its exit code.
+
+        Raises subprocess.TimeoutExpired if it is still running after `timeout` seconds.
+        """
+        return self.proc.wait(timeout=timeout)
+
+    def wait_for_port(self, port: int, *, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
+        """Wait until the process listens on `port`; on failure the error includes its log."""
+        try:
+            wait_for_port(host, port, timeout=timeout, proc=self.proc)
+        except (TimeoutError, RuntimeError) as exc:
+            raise type(exc)(f"{exc}; {self.name} log:\n{self.read_log()}") from None
+
+    def stop(self, *, timeout: float = 5.0) -> int:
+        """Stop the process group (SIGTERM, then SIGKILL) and return the exit code."""
+        self._finalizer.detach()
+        try:
+            return stop_process(self.proc, timeout=timeout, group=True)
+        finally:
+            self._log_file.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
