@@ -1,0 +1,121 @@
+"""The ext_authz v3 Authorization service: fetch what the decision needs, then render it.
+
+Denials are successful RPCs carrying a denied CheckResponse. Infrastructure failures (the
+database for an uncached key, the rate limiter in closed mode) are typed exceptions, counted,
+and answered with gRPC UNAVAILABLE so Envoy's `status_on_error` applies. Anything else is a
+bug and propagates.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import grpc
+from envoy.service.auth.v3 import external_auth_pb2_grpc
+from envoy.service.auth.v3.external_auth_pb2 import CheckRequest, CheckResponse
+
+from authz.decision import Allow, Deny, check_grant, decide, invalid_key, screen_request
+from authz.keys import hash_key
+from authz.lastused import LastUsedRecorder
+from authz.metrics import Metrics
+from authz.resolver import KeyResolver
+from authz.responses import AllowRenderer, render_deny
+from authz.store.base import StoreUnavailable
+from ratelimit.estimate import estimate_tokens
+from ratelimit.limiter import Limits, RateLimiter, RateLimitUnavailable
+
+log = logging.getLogger(__name__)
+
+PARTIAL_BODY_HEADER = "x-envoy-auth-partial-body"
+
+
+class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
+    """`envoy.service.auth.v3.Authorization/Check`."""
+
+    def __init__(
+        self,
+        *,
+        resolver: KeyResolver,
+        limiter: RateLimiter,
+        metrics: Metrics,
+        renderer: AllowRenderer,
+        last_used: LastUsedRecorder,
+        fail_open: bool,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._resolver = resolver
+        self._limiter = limiter
+        self._metrics = metrics
+        self._renderer = renderer
+        self._last_used = last_used
+        self._fail_open = fail_open
+        self._wall_clock = wall_clock
+        self._latency = metrics.check_latency
+        self._allowed = metrics.checks.labels("allow", "")
+        self._allowed_open = metrics.checks.labels("allow_fail_open", "")
+
+    async def Check(  # noqa: N802 - the gRPC method name
+        self, request: CheckRequest, context: grpc.aio.ServicerContext[CheckRequest, CheckResponse]
+    ) -> CheckResponse:
+        started = time.perf_counter()
+        try:
+            decision = await self._decide(request)
+        except StoreUnavailable as error:
+            self._metrics.checks.labels("error", "store_unavailable").inc()
+            log.warning("check: database unavailable for an uncached key: %s", error)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "key store unavailable")
+        except RateLimitUnavailable as error:
+            self._metrics.checks.labels("error", "ratelimit_unavailable").inc()
+            log.warning("check: rate limiter unavailable (failure mode closed): %s", error)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "rate limiter unavailable")
+        finally:
+            self._latency.observe(time.perf_counter() - started)
+        if isinstance(decision, Allow):
+            (self._allowed_open if decision.fail_open else self._allowed).inc()
+            self._last_used.touch(decision.grant.key_id)
+            return self._renderer.render(decision)
+        self._metrics.checks.labels("deny", decision.code).inc()
+        return render_deny(decision)
+
+    async def _decide(self, request: CheckRequest) -> Allow | Deny:
+        http = request.attributes.request.http
+        headers = http.headers
+        screened = screen_request(http.path, headers.get("authorization"))
+        if isinstance(screened, Deny):
+            return screened
+        resolved = await self._resolver.resolve(hash_key(screened))
+        if resolved is None:
+            return invalid_key(screened)
+        grant, workspace = resolved
+        now_ts = self._wall_clock()
+        expired = check_grant(screened, grant, now_ts)
+        if expired is not None:
+            return expired
+        tokens = estimate_tokens(
+            body=bytes(http.raw_body) if http.raw_body else None,
+            content_length=headers.get("content-length"),
+            default_completion_tokens=workspace.default_completion_tokens,
+        )
+        rate = None
+        fail_open = False
+        if workspace.rpm or workspace.tpm:
+            try:
+                rate = await self._limiter.acquire(
+                    workspace.id, Limits(rpm=workspace.rpm, tpm=workspace.tpm), tokens
+                )
+            except RateLimitUnavailable:
+                if not self._fail_open:
+                    raise
+                self._metrics.fail_open.inc()
+                fail_open = True
+        return decide(
+            screened,
+            grant,
+            workspace,
+            requested_tokens=tokens,
+            rate=rate,
+            now_ts=now_ts,
+            fail_open=fail_open,
+        )

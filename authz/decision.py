@@ -1,0 +1,189 @@
+"""The decision, as pure functions: request → key candidate → workspace → limits → answer.
+
+Nothing here does I/O or reads a clock, so every contract row can be tested by calling these
+directly. The servicer (check.py) fetches what these need and renders what they return.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+from authz.keys import KEY_PREFIX, is_well_formed, mask_key
+from authz.models import KeyGrant, Workspace
+from ratelimit.limiter import LimitKind, LimitResult
+
+INVALID_REQUEST = "invalid_request_error"
+
+
+@dataclass(frozen=True, slots=True)
+class Deny:
+    """An answer other than allow: HTTP status plus OpenAI's error fields."""
+
+    status: int
+    code: str
+    type: str
+    message: str
+    rate: LimitResult | None = None
+    workspace_id: str | None = None
+    key_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Allow:
+    """Let the request through, tagged with who it is and what it reserved."""
+
+    grant: KeyGrant
+    workspace: Workspace
+    reserved_tokens: int
+    rate: LimitResult | None
+    fail_open: bool = False
+
+
+Decision = Allow | Deny
+
+MISSING_KEY = Deny(
+    status=401,
+    code="missing_api_key",
+    type=INVALID_REQUEST,
+    message=(
+        "You didn't provide an API key. You need to provide your API key in an Authorization "
+        "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+    ),
+)
+
+
+def invalid_key(presented: str) -> Deny:
+    """One answer for malformed, unknown, revoked and expired keys: nothing tells them apart."""
+    return Deny(
+        status=401,
+        code="invalid_api_key",
+        type=INVALID_REQUEST,
+        message=f"Incorrect API key provided: {mask_key(presented)}. "
+        "Check the key, or ask a workspace admin for a new one.",
+    )
+
+
+def key_in_url(found: str) -> Deny:
+    return Deny(
+        status=400,
+        code="api_key_in_url",
+        type=INVALID_REQUEST,
+        message=f"An API key ({mask_key(found)}) was found in the URL. Send keys only in the "
+        "Authorization header; URLs end up in logs, so revoke this key and create a new one.",
+    )
+
+
+def _key_like_in(path: str) -> str | None:
+    start = path.find(KEY_PREFIX)
+    if start < 0:
+        return None
+    end = start + len(KEY_PREFIX)
+    while end < len(path) and (path[end].isalnum() or path[end] in "-_"):
+        end += 1
+    return path[start:end]
+
+
+def screen_request(path: str, authorization: str | None) -> str | Deny:
+    """The presented key if the request may go on to a lookup, else the denial.
+
+    A checksum-invalid key is refused here, before any cache, database or Redis work.
+    """
+    in_url = _key_like_in(path)
+    if in_url is None and "%" in path:
+        in_url = _key_like_in(unquote(path))
+    if in_url is not None:
+        return key_in_url(in_url)
+    if authorization is None:
+        return MISSING_KEY
+    scheme, _, credentials = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return MISSING_KEY
+    presented = credentials.strip()
+    if not presented:
+        return MISSING_KEY
+    if not is_well_formed(presented):
+        return invalid_key(presented)
+    return presented
+
+
+def check_grant(presented: str, grant: KeyGrant, now_ts: float) -> Deny | None:
+    """A key past its rotation grace deadline answers exactly like a revoked one."""
+    if grant.expires_at is not None and now_ts >= grant.expires_at.timestamp():
+        return invalid_key(presented)
+    return None
+
+
+def estimate_unused(limit: int, remaining: int) -> int:
+    return max(0, limit - remaining)
+
+
+def rate_limited(workspace: Workspace, requested_tokens: int, rate: LimitResult) -> Deny:
+    """OpenAI's 429 for an exhausted bucket, or for a request larger than the TPM limit."""
+    retry = max(1, math.ceil(rate.retry_after_seconds))
+    if rate.denied_by is LimitKind.REQUESTS:
+        used = estimate_unused(rate.requests.limit, rate.requests.remaining)
+        message = (
+            f"Rate limit reached for workspace {workspace.id} on requests per min (RPM): "
+            f"Limit {rate.requests.limit}, Used {used}, Requested 1. "
+            f"Please try again in {retry}s."
+        )
+        kind = LimitKind.REQUESTS
+    elif rate.too_large:
+        message = (
+            f"Request too large for workspace {workspace.id} on tokens per min (TPM): "
+            f"Limit {rate.tokens.limit}, Requested {requested_tokens}. "
+            "Reduce the input or max_tokens, or ask for a higher TPM limit."
+        )
+        kind = LimitKind.TOKENS
+    else:
+        used = estimate_unused(rate.tokens.limit, rate.tokens.remaining)
+        message = (
+            f"Rate limit reached for workspace {workspace.id} on tokens per min (TPM): "
+            f"Limit {rate.tokens.limit}, Used {used}, Requested {requested_tokens}. "
+            f"Please try again in {retry}s."
+        )
+        kind = LimitKind.TOKENS
+    return Deny(
+        status=429,
+        code="rate_limit_exceeded",
+        type=kind.value,
+        message=message,
+        rate=rate,
+        workspace_id=workspace.id,
+    )
+
+
+def decide(
+    presented: str,
+    grant: KeyGrant,
+    workspace: Workspace,
+    *,
+    requested_tokens: int,
+    rate: LimitResult | None,
+    now_ts: float,
+    fail_open: bool = False,
+) -> Decision:
+    """The final answer for a live key, given the rate limiter's verdict (None: not asked)."""
+    expired = check_grant(presented, grant, now_ts)
+    if expired is not None:
+        return expired
+    if rate is not None and not rate.allowed:
+        denial = rate_limited(workspace, requested_tokens, rate)
+        return Deny(
+            status=denial.status,
+            code=denial.code,
+            type=denial.type,
+            message=denial.message,
+            rate=rate,
+            workspace_id=workspace.id,
+            key_id=grant.key_id,
+        )
+    return Allow(
+        grant=grant,
+        workspace=workspace,
+        reserved_tokens=requested_tokens,
+        rate=rate,
+        fail_open=fail_open,
+    )

@@ -1,0 +1,69 @@
+"""Prometheus collectors for the sidecar, registered on a registry we are handed (no globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from ratelimit.metrics import RateLimitMetrics
+
+_LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class Metrics:
+    """Every collector the sidecar exports, on one registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.checks = Counter(
+            "authz_checks",
+            "ext_authz Check decisions, by decision and OpenAI error code.",
+            ["decision", "code"],
+            registry=registry,
+        )
+        self.check_latency = Histogram(
+            "authz_check_duration_seconds",
+            "Time to answer one Check, from request to response.",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.cache = Counter(
+            "authz_key_cache_lookups",
+            "Key cache lookups by result: hit, negative_hit, miss, stale (served while the "
+            "database was down).",
+            ["result"],
+            registry=registry,
+        )
+        self.cache_size = Gauge(
+            "authz_key_cache_entries", "Entries in the key cache.", ["kind"], registry=registry
+        )
+        self.store_errors = Counter(
+            "authz_store_errors",
+            "Database calls that failed or timed out, by operation.",
+            ["operation"],
+            registry=registry,
+        )
+        self.store_latency = Histogram(
+            "authz_store_duration_seconds",
+            "Database lookups made on the request path (cache misses).",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.invalidations = Counter(
+            "authz_cache_invalidations",
+            "Cache invalidations received, by kind (key, ws, reset).",
+            ["kind"],
+            registry=registry,
+        )
+        self.fail_open = Counter(
+            "authz_fail_open_admissions",
+            "Requests allowed without a rate-limit decision because the backend failed and "
+            "AUTHZ_FAILURE_MODE=open.",
+            registry=registry,
+        )
+        self.ready = Gauge(
+            "authz_ready",
+            "1 while the sidecar can authorize (readiness), by component.",
+            ["component"],
+            registry=registry,
+        )
+        self.limiter = RateLimitMetrics(registry)

@@ -1,0 +1,123 @@
+"""Render a Decision as Envoy's CheckResponse. Pure: no I/O, no clock.
+
+Bodies are OpenAI-shaped JSON. Constant answers are built once and reused.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
+from envoy.service.auth.v3.external_auth_pb2 import (
+    CheckResponse,
+    DeniedHttpResponse,
+    OkHttpResponse,
+)
+from envoy.type.v3.http_status_pb2 import HttpStatus
+from google.protobuf.struct_pb2 import Struct
+from google.rpc import code_pb2, status_pb2
+
+from authz.decision import Allow, Deny
+from ratelimit.durations import format_go_duration, retry_after_header
+from ratelimit.limiter import BucketState, LimitResult
+
+OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+WORKSPACE_HEADER = "x-workspace-id"
+KEY_ID_HEADER = "x-api-key-id"
+FAIL_OPEN_HEADER = "x-authz-fail-open"
+_JSON = HeaderValueOption(header=HeaderValue(key="content-type", value="application/json"))
+_WWW_AUTHENTICATE = HeaderValueOption(header=HeaderValue(key="www-authenticate", value="Bearer"))
+_OK_STATUS = status_pb2.Status(code=code_pb2.OK)
+
+
+def error_body(deny: Deny) -> str:
+    """`{"error": {"message", "type", "param": null, "code"}}`, as OpenAI sends it."""
+    return json.dumps(
+        {"error": {"message": deny.message, "type": deny.type, "param": None, "code": deny.code}}
+    )
+
+
+def _set(key: str, value: str) -> HeaderValueOption:
+    return HeaderValueOption(header=HeaderValue(key=key, value=value), append_action=OVERWRITE)
+
+
+def _bucket_headers(kind: str, bucket: BucketState) -> Iterable[HeaderValueOption]:
+    if bucket.limit <= 0:
+        return ()
+    return (
+        _set(f"x-ratelimit-limit-{kind}", str(bucket.limit)),
+        _set(f"x-ratelimit-remaining-{kind}", str(max(0, bucket.remaining))),
+        _set(f"x-ratelimit-reset-{kind}", format_go_duration(bucket.reset_seconds)),
+    )
+
+
+def rate_limit_headers(rate: LimitResult | None) -> list[HeaderValueOption]:
+    """OpenAI's six x-ratelimit-* headers (a bucket with no limit has none)."""
+    if rate is None:
+        return []
+    return [*_bucket_headers("requests", rate.requests), *_bucket_headers("tokens", rate.tokens)]
+
+
+def _metadata(**fields: str | int | bool) -> Struct:
+    metadata = Struct()
+    metadata.update(fields)
+    return metadata
+
+
+def render_deny(deny: Deny) -> CheckResponse:
+    headers = [_JSON]
+    if deny.status == 401:
+        headers.append(_WWW_AUTHENTICATE)
+    if deny.rate is not None:
+        headers.extend(rate_limit_headers(deny.rate))
+        headers.append(_set("retry-after", retry_after_header(deny.rate.retry_after_seconds)))
+    grpc_code = code_pb2.UNAUTHENTICATED if deny.status == 401 else code_pb2.PERMISSION_DENIED
+    fields: dict[str, str | int | bool] = {"decision": "deny", "code": deny.code}
+    if deny.workspace_id is not None:
+        fields["workspace_id"] = deny.workspace_id
+    if deny.key_id is not None:
+        fields["key_id"] = deny.key_id
+    return CheckResponse(
+        status=status_pb2.Status(code=grpc_code, message=deny.code),
+        denied_response=DeniedHttpResponse(
+            status=HttpStatus(code=deny.status),  # type: ignore[arg-type]
+            headers=headers,
+            body=error_body(deny),
+        ),
+        dynamic_metadata=_metadata(**fields),
+    )
+
+
+class AllowRenderer:
+    """Builds allow responses; the header removal list is fixed at start-up."""
+
+    def __init__(self, *, keep_authorization: bool) -> None:
+        # A client must never be able to claim fail-open on its own.
+        self._remove = [FAIL_OPEN_HEADER] if keep_authorization else ["authorization", FAIL_OPEN_HEADER]
+        self._remove_fail_open = [h for h in self._remove if h != FAIL_OPEN_HEADER]
+
+    def render(self, allow: Allow) -> CheckResponse:
+        upstream = [
+            _set(WORKSPACE_HEADER, allow.workspace.id),
+            _set(KEY_ID_HEADER, allow.grant.key_id),
+        ]
+        remove = self._remove
+        if allow.fail_open:
+            upstream.append(_set(FAIL_OPEN_HEADER, "true"))
+            remove = self._remove_fail_open
+        return CheckResponse(
+            status=_OK_STATUS,
+            ok_response=OkHttpResponse(
+                headers=upstream,
+                headers_to_remove=remove,
+                response_headers_to_add=rate_limit_headers(allow.rate),
+            ),
+            dynamic_metadata=_metadata(
+                decision="allow",
+                workspace_id=allow.workspace.id,
+                key_id=allow.grant.key_id,
+                reserved_tokens=allow.reserved_tokens,
+                fail_open=allow.fail_open,
+            ),
+        )

@@ -1,0 +1,226 @@
+"""Settings: one typed, frozen object, read once at start-up, validated with the setting's name.
+
+Every setting is an environment variable `AUTHZ_<NAME>` and the same `--<name>` flag on
+`authz serve`; a flag wins over the environment, which wins over the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+
+class SettingsError(ValueError):
+    """A bad setting; the message names it and says what is expected."""
+
+    def __init__(self, env_name: str, message: str) -> None:
+        super().__init__(f"invalid setting {env_name}: {message}")
+        self.env_name = env_name
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the sidecar is configured with (see the README's settings table)."""
+
+    database_url: str = "sqlite:///./authz.db"
+    redis_url: str | None = None
+    grpc_addr: str = "127.0.0.1:9191"
+    metrics_addr: str = "127.0.0.1:9464"
+    failure_mode: Literal["closed", "open"] = "closed"
+    keep_authorization: bool = False
+    db_timeout_ms: int = 150
+    redis_timeout_ms: int = 50
+    db_pool_size: int = 10
+    cache_size: int = 100_000
+    cache_ttl_s: float = 60.0
+    negative_cache_size: int = 10_000
+    negative_cache_ttl_s: float = 10.0
+    stale_if_error_s: float = 900.0
+    change_poll_ms: int = 250
+    last_used_flush_s: float = 10.0
+    health_interval_s: float = 1.0
+    drain_delay_s: float = 1.0
+    shutdown_grace_s: float = 5.0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    metrics_workspace_label: bool = True
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite:")
+
+
+_HELP: dict[str, str] = {
+    "database_url": "sqlite:///PATH (embedded) or postgresql://... ",
+    "redis_url": "redis://, rediss://, redis+cluster://h:p[,h:p]; unset = in-process buckets",
+    "grpc_addr": "host:port for ext_authz, health and reflection",
+    "metrics_addr": "host:port for Prometheus /metrics",
+    "failure_mode": "closed (gRPC UNAVAILABLE) or open (allow) when the rate-limit backend fails",
+    "keep_authorization": "forward the client's Authorization header to the upstream",
+    "db_timeout_ms": "timeout of every database call on the request path",
+    "redis_timeout_ms": "timeout of every Redis call; keep far below Envoy's ext_authz timeout",
+    "db_pool_size": "maximum PostgreSQL connections per process",
+    "cache_size": "maximum cached known keys (LRU)",
+    "cache_ttl_s": "seconds a cached key or workspace is trusted without a re-read",
+    "negative_cache_size": "maximum cached unknown key hashes",
+    "negative_cache_ttl_s": "seconds an unknown key hash is remembered",
+    "stale_if_error_s": "seconds an expired cache entry may still serve while the database is down",
+    "change_poll_ms": "embedded store: how often to look for revocations and limit changes",
+    "last_used_flush_s": "seconds between batched last_used_at writes",
+    "health_interval_s": "seconds between readiness probes of the database and Redis",
+    "drain_delay_s": "on SIGTERM: seconds NOT_SERVING before the gRPC server stops accepting",
+    "shutdown_grace_s": "on SIGTERM: seconds in-flight RPCs get to finish",
+    "log_level": "debug, info, warning or error",
+    "metrics_workspace_label": "label per-workspace metrics with the workspace id",
+}
+
+
+def env_name(field_name: str) -> str:
+    return "AUTHZ_" + field_name.upper()
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _parse_bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError("expected true or false")
+
+
+def _parse_positive_int(raw: str) -> int:
+    value = int(raw.strip())
+    if value <= 0:
+        raise ValueError("expected a positive integer")
+    return value
+
+
+def _parse_non_negative_float(raw: str) -> float:
+    value = float(raw.strip())
+    if not math.isfinite(value) or value < 0:
+        raise ValueError("expected a non-negative number")
+    return value
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in allowed:
+            raise ValueError("expected one of " + ", ".join(allowed))
+        return value
+
+    return parse
+
+
+def _parse_addr(raw: str) -> str:
+    host, sep, port = raw.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("expected host:port, e.g. 127.0.0.1:9191")
+    return raw.strip()
+
+
+def _parse_database_url(raw: str) -> str:
+    value = raw.strip()
+    scheme = urlsplit(value).scheme
+    if scheme == "sqlite":
+        if not value.startswith("sqlite:///") or value == "sqlite:///":
+            raise ValueError("expected sqlite:///PATH")
+        return value
+    if scheme in {"postgresql", "postgres"}:
+        return value
+    raise ValueError("expected sqlite:///PATH or postgresql://USER@HOST:PORT/DB")
+
+
+def _parse_redis_url(raw: str) -> str | None:
+    value = raw.strip()
+    if not value:
+        return None
+    scheme = urlsplit(value).scheme
+    if scheme not in {"redis", "rediss", "unix", "redis+cluster", "rediss+cluster"}:
+        raise ValueError("expected redis://, rediss:// or redis+cluster://HOST:PORT[,HOST:PORT]")
+    if scheme != "unix" and not urlsplit(value.split(",")[0]).hostname:
+        raise ValueError("the URL names no host")
+    return value
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "database_url": _parse_database_url,
+    "redis_url": _parse_redis_url,
+    "grpc_addr": _parse_addr,
+    "metrics_addr": _parse_addr,
+    "failure_mode": _choice("closed", "open"),
+    "keep_authorization": _parse_bool,
+    "db_timeout_ms": _parse_positive_int,
+    "redis_timeout_ms": _parse_positive_int,
+    "db_pool_size": _parse_positive_int,
+    "cache_size": _parse_positive_int,
+    "cache_ttl_s": _parse_non_negative_float,
+    "negative_cache_size": _parse_positive_int,
+    "negative_cache_ttl_s": _parse_non_negative_float,
+    "stale_if_error_s": _parse_non_negative_float,
+    "change_poll_ms": _parse_positive_int,
+    "last_used_flush_s": _parse_non_negative_float,
+    "health_interval_s": _parse_non_negative_float,
+    "drain_delay_s": _parse_non_negative_float,
+    "shutdown_grace_s": _parse_non_negative_float,
+    "log_level": _choice("debug", "info", "warning", "error"),
+    "metrics_workspace_label": _parse_bool,
+}
+
+
+def add_setting_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] = ()) -> None:
+    """Add `--<name>` for every setting (or just `only`), defaulting to "not given"."""
+    for field in fields(Settings):
+        if only and field.name not in only:
+            continue
+        parser.add_argument(
+            flag_name(field.name),
+            dest=f"setting_{field.name}",
+            default=None,
+            metavar=env_name(field.name),
+            help=f"{_HELP[field.name]} (default: {field.default!r})",
+        )
+
+
+def load_settings(
+    environ: Mapping[str, str], flags: argparse.Namespace | None = None
+) -> Settings:
+    """Build the settings from flags, then the environment, then defaults; fail on the first bad one."""
+    values: dict[str, Any] = {}
+    for field in fields(Settings):
+        raw = getattr(flags, f"setting_{field.name}", None) if flags is not None else None
+        source = flag_name(field.name)
+        if raw is None:
+            raw = environ.get(env_name(field.name))
+            source = env_name(field.name)
+        if raw is None:
+            continue
+        try:
+            values[field.name] = _PARSERS[field.name](raw)
+        except ValueError as error:
+            shown = raw if len(raw) <= 80 else raw[:77] + "..."
+            raise SettingsError(source, f"{error} (got {redact_url(shown)!r})") from None
+    settings = Settings(**values)
+    _check_consistency(settings)
+    return settings
+
+
+def _check_consistency(settings: Settings) -> None:
+    if settings.grpc_addr == settings.metrics_addr:
+        raise SettingsError("AUTHZ_METRICS_ADDR", "must differ from AUTHZ_GRPC_ADDR")
+
+
+def redact_url(url: str) -> str:
+    """A URL fit for logs and errors: any password replaced by `***`."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(":" + parts.password + "@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()

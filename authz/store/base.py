@@ -1,0 +1,140 @@
+"""The store interface: one small Protocol, two implementations (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Protocol
+
+from authz.models import (
+    Actor,
+    ApiKey,
+    AuditEntry,
+    KeyGrant,
+    NewKey,
+    NewWorkspace,
+    Workspace,
+    WorkspaceUpdate,
+)
+
+CHANGE_CHANNEL = "authz_changes"
+"""PostgreSQL NOTIFY channel for revocations and limit changes."""
+
+
+class StoreError(Exception):
+    """Base of the store's typed errors."""
+
+
+class StoreUnavailable(StoreError):
+    """The database did not answer in time or could not be reached."""
+
+
+class NotFound(StoreError):
+    """The named workspace or key does not exist."""
+
+
+class Conflict(StoreError):
+    """The write clashes with existing data (e.g. a duplicate workspace name)."""
+
+
+class KeyLimitReached(StoreError):
+    """The workspace already has as many active keys as its key limit allows."""
+
+    def __init__(self) -> None:
+        super().__init__("key limit reached: revoke an unused key before generating a replacement")
+
+
+class ChangeKind(str, Enum):
+    KEY = "key"
+    WORKSPACE = "ws"
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One invalidation: a key (by hash, hex) or a workspace (by id) changed."""
+
+    kind: ChangeKind
+    ref: str
+
+    def encode(self) -> str:
+        return f"{self.kind.value}:{self.ref}"
+
+    @classmethod
+    def decode(cls, payload: str) -> Change | None:
+        kind, sep, ref = payload.partition(":")
+        if not sep or not ref:
+            return None
+        try:
+            return cls(ChangeKind(kind), ref)
+        except ValueError:
+            return None
+
+
+class ChangeSink(Protocol):
+    """Receives invalidations from the store's change feed."""
+
+    def on_change(self, change: Change) -> None: ...
+
+    def on_reset(self) -> None:
+        """Changes may have been missed (e.g. after a reconnect): drop everything cached."""
+        ...
+
+
+class Store(Protocol):
+    """Persistence for workspaces, keys and the audit log."""
+
+    async def migrate(self) -> list[int]:
+        """Apply pending schema versions; returns those applied now (idempotent)."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless the database answers now."""
+        ...
+
+    async def lookup_key(self, key_hash: bytes) -> tuple[KeyGrant, Workspace] | None:
+        """The live (unrevoked) key with this hash and its workspace, or None."""
+        ...
+
+    async def get_workspace(self, workspace_id: str) -> Workspace | None: ...
+
+    async def list_workspaces(self) -> list[Workspace]: ...
+
+    async def create_workspace(self, new: NewWorkspace, *, actor: Actor) -> Workspace: ...
+
+    async def update_workspace(
+        self, workspace_id: str, update: WorkspaceUpdate, *, actor: Actor
+    ) -> Workspace: ...
+
+    async def create_key(self, new: NewKey, *, actor: Actor) -> ApiKey:
+        """Store a key; raises KeyLimitReached atomically with the insert."""
+        ...
+
+    async def get_key(self, key_id: str) -> ApiKey | None: ...
+
+    async def get_key_by_hash(self, key_hash: bytes) -> ApiKey | None:
+        """Any key with this hash, revoked or not (scan and audit use it)."""
+        ...
+
+    async def list_keys(self, workspace_id: str) -> list[ApiKey]: ...
+
+    async def revoke_key(self, key_id: str, *, actor: Actor, reason: str = "revoked") -> ApiKey:
+        """Revoke now (idempotent) and tell every replica."""
+        ...
+
+    async def record_key_use(self, last_used: Mapping[str, datetime]) -> None:
+        """Batch-write last_used_at per key id; never moves a timestamp backwards."""
+        ...
+
+    async def list_audit(self, workspace_id: str) -> list[AuditEntry]: ...
+
+    async def watch_changes(self, sink: ChangeSink) -> None:
+        """Feed invalidations to `sink` until cancelled; reconnects by itself."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
