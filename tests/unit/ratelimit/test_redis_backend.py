@@ -1,0 +1,223 @@
+"""RedisRateLimiter's error handling and breaker, against a fake client (no server)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any, cast
+
+import pytest
+from prometheus_client import CollectorRegistry
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ratelimit.breaker import BreakerState, CircuitBreaker
+from ratelimit.keys import bucket_keys
+from ratelimit.limiter import LimitKind, Limits, RateLimiter, RateLimitUnavailable
+from ratelimit.metrics import RateLimitMetrics
+from ratelimit.redis_backend import RedisClient, RedisRateLimiter, load_script_text
+
+
+class FakeScript:
+    """Stands in for redis-py's AsyncScript: records calls, replies or fails as told."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Sequence[str], Sequence[Any]]] = []
+        self.reply: list[int] = [1, 0, 0, 0, 4, 12000, 90, 6000]
+        self.error: BaseException | None = None
+        self.hang = False
+
+    async def __call__(self, keys: Sequence[str], args: Sequence[Any]) -> list[int]:
+        self.calls.append((keys, args))
+        if self.hang:
+            await asyncio.Event().wait()  # never set: a Redis that does not answer
+        if self.error is not None:
+            raise self.error
+        return self.reply
+
+
+class FakeRedis:
+    def __init__(self) -> None:
+        self.script = FakeScript()
+        self.script_text = ""
+        self.closed = False
+        self.ping_error: BaseException | None = None
+
+    def register_script(self, text: str) -> FakeScript:
+        self.script_text = text
+        return self.script
+
+    async def ping(self) -> bool:
+        if self.ping_error is not None:
+            raise self.ping_error
+        return True
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def state(limiter: RedisRateLimiter) -> BreakerState:
+    """Read the state through a call, so mypy does not narrow it across transitions."""
+    return limiter.breaker.state
+
+
+@pytest.fixture
+def fake() -> FakeRedis:
+    return FakeRedis()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def limiter(fake: FakeRedis, clock: FakeClock, registry: CollectorRegistry) -> RedisRateLimiter:
+    metrics = RateLimitMetrics(registry)
+    breaker = CircuitBreaker(
+        failure_threshold=3,
+        cooldown_seconds=0.25,
+        clock=clock,
+        on_state_change=metrics.set_circuit_state,
+    )
+    return RedisRateLimiter(
+        cast(RedisClient, fake), timeout_seconds=0.02, breaker=breaker, metrics=metrics
+    )
+
+
+def errors(registry: CollectorRegistry, kind: str) -> float | None:
+    return registry.get_sample_value("authz_ratelimit_redis_errors_total", {"kind": kind})
+
+
+def test_implements_the_protocol(limiter: RedisRateLimiter) -> None:
+    as_protocol: RateLimiter = limiter
+    assert as_protocol is limiter
+
+
+async def test_registers_the_packaged_script_and_sends_keys_and_args(
+    limiter: RedisRateLimiter, fake: FakeRedis
+) -> None:
+    assert fake.script_text == load_script_text()
+    result = await limiter.acquire("ws1", Limits(rpm=5, tpm=100), 10)
+    assert result.allowed
+    assert result.requests.remaining == 4
+    assert result.requests.reset_seconds == 12.0
+    assert fake.script.calls == [(bucket_keys("ws1"), ["acquire", 5, 100, 10])]
+
+
+async def test_decodes_a_denial(limiter: RedisRateLimiter, fake: FakeRedis) -> None:
+    fake.script.reply = [0, 2, 1, 0, 5, 0, 100, 0]
+    result = await limiter.acquire("ws1", Limits(rpm=5, tpm=100), 1000)
+    assert not result.allowed
+    assert result.denied_by is LimitKind.TOKENS
+    assert result.too_large
+
+
+async def test_adjust_sends_a_clamped_delta_and_skips_no_ops(
+    limiter: RedisRateLimiter, fake: FakeRedis
+) -> None:
+    await limiter.adjust_tokens("ws1", Limits(rpm=5, tpm=100), 10**9)
+    await limiter.adjust_tokens("ws1", Limits(rpm=5, tpm=0), 10)
+    await limiter.adjust_tokens("ws1", Limits(rpm=5, tpm=100), 0)
+    assert fake.script.calls == [(bucket_keys("ws1"), ["adjust", 5, 100, 200])]
+
+
+async def test_test_clock_is_passed_as_the_now_override(fake: FakeRedis) -> None:
+    limiter = RedisRateLimiter(cast(RedisClient, fake), test_clock_ms=lambda: 1234)
+    await limiter.acquire("ws1", Limits(rpm=5, tpm=100), 10)
+    assert fake.script.calls[0][1] == ["acquire", 5, 100, 10, 1234]
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (RedisConnectionError("refused"), "connection"),
+        (RedisTimeoutError("slow"), "timeout"),
+        (ResponseError("OOM command not allowed"), "other"),
+        (OSError("network is unreachable"), "other"),
+    ],
+)
+async def test_redis_errors_become_unavailable(
+    limiter: RedisRateLimiter,
+    fake: FakeRedis,
+    registry: CollectorRegistry,
+    error: BaseException,
+    kind: str,
+) -> None:
+    fake.script.error = error
+    with pytest.raises(RateLimitUnavailable):
+        await limiter.acquire("ws1", Limits(rpm=5, tpm=100), 10)
+    assert errors(registry, kind) == 1
+
+
+async def test_a_hung_call_times_out(
+    limiter: RedisRateLimiter, fake: FakeRedis, registry: CollectorRegistry
+) -> None:
+    fake.script.hang = True
+    with pytest.raises(RateLimitUnavailable, match="timeout"):
+        await limiter.acquire("ws1", Limits(rpm=5, tpm=100), 10)
+    assert errors(registry, "timeout") == 1
+    assert (
+        registry.get_sample_value("authz_ratelimit_redis_seconds_count", {"operation": "acquire"})
+        == 1
+    )
+
+
+async def test_bugs_are_not_swallowed(limiter: RedisRateLimiter, fake: FakeRedis) -> None:
+    fake.script.error = KeyError("a bug")
+    with pytest.raises(KeyError):
+        await limiter.acquire("ws1", Limits(rpm=5, tpm=100), 10)
+
+
+async def test_breaker_opens_fails_fast_probes_and_closes(
+    limiter: RedisRateLimiter, fake: FakeRedis, clock: FakeClock, registry: CollectorRegistry
+) -> None:
+    fake.script.error = RedisConnectionError("refused")
+    limits = Limits(rpm=5, tpm=100)
+    for _ in range(3):
+        with pytest.raises(RateLimitUnavailable):
+            await limiter.acquire("ws1", limits, 1)
+    assert state(limiter) is BreakerState.OPEN
+    assert registry.get_sample_value("authz_ratelimit_circuit_state") == 2
+
+    for _ in range(5):
+        with pytest.raises(RateLimitUnavailable, match="circuit is open"):
+            await limiter.acquire("ws1", limits, 1)
+    assert len(fake.script.calls) == 3  # nothing reached Redis while open
+    assert errors(registry, "circuit_open") == 5
+
+    clock.now += 0.25
+    fake.script.error = None
+    assert (await limiter.acquire("ws1", limits, 1)).allowed
+    assert state(limiter) is BreakerState.CLOSED
+    assert registry.get_sample_value("authz_ratelimit_circuit_state") == 0
+
+
+async def test_ping(limiter: RedisRateLimiter, fake: FakeRedis) -> None:
+    assert await limiter.ping()
+    fake.ping_error = RedisConnectionError("refused")
+    assert not await limiter.ping()
+
+
+async def test_close_closes_the_client(limiter: RedisRateLimiter, fake: FakeRedis) -> None:
+    await limiter.close()
+    assert fake.closed
+
+
+async def test_negative_cost_is_a_bug_not_an_outage(limiter: RedisRateLimiter) -> None:
+    with pytest.raises(ValueError, match="token cost"):
+        await limiter.acquire("ws1", Limits(rpm=5, tpm=100), -1)
