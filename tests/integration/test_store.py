@@ -1,0 +1,195 @@
+"""The same behaviour from both stores: embedded SQLite and real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from authz.keys import generate_key, hash_key, mask_key, new_key_id
+from authz.models import CLI_ACTOR, Actor, NewKey, NewWorkspace, WorkspaceUpdate
+from authz.store.base import Change, ChangeKind, Conflict, KeyLimitReached, NotFound, Store
+from authz.store.common import InvalidInput
+
+pytestmark = pytest.mark.integration
+
+
+def new_key(workspace_id: str, label: str = "app") -> tuple[str, NewKey]:
+    secret = generate_key()
+    return secret, NewKey(
+        id=new_key_id(),
+        workspace_id=workspace_id,
+        label=label,
+        key_hash=hash_key(secret),
+        mask=mask_key(secret),
+    )
+
+
+async def test_migrate_is_idempotent(store: Store) -> None:
+    assert await store.migrate() == []
+
+
+async def test_workspace_create_show_update(store: Store) -> None:
+    created = await store.create_workspace(NewWorkspace(name="acme", rpm=5, tpm=1000), actor=CLI_ACTOR)
+    assert created.id.startswith("ws_")
+    assert (created.rpm, created.tpm, created.key_limit) == (5, 1000, 10)
+    updated = await store.update_workspace(
+        created.id, WorkspaceUpdate(rpm=7, monthly_token_quota=500), actor=CLI_ACTOR
+    )
+    assert (updated.rpm, updated.tpm, updated.monthly_token_quota) == (7, 1000, 500)
+    assert await store.get_workspace(created.id) == updated
+    assert [w.id for w in await store.list_workspaces()] == [created.id]
+
+
+async def test_duplicate_workspace_name_is_a_conflict(store: Store) -> None:
+    await store.create_workspace(NewWorkspace(name="acme"), actor=CLI_ACTOR)
+    with pytest.raises(Conflict, match="acme"):
+        await store.create_workspace(NewWorkspace(name="acme"), actor=CLI_ACTOR)
+
+
+async def test_bad_values_are_refused(store: Store) -> None:
+    with pytest.raises(InvalidInput, match="empty"):
+        await store.create_workspace(NewWorkspace(name="  "), actor=CLI_ACTOR)
+    with pytest.raises(InvalidInput, match="rpm"):
+        await store.create_workspace(NewWorkspace(name="x", rpm=-1), actor=CLI_ACTOR)
+    workspace = await store.create_workspace(NewWorkspace(name="x"), actor=CLI_ACTOR)
+    secret, key = new_key(workspace.id, label="contains " + generate_key())
+    with pytest.raises(InvalidInput, match="label"):
+        await store.create_key(key, actor=CLI_ACTOR)
+    with pytest.raises(NotFound):
+        await store.update_workspace("ws_missing", WorkspaceUpdate(rpm=1), actor=CLI_ACTOR)
+
+
+async def test_key_lookup_revoke_and_hash_only_at_rest(store: Store) -> None:
+    workspace = await store.create_workspace(NewWorkspace(name="acme"), actor=CLI_ACTOR)
+    secret, key = new_key(workspace.id)
+    created = await store.create_key(key, actor=CLI_ACTOR)
+    assert created.mask == mask_key(secret)
+    found = await store.lookup_key(hash_key(secret))
+    assert found is not None
+    grant, ws = found
+    assert (grant.key_id, grant.workspace_id, ws.id) == (key.id, workspace.id, workspace.id)
+    assert await store.lookup_key(hash_key(generate_key())) is None
+
+    revoked = await store.revoke_key(key.id, actor=CLI_ACTOR)
+    assert revoked.revoked_at is not None
+    assert await store.lookup_key(hash_key(secret)) is None
+    # Revoking again is a no-op that still answers with the key.
+    assert (await store.revoke_key(key.id, actor=CLI_ACTOR)).revoked_at == revoked.revoked_at
+    by_hash = await store.get_key_by_hash(hash_key(secret))
+    assert by_hash is not None and not by_hash.active
+    with pytest.raises(NotFound):
+        await store.revoke_key("key_missing", actor=CLI_ACTOR)
+
+
+async def test_key_limit_counts_active_keys(store: Store) -> None:
+    workspace = await store.create_workspace(NewWorkspace(name="acme", key_limit=2), actor=CLI_ACTOR)
+    first = new_key(workspace.id)[1]
+    await store.create_key(first, actor=CLI_ACTOR)
+    await store.create_key(new_key(workspace.id)[1], actor=CLI_ACTOR)
+    with pytest.raises(KeyLimitReached, match="revoke an unused key before generating"):
+        await store.create_key(new_key(workspace.id)[1], actor=CLI_ACTOR)
+    await store.revoke_key(first.id, actor=CLI_ACTOR)
+    await store.create_key(new_key(workspace.id)[1], actor=CLI_ACTOR)
+
+
+async def test_concurrent_creates_never_exceed_the_key_limit(store: Store) -> None:
+    workspace = await store.create_workspace(NewWorkspace(name="acme", key_limit=3), actor=CLI_ACTOR)
+    results = await asyncio.gather(
+        *(store.create_key(new_key(workspace.id)[1], actor=CLI_ACTOR) for _ in range(10)),
+        return_exceptions=True,
+    )
+    assert sum(1 for r in results if not isinstance(r, BaseException)) == 3
+    assert all(isinstance(r, KeyLimitReached) for r in results if isinstance(r, BaseException))
+    assert len(await store.list_keys(workspace.id)) == 3
+
+
+async def test_expired_grace_keys_free_their_slot(store: Store) -> None:
+    workspace = await store.create_workspace(NewWorkspace(name="acme", key_limit=1), actor=CLI_ACTOR)
+    _, key = new_key(workspace.id)
+    past = datetime.now(UTC) - timedelta(seconds=1)
+    await store.create_key(
+        NewKey(key.id, key.workspace_id, key.label, key.key_hash, key.mask, expires_at=past),
+        actor=CLI_ACTOR,
+    )
+    await store.create_key(new_key(workspace.id)[1], actor=CLI_ACTOR)
+
+
+async def test_last_used_is_batched_and_never_goes_back(store: Store) -> None:
+    workspace = await store.create_workspace(NewWorkspace(name="acme"), actor=CLI_ACTOR)
+    _, key = new_key(workspace.id)
+    await store.create_key(key, actor=CLI_ACTOR)
+    later = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
+    await store.record_key_use({key.id: later})
+    await store.record_key_use({key.id: later - timedelta(hours=1), "key_unknown": later})
+    listed = await store.list_keys(workspace.id)
+    assert [k.last_used_at for k in listed] == [later]
+
+
+async def test_audit_log_records_who_did_what(store: Store) -> None:
+    workspace = await store.create_workspace(NewWorkspace(name="acme"), actor=CLI_ACTOR)
+    _, key = new_key(workspace.id)
+    await store.create_key(key, actor=Actor(kind="user", subject="alice", issuer="https://idp"))
+    await store.revoke_key(key.id, actor=CLI_ACTOR, reason="leaked")
+    entries = await store.list_audit(workspace.id)
+    assert [(e.action, e.actor_subject, e.key_id) for e in entries] == [
+        ("workspace.create", "cli", None),
+        ("key.create", "alice", key.id),
+        ("key.revoke", "cli", key.id),
+    ]
+    assert entries[-1].detail == "leaked"
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.changes: list[Change] = []
+        self.resets = 0
+        self.event = asyncio.Event()
+
+    def on_change(self, change: Change) -> None:
+        self.changes.append(change)
+        self.event.set()
+
+    def on_reset(self) -> None:
+        self.resets += 1
+        self.event.set()
+
+
+async def _wait_for(recorder: Recorder, predicate: object, timeout: float = 5.0) -> None:
+    assert callable(predicate)
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            recorder.event.clear()
+            await recorder.event.wait()
+
+
+async def test_change_feed_announces_revocations_and_limit_changes(
+    store: Store, database_url: str
+) -> None:
+    from authz.settings import Settings
+    from authz.store import open_store
+
+    workspace = await store.create_workspace(NewWorkspace(name="acme"), actor=CLI_ACTOR)
+    secret, key = new_key(workspace.id)
+    await store.create_key(key, actor=CLI_ACTOR)
+    recorder = Recorder()
+    watcher = asyncio.create_task(store.watch_changes(recorder))
+    try:
+        if database_url.startswith("postgres"):
+            await _wait_for(recorder, lambda: recorder.resets >= 1)
+        # A second connection (another replica, or the CLI) makes the changes.
+        other = await open_store(Settings(database_url=database_url, db_timeout_ms=2000))
+        try:
+            await other.revoke_key(key.id, actor=CLI_ACTOR)
+            await other.update_workspace(workspace.id, WorkspaceUpdate(rpm=1), actor=CLI_ACTOR)
+        finally:
+            await other.close()
+        expected = [
+            Change(ChangeKind.KEY, hash_key(secret).hex()),
+            Change(ChangeKind.WORKSPACE, workspace.id),
+        ]
+        await _wait_for(recorder, lambda: recorder.changes[-2:] == expected)
+    finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)

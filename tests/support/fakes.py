@@ -1,0 +1,114 @@
+"""Fakes at the Store protocol boundary, for unit tests only."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from datetime import UTC, datetime
+
+from authz.keys import hash_key, mask_key, new_key_id
+from authz.models import (
+    Actor,
+    ApiKey,
+    AuditEntry,
+    KeyGrant,
+    NewKey,
+    NewWorkspace,
+    Workspace,
+    WorkspaceUpdate,
+)
+from authz.store.base import ChangeSink, StoreUnavailable
+
+EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def workspace(ws_id: str = "ws_test", *, rpm: int = 0, tpm: int = 0, default_completion: int = 16) -> Workspace:
+    return Workspace(
+        id=ws_id,
+        name=ws_id,
+        rpm=rpm,
+        tpm=tpm,
+        key_limit=10,
+        default_completion_tokens=default_completion,
+        monthly_token_quota=None,
+        monthly_spend_cap_usd=None,
+        created_at=EPOCH,
+        updated_at=EPOCH,
+    )
+
+
+class FakeStore:
+    """Keys and workspaces in dicts; counts lookups; can be switched off to simulate an outage."""
+
+    def __init__(self) -> None:
+        self.workspaces: dict[str, Workspace] = {}
+        self.grants: dict[bytes, KeyGrant] = {}
+        self.lookups = 0
+        self.down = False
+        self.gate: asyncio.Event | None = None
+        self.used: dict[str, datetime] = {}
+
+    def add(self, secret: str, ws: Workspace, *, expires_at: datetime | None = None) -> KeyGrant:
+        self.workspaces[ws.id] = ws
+        grant = KeyGrant(new_key_id(), ws.id, mask_key(secret), expires_at)
+        self.grants[hash_key(secret)] = grant
+        return grant
+
+    async def migrate(self) -> list[int]:
+        return []
+
+    async def ping(self) -> None:
+        if self.down:
+            raise StoreUnavailable("fake outage")
+
+    async def lookup_key(self, key_hash: bytes) -> tuple[KeyGrant, Workspace] | None:
+        self.lookups += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.down:
+            raise StoreUnavailable("fake outage")
+        grant = self.grants.get(key_hash)
+        return None if grant is None else (grant, self.workspaces[grant.workspace_id])
+
+    async def get_workspace(self, workspace_id: str) -> Workspace | None:
+        return self.workspaces.get(workspace_id)
+
+    async def list_workspaces(self) -> list[Workspace]:
+        return list(self.workspaces.values())
+
+    async def create_workspace(self, new: NewWorkspace, *, actor: Actor) -> Workspace:
+        raise NotImplementedError
+
+    async def update_workspace(
+        self, workspace_id: str, update: WorkspaceUpdate, *, actor: Actor
+    ) -> Workspace:
+        raise NotImplementedError
+
+    async def create_key(self, new: NewKey, *, actor: Actor) -> ApiKey:
+        raise NotImplementedError
+
+    async def get_key(self, key_id: str) -> ApiKey | None:
+        return None
+
+    async def get_key_by_hash(self, key_hash: bytes) -> ApiKey | None:
+        return None
+
+    async def list_keys(self, workspace_id: str) -> list[ApiKey]:
+        return []
+
+    async def revoke_key(self, key_id: str, *, actor: Actor, reason: str = "revoked") -> ApiKey:
+        raise NotImplementedError
+
+    async def record_key_use(self, last_used: Mapping[str, datetime]) -> None:
+        if self.down:
+            raise StoreUnavailable("fake outage")
+        self.used.update(last_used)
+
+    async def list_audit(self, workspace_id: str) -> list[AuditEntry]:
+        return []
+
+    async def watch_changes(self, sink: ChangeSink) -> None:
+        await asyncio.Event().wait()
+
+    async def close(self) -> None:
+        return None
