@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -11,6 +13,7 @@ import pytest
 from tests.support.postgres_server import (
     DATABASE_URL_ENV,
     PostgresServer,
+    PostgresStartError,
     create_database,
     drop_database,
     dsn_with_database,
@@ -131,3 +134,43 @@ async def test_dsn_rule_starts_throwaway_without_environment() -> None:
     with postgres_dsn_for_tests(environ) as dsn:
         assert dsn.startswith("postgresql://postgres@127.0.0.1:")
         assert await _select_one(dsn) == 1
+
+
+def _children_of(pid: int) -> list[int]:
+    """Pids whose parent is `pid` (postgres gives each child its own session, so no pgid)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+async def test_close_leaves_no_processes_or_files() -> None:
+    server = start_postgres_server()
+    connection = await asyncpg.connect(server.dsn)  # one more child: its backend
+    postmaster = server.pid
+    assert postmaster is not None
+    children = _children_of(postmaster)
+    assert children
+    server.close()
+    connection.terminate()
+    assert not Path(f"/proc/{postmaster}").exists()
+    assert [pid for pid in children if Path(f"/proc/{pid}").exists()] == []
+    assert not server.base_dir.exists()
+
+
+def test_start_failure_reports_the_log_and_start_can_be_retried() -> None:
+    with start_postgres_server() as server:
+        server.stop()
+        with socket.socket() as squatter:
+            squatter.bind(("127.0.0.1", server.port))
+            squatter.listen()
+            with pytest.raises(PostgresStartError, match="could not bind"):
+                server.start(timeout=10)
+        assert not server.is_running()
+        server.start()
+        assert server.is_running()

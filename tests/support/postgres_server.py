@@ -38,12 +38,13 @@ import asyncpg
 from tests.support.procs import ManagedProcess, child_identity, free_port
 
 DATABASE_URL_ENV = "AUTHZ_TEST_DATABASE_URL"
-_SERVER_BINARIES = ("initdb", "pg_ctl", "postgres")
+_SERVER_BINARIES = ("initdb", "postgres")
 _ROOT_RUNS_AS = "postgres"
 _START_TIMEOUT = 30.0
 _POLL_INTERVAL = 0.02
 _PORT_ATTEMPTS = 3
 _SHARED_MEMORY_DIR = Path("/dev/shm")
+_MIN_SHM_BYTES = 1 << 30  # a cluster with WAL and a few dozen test databases fits easily
 
 _T = TypeVar("_T")
 
@@ -57,7 +58,7 @@ class PostgresStartError(RuntimeError):
 
 
 def find_postgres_bindir(environ: Mapping[str, str] | None = None) -> Path:
-    """Find the directory holding initdb, pg_ctl and postgres.
+    """Find the directory holding the server binaries (initdb and postgres).
 
     Looks on PATH first (so a developer's choice wins), then asks `pg_config --bindir`, then
     takes the newest /usr/lib/postgresql/*/bin (Debian puts the server binaries there).
@@ -81,7 +82,7 @@ def find_postgres_bindir(environ: Mapping[str, str] | None = None) -> Path:
         if all((bindir / name).is_file() for name in _SERVER_BINARIES):
             return bindir
     raise PostgresNotFoundError(
-        "PostgreSQL server binaries (initdb, pg_ctl, postgres) not found on PATH, via "
+        "PostgreSQL server binaries (initdb, postgres) not found on PATH, via "
         f"pg_config or in /usr/lib/postgresql/*/bin; install PostgreSQL or set {DATABASE_URL_ENV}"
     )
 
@@ -127,6 +128,11 @@ class PostgresServer:
         if not self.log_path.exists():
             return ""
         return self.log_path.read_bytes().decode("utf-8", errors="replace")
+
+    @property
+    def pid(self) -> int | None:
+        """The postmaster's pid (also its process group id) while it runs."""
+        return self._process.pid if self._process is not None else None
 
     def is_running(self) -> bool:
         """True while the postmaster process is alive."""
@@ -196,20 +202,22 @@ class PostgresServer:
 
     def _wait_ready(self, timeout: float) -> None:
         """Poll postmaster.pid for the "ready" status pg_ctl itself waits for."""
-        assert self._process is not None
+        process = self._process
+        assert process is not None
         pid_file = self.data_dir / "postmaster.pid"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not self._process.is_running():
-                self._process.stop()
+            if not process.is_running():
+                self._process = None
+                code = process.stop()
                 raise PostgresStartError(
-                    f"postgres exited with code {self._process.proc.returncode} "
-                    f"on port {self.port}:\n{self.read_log()}"
+                    f"postgres exited with code {code} on port {self.port}:\n{self.read_log()}"
                 )
-            if _postmaster_ready(pid_file, self._process.pid):
+            if _postmaster_ready(pid_file, process.pid):
                 return
             time.sleep(_POLL_INTERVAL)
-        self._process.stop()
+        self._process = None
+        process.stop()
         raise PostgresStartError(
             f"postgres on port {self.port} not ready after {timeout:.0f}s:\n{self.read_log()}"
         )
@@ -265,14 +273,25 @@ def _postmaster_ready(pid_file: Path, pid: int) -> bool:
 
 
 def _temp_root(run_as: str | None) -> Path:
-    """Where throwaway clusters live: RAM if we can, since CREATE DATABASE on disk is 10x slower.
+    """Where throwaway clusters live: RAM if roomy, since CREATE DATABASE on disk is 10x slower.
 
     /dev/shm and /tmp are world-traversable, which the `postgres` user needs when we are root.
     """
-    for candidate in (_SHARED_MEMORY_DIR, Path("/tmp") if run_as else Path(tempfile.gettempdir())):
-        if candidate.is_dir() and os.access(candidate, os.W_OK | os.X_OK):
-            return candidate
+    fallback = Path("/tmp") if run_as else Path(tempfile.gettempdir())
+    if _usable_dir(_SHARED_MEMORY_DIR) and _free_bytes(_SHARED_MEMORY_DIR) >= _MIN_SHM_BYTES:
+        return _SHARED_MEMORY_DIR
+    if _usable_dir(fallback):
+        return fallback
     raise PostgresStartError("no writable temporary directory for a throwaway PostgreSQL server")
+
+
+def _usable_dir(path: Path) -> bool:
+    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+
+
+def _free_bytes(path: Path) -> int:
+    stats = os.statvfs(path)
+    return stats.f_bavail * stats.f_frsize
 
 
 def _make_base_dir(run_as: str | None) -> Path:

@@ -51,10 +51,9 @@ def wait_for_port(
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError(f"nothing listening on {host}:{port} after {timeout:.1f}s")
-        if proc is not None and proc.poll() is not None:
+        if proc is not None and (code := peek_exit_code(proc)) is not None:
             raise RuntimeError(
-                f"process {proc.pid} exited with {proc.returncode} "
-                f"before listening on {host}:{port}"
+                f"process {proc.pid} exited with {code} before listening on {host}:{port}"
             )
         try:
             with socket.create_connection((host, port), timeout=min(remaining, 0.5)):
@@ -73,16 +72,42 @@ def _signal_group_or_process(pid: int, sig: int, *, group: bool) -> None:
 
 
 def _leads_own_group(proc: subprocess.Popen[bytes]) -> bool:
-    """Tell whether `proc` was started in its own process group (start_new_session=True).
-
-    Only asked while Popen has not reaped the child, so the pid cannot have been reused.
-    """
-    if proc.returncode is not None:
-        return False
+    """Tell whether `proc` was started in its own process group (start_new_session=True)."""
     try:
         return os.getpgid(proc.pid) == proc.pid
     except ProcessLookupError:
         return False
+
+
+def peek_exit_code(proc: subprocess.Popen[bytes]) -> int | None:
+    """The exit code if `proc` has exited, else None, without reaping it.
+
+    An unreaped child keeps its pid and process group id reserved, so signalling the group
+    afterwards cannot hit an unrelated process that was handed a recycled pid (pid_max can be
+    as low as 32768). Codes follow Popen: -N when killed by signal N.
+    """
+    if proc.returncode is not None:
+        return proc.returncode
+    try:
+        info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return proc.poll()  # someone else reaped it; let Popen settle its returncode
+    if info is None:
+        return None
+    return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+
+
+def wait_unreaped(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    """Wait for `proc` to exit and return its exit code, leaving it unreaped.
+
+    Raises subprocess.TimeoutExpired after `timeout` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while (code := peek_exit_code(proc)) is None:
+        if time.monotonic() >= deadline:
+            raise subprocess.TimeoutExpired(proc.args, timeout)
+        time.sleep(0.01)
+    return code
 
 
 def stop_process(
@@ -94,22 +119,23 @@ def stop_process(
     """Stop `proc` with SIGTERM, then SIGKILL after `timeout`; return its exit code.
 
     When the child leads its own process group (auto-detected unless `group` is given), the
-    whole group is signalled so grandchildren (Postgres backends, worker processes) go too.
-    Calling it on a process that already exited is fine.
+    whole group is signalled so grandchildren (Postgres backends, worker processes) go too,
+    and stragglers get SIGKILL before the leader is reaped. A process that already exited is
+    fine; one already reaped is left alone, since its pid may now be someone else's.
     """
+    if proc.returncode is not None:
+        return proc.returncode
     if group is None:
         group = _leads_own_group(proc)
-    if proc.poll() is None:
+    if peek_exit_code(proc) is None:
         _signal_group_or_process(proc.pid, signal.SIGTERM, group=group)
         try:
-            proc.wait(timeout=timeout)
+            wait_unreaped(proc, timeout)
         except subprocess.TimeoutExpired:
             _signal_group_or_process(proc.pid, signal.SIGKILL, group=group)
-            proc.wait()
     if group:
-        # Children that ignored SIGTERM must not outlive the test.
         _signal_group_or_process(proc.pid, signal.SIGKILL, group=True)
-    return proc.returncode
+    return proc.wait()
 
 
 def child_identity(user: str | None) -> tuple[int | None, int | None, list[int] | None]:
@@ -185,19 +211,20 @@ class ManagedProcess:
 
     def is_running(self) -> bool:
         """True while the process has not exited."""
-        return self.proc.poll() is None
+        return peek_exit_code(self.proc) is None
 
     def send_signal(self, sig: int, *, group: bool = False) -> None:
         """Signal the process (or its whole group), e.g. SIGTERM to test graceful shutdown."""
-        if self.proc.poll() is None or group:
+        if self.proc.returncode is None:  # not reaped, so the pid is still ours
             _signal_group_or_process(self.proc.pid, sig, group=group)
 
     def wait(self, timeout: float) -> int:
         """Wait for the process to exit and return its exit code.
 
-        Raises subprocess.TimeoutExpired if it is still running after `timeout` seconds.
+        Raises subprocess.TimeoutExpired if it is still running after `timeout` seconds. The
+        child is not reaped yet, so `stop()` can still clean up what it left in its group.
         """
-        return self.proc.wait(timeout=timeout)
+        return wait_unreaped(self.proc, timeout)
 
     def wait_for_port(self, port: int, *, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
         """Wait until the process listens on `port`; on failure the error includes its log."""
