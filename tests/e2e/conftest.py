@@ -1,0 +1,39 @@
+"""End-to-end fixtures: a full stack of real processes per test module."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.stack import Stack, start_envoy, start_sidecar, start_upstream, wait_until
+
+
+def build_stack(log_dir: Path, database_url: str, env: dict[str, str] | None = None) -> Iterator[Stack]:
+    upstream, upstream_port = start_upstream(log_dir)
+    try:
+        sidecar = start_sidecar(log_dir, database_url=database_url, env=env)
+        try:
+            envoy, envoy_port = start_envoy(
+                log_dir, authz_port=int(sidecar.grpc_addr.rsplit(":", 1)[1]), upstream_port=upstream_port
+            )
+            try:
+                stack = Stack(envoy, upstream, sidecar, database_url, envoy_port, upstream_port)
+                # Envoy's health check must see the sidecar before traffic is meaningful.
+                wait_until(
+                    lambda: stack.request("/v1/models").status == 401, timeout=20, what="envoy routes"
+                )
+                yield stack
+            finally:
+                envoy.stop()
+        finally:
+            sidecar.process.stop()
+    finally:
+        upstream.stop()
+
+
+@pytest.fixture(scope="module")
+def embedded_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    log_dir = tmp_path_factory.mktemp("stack")
+    yield from build_stack(log_dir, f"sqlite:///{log_dir / 'authz.db'}")
