@@ -22,8 +22,9 @@
 local UNITS_PER_TOKEN = 60000
 local TTL_MARGIN_MS = 1000
 
--- Double division can be off by one for large operands; the products below are exact, so the
--- correction makes this a true integer floor division.
+-- Integer floor division. For operands below 2^53, floor(a / b) on doubles is already exact; the
+-- correction (whose products are exact too) is defence in depth, so this never rests on how the
+-- division happened to round.
 local function floor_div(a, b)
   local q = math.floor(a / b)
   if q * b > a then

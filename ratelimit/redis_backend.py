@@ -16,8 +16,13 @@ Failure handling: every call is bounded by `timeout_seconds` (the socket timeout
 `asyncio.timeout` around the whole call, connection set-up and NOSCRIPT fallback included);
 any Redis error becomes `RateLimitUnavailable`, counted by kind. A circuit breaker refuses calls
 at once while Redis is down and lets one probe through per cool-down, so a dead Redis costs
-microseconds and a returning one is used again within about the cool-down. There are no
-automatic retries: a retried EVALSHA whose first attempt ran would debit twice.
+microseconds and a returning one is used again within about the cool-down.
+
+Retries: redis-py's own are off. The limiter retries a call once, at once, after a *connection*
+error, never after a timeout: pooled connections to a Redis that restarted (or closed them when
+idle) each fail on first use, and without the retry every such connection would cost a request
+and push the breaker open. The price is rare and on the safe side: if a connection drops after
+the script ran but before its reply arrived, the retry debits that request twice.
 """
 
 from __future__ import annotations
@@ -219,7 +224,11 @@ class RedisRateLimiter:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self._timeout):
-                result = await call()
+                try:
+                    result = await call()
+                except RedisConnectionError:
+                    # redis-py has dropped the broken connection; the retry gets a fresh one.
+                    result = await call()
         except (TimeoutError, RedisTimeoutError) as exc:
             raise self._failed(RedisErrorKind.TIMEOUT, operation, exc) from exc
         except (RedisConnectionError, ConnectionError) as exc:

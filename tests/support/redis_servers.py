@@ -163,8 +163,18 @@ class RedisServer:
         """SIGKILL the process: an abrupt crash, as a fault test wants it."""
         self._signal(signal.SIGKILL)
 
+    def pause(self) -> None:
+        """SIGSTOP the process: it keeps its connections but answers nothing (a hung Redis)."""
+        if self.running and self._proc is not None:
+            self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT a paused process."""
+        if self.running and self._proc is not None:
+            self._proc.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
-        """Stop the process quickly (SIGKILL: there is no data worth saving)."""
+        """Stop the process quickly (SIGKILL: there is no data worth saving; works when paused)."""
         self._signal(signal.SIGKILL)
 
     def restart(self) -> None:
@@ -290,8 +300,10 @@ def start_redis_cluster(n: int = 3) -> RedisClusterServers:
             first = index * CLUSTER_SLOTS // n
             last = (index + 1) * CLUSTER_SLOTS // n - 1
             _expect_ok(send_command(node.port, "CLUSTER", "ADDSLOTSRANGE", first, last))
-        for node in nodes[1:]:
-            _expect_ok(send_command(nodes[0].port, "CLUSTER", "MEET", node.host, node.port))
+        # Every pair meets directly, rather than waiting for gossip to introduce them.
+        for index, node in enumerate(nodes):
+            for other in nodes[index + 1 :]:
+                _expect_ok(send_command(node.port, "CLUSTER", "MEET", other.host, other.port))
         _wait_for_cluster_ok(nodes)
     except BaseException:
         for node in nodes:
@@ -321,5 +333,5 @@ def _wait_for_cluster_ok(nodes: Sequence[RedisServer]) -> None:
         infos = [send_command(node.port, "CLUSTER", "INFO") for node in nodes]
         if all(b"cluster_state:ok" in info and want_known in info for info in infos):
             return
-        time.sleep(_POLL_SECONDS * 5)
+        time.sleep(_POLL_SECONDS)
     raise RuntimeError(f"Redis Cluster did not reach cluster_state:ok: {infos!r}")

@@ -26,12 +26,15 @@ class FakeScript:
         self.calls: list[tuple[Sequence[str], Sequence[Any]]] = []
         self.reply: list[int] = [1, 0, 0, 0, 4, 12000, 90, 6000]
         self.error: BaseException | None = None
+        self.fail_next: list[BaseException] = []
         self.hang = False
 
     async def __call__(self, keys: Sequence[str], args: Sequence[Any]) -> list[int]:
         self.calls.append((keys, args))
         if self.hang:
             await asyncio.Event().wait()  # never set: a Redis that does not answer
+        if self.fail_next:
+            raise self.fail_next.pop(0)
         if self.error is not None:
             raise self.error
         return self.reply
@@ -170,11 +173,31 @@ async def test_a_hung_call_times_out(
     fake.script.hang = True
     with pytest.raises(RateLimitUnavailable, match="timeout"):
         await limiter.acquire("ws1", Limits(rpm=5, tpm=100), 10)
+    assert len(fake.script.calls) == 1  # a timeout is never retried: the script may have run
     assert errors(registry, "timeout") == 1
     assert (
         registry.get_sample_value("authz_ratelimit_redis_seconds_count", {"operation": "acquire"})
         == 1
     )
+
+
+async def test_one_connection_error_is_retried_on_a_fresh_connection(
+    limiter: RedisRateLimiter, fake: FakeRedis, registry: CollectorRegistry
+) -> None:
+    fake.script.fail_next = [RedisConnectionError("Connection closed by server.")]
+    assert (await limiter.acquire("ws1", Limits(rpm=5, tpm=100), 10)).allowed
+    assert len(fake.script.calls) == 2
+    assert errors(registry, "connection") == 0
+    assert state(limiter) is BreakerState.CLOSED
+
+
+async def test_a_second_connection_error_is_not_retried(
+    limiter: RedisRateLimiter, fake: FakeRedis
+) -> None:
+    fake.script.fail_next = [RedisConnectionError("refused"), RedisConnectionError("refused")]
+    with pytest.raises(RateLimitUnavailable, match="connection"):
+        await limiter.acquire("ws1", Limits(rpm=5, tpm=100), 10)
+    assert len(fake.script.calls) == 2
 
 
 async def test_bugs_are_not_swallowed(limiter: RedisRateLimiter, fake: FakeRedis) -> None:
@@ -197,7 +220,7 @@ async def test_breaker_opens_fails_fast_probes_and_closes(
     for _ in range(5):
         with pytest.raises(RateLimitUnavailable, match="circuit is open"):
             await limiter.acquire("ws1", limits, 1)
-    assert len(fake.script.calls) == 3  # nothing reached Redis while open
+    assert len(fake.script.calls) == 6  # each call tried twice; nothing reached Redis while open
     assert errors(registry, "circuit_open") == 5
 
     clock.now += 0.25

@@ -1,0 +1,75 @@
+"""Fixtures for the Redis rate-limiter integration tests."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from ratelimit.redis_backend import RedisClient, connect_redis
+from tests.support.redis_servers import (
+    RedisClusterServers,
+    RedisServer,
+    redis_cluster,
+    redis_server,
+    redis_url_for_tests,
+)
+
+T0_MS = 1_700_000_000_000
+"""A realistic epoch-milliseconds start for the test-only clock override."""
+
+GENEROUS_TIMEOUT_SECONDS = 2.0
+"""For tests about the maths, not about timeouts: a busy 2-core CI machine must not flake."""
+
+
+class FakeClockMs:
+    """A test clock in epoch milliseconds, passed to limiters as `test_clock_ms`/`clock_ms`."""
+
+    def __init__(self, start_ms: int = T0_MS) -> None:
+        self.now = start_ms
+
+    def __call__(self) -> int:
+        return self.now
+
+    def advance(self, ms: int) -> None:
+        self.now += ms
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """`AUTHZ_TEST_REDIS_URL`, or one throwaway server for the session."""
+    with redis_url_for_tests() as url:
+        yield url
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[RedisClient]:
+    client = connect_redis(redis_url, timeout_seconds=GENEROUS_TIMEOUT_SECONDS)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def workspace_id() -> str:
+    """A workspace id nobody else uses, so tests sharing a server never see each other's keys."""
+    return f"test-{uuid.uuid4().hex}"
+
+
+@pytest.fixture
+def clock_ms() -> FakeClockMs:
+    return FakeClockMs()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A private server the test may kill, pause, restart or flush."""
+    with redis_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisClusterServers]:
+    """A 3-master Redis Cluster, shared by one module's tests (it takes ~2 s to form)."""
+    with redis_cluster(3) as servers:
+        yield servers

@@ -1,0 +1,89 @@
+"""Atomicity under real contention: several OS processes hammer one workspace at once."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ratelimit.keys import bucket_keys
+from ratelimit.limiter import Limits
+from ratelimit.redis_backend import RedisClient, RedisRateLimiter
+from tests.integration.ratelimit.conftest import GENEROUS_TIMEOUT_SECONDS, T0_MS
+
+pytestmark = pytest.mark.integration
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+PROCESSES = 3
+REQUESTS_PER_PROCESS = 100
+
+
+def start_worker(url: str, workspace: str, limits: Limits, cost: int) -> subprocess.Popen[str]:
+    argv = [
+        sys.executable,
+        "-m",
+        "tests.integration.ratelimit.burst_worker",
+        url,
+        workspace,
+        str(REQUESTS_PER_PROCESS),
+        str(T0_MS),  # a frozen clock: nothing refills, so the bucket's content is the cap
+        str(limits.rpm),
+        str(limits.tpm),
+        str(cost),
+    ]
+    return subprocess.Popen(
+        argv, cwd=REPO_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+
+
+@pytest.mark.parametrize(
+    ("limits", "cost", "admitted"),
+    [
+        (Limits(rpm=50, tpm=0), 0, 50),  # the request bucket is the limit
+        (Limits(rpm=1000, tpm=500), 10, 50),  # the token bucket is the limit
+    ],
+)
+async def test_processes_racing_on_one_workspace_get_exactly_the_capacity(
+    redis_url: str,
+    redis_client: RedisClient,
+    workspace_id: str,
+    limits: Limits,
+    cost: int,
+    admitted: int,
+) -> None:
+    workers = [start_worker(redis_url, workspace_id, limits, cost) for _ in range(PROCESSES)]
+    try:
+        for worker in workers:
+            assert worker.stdout is not None
+            assert worker.stdout.readline().strip() == "ready"
+        for worker in workers:  # release them together
+            assert worker.stdin is not None
+            worker.stdin.write("go\n")
+            worker.stdin.flush()
+        counts = []
+        for worker in workers:
+            out, _ = worker.communicate(timeout=60)
+            assert worker.returncode == 0
+            counts.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+
+    assert sum(c["failed"] for c in counts) == 0
+    assert sum(c["admitted"] for c in counts) == admitted
+    assert sum(c["denied"] for c in counts) == PROCESSES * REQUESTS_PER_PROCESS - admitted
+
+    # All or nothing: the other bucket was debited exactly once per admitted request.
+    limiter = RedisRateLimiter(
+        redis_client, timeout_seconds=GENEROUS_TIMEOUT_SECONDS, test_clock_ms=lambda: T0_MS
+    )
+    after = await limiter.acquire(workspace_id, limits, 0)
+    if limits.tpm:
+        assert after.requests.remaining == limits.rpm - admitted - 1
+        assert after.tokens.remaining == limits.tpm - admitted * cost
+    assert await redis_client.exists(*bucket_keys(workspace_id)) == (2 if limits.tpm else 1)
