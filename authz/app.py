@@ -16,7 +16,8 @@ from typing import Any
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
+# grpc-stubs predates the asyncio servicer, which grpcio-health-checking does ship.
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
@@ -108,7 +109,9 @@ async def serve(settings: Settings) -> int:
     try:
         server.add_insecure_port(settings.grpc_addr)
     except RuntimeError as error:
-        raise StartupError(f"cannot listen on AUTHZ_GRPC_ADDR={settings.grpc_addr}: {error}") from None
+        raise StartupError(
+            f"cannot listen on AUTHZ_GRPC_ADDR={settings.grpc_addr}: {error}"
+        ) from None
     metrics_host, metrics_port = _split_addr(settings.metrics_addr)
     try:
         http_server, http_thread = start_http_server(

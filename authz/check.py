@@ -56,7 +56,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         self._allowed = metrics.checks.labels("allow", "")
         self._allowed_open = metrics.checks.labels("allow_fail_open", "")
 
-    async def Check(  # noqa: N802 - the gRPC method name
+    async def Check(
         self, request: CheckRequest, context: grpc.aio.ServicerContext[CheckRequest, CheckResponse]
     ) -> CheckResponse:
         started = time.perf_counter()

@@ -105,11 +105,13 @@ def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--json", action="store_true", help="print JSON")
     add_setting_flags(common, only=("database_url",))
 
-    parser = _Parser(prog="authz", description="Envoy ext_authz sidecar for OpenAI-compatible APIs.")
+    parser = _Parser(
+        prog="authz", description="Envoy ext_authz sidecar for OpenAI-compatible APIs."
+    )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     serve = commands.add_parser("serve", help="run the sidecar")
@@ -133,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     key = commands.add_parser("key", help="manage API keys")
     keys = key.add_subparsers(dest="action", required=True, parser_class=_Parser)
-    key_create = keys.add_parser("create", parents=[common], help="create a key (secret shown once)")
+    key_create = keys.add_parser(
+        "create", parents=[common], help="create a key (secret shown once)"
+    )
     key_create.add_argument("--workspace", required=True)
     key_create.add_argument("--label", required=True)
     key_list = keys.add_parser("list", parents=[common], help="list a workspace's keys (masked)")
@@ -180,7 +184,9 @@ _KEY_COLUMNS = ("id", "label", "mask", "created_at", "revoked_at", "last_used_at
 
 
 def _show_workspace(workspace: Workspace) -> str:
-    return "\n".join(f"{k}: {'-' if v is None else v}" for k, v in workspace_dict(workspace).items())
+    return "\n".join(
+        f"{k}: {'-' if v is None else v}" for k, v in workspace_dict(workspace).items()
+    )
 
 
 async def _workspace(store: Store, args: argparse.Namespace, out: TextIO) -> int:
@@ -234,8 +240,10 @@ async def _key(store: Store, args: argparse.Namespace, out: TextIO) -> int:
             out,
             args.json,
             data,
-            lambda: f"key {created.id} ({created.label}) in workspace {created.workspace_id}\n"
-            f"secret (shown once, store it now): {secret}",
+            lambda: (
+                f"key {created.id} ({created.label}) in workspace {created.workspace_id}\n"
+                f"secret (shown once, store it now): {secret}"
+            ),
         )
     elif args.action == "list":
         if await store.get_workspace(args.workspace) is None:

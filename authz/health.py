@@ -11,7 +11,8 @@ import asyncio
 import logging
 
 from grpc_health.v1 import health_pb2
-from grpc_health.v1.health import aio as health_aio
+# grpc-stubs predates the asyncio servicer, which grpcio-health-checking does ship.
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 
 from authz.metrics import Metrics
 from authz.store.base import Store, StoreUnavailable

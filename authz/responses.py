@@ -81,7 +81,7 @@ def render_deny(deny: Deny) -> CheckResponse:
     return CheckResponse(
         status=status_pb2.Status(code=grpc_code, message=deny.code),
         denied_response=DeniedHttpResponse(
-            status=HttpStatus(code=deny.status),  # type: ignore[arg-type]
+            status=HttpStatus(code=deny.status),
             headers=headers,
             body=error_body(deny),
         ),
@@ -94,7 +94,9 @@ class AllowRenderer:
 
     def __init__(self, *, keep_authorization: bool) -> None:
         # A client must never be able to claim fail-open on its own.
-        self._remove = [FAIL_OPEN_HEADER] if keep_authorization else ["authorization", FAIL_OPEN_HEADER]
+        self._remove = (
+            [FAIL_OPEN_HEADER] if keep_authorization else ["authorization", FAIL_OPEN_HEADER]
+        )
         self._remove_fail_open = [h for h in self._remove if h != FAIL_OPEN_HEADER]
 
     def render(self, allow: Allow) -> CheckResponse:

@@ -189,10 +189,8 @@ def add_setting_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] = (
         )
 
 
-def load_settings(
-    environ: Mapping[str, str], flags: argparse.Namespace | None = None
-) -> Settings:
-    """Build the settings from flags, then the environment, then defaults; fail on the first bad one."""
+def load_settings(environ: Mapping[str, str], flags: argparse.Namespace | None = None) -> Settings:
+    """Settings from flags, then the environment, then defaults; fails on the first bad one."""
     values: dict[str, Any] = {}
     for field in fields(Settings):
         raw = getattr(flags, f"setting_{field.name}", None) if flags is not None else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import Enum
+from enum import StrEnum
 from typing import Protocol
 
 from authz.models import (
@@ -46,7 +46,7 @@ class KeyLimitReached(StoreError):
         super().__init__("key limit reached: revoke an unused key before generating a replacement")
 
 
-class ChangeKind(str, Enum):
+class ChangeKind(StrEnum):
     KEY = "key"
     WORKSPACE = "ws"
 

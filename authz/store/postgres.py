@@ -55,6 +55,8 @@ from authz.store.rows import (
 
 log = logging.getLogger(__name__)
 
+Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+
 UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
@@ -106,9 +108,9 @@ class PostgresStore:
         return self._pool
 
     @asynccontextmanager
-    async def _conn(self, timeout: float) -> AsyncIterator[asyncpg.Connection]:
+    async def _conn(self, seconds: float) -> AsyncIterator[Conn]:
         try:
-            async with asyncio.timeout(timeout), self._p.acquire() as conn:
+            async with asyncio.timeout(seconds), self._p.acquire() as conn:
                 yield conn
         except UNAVAILABLE_ERRORS as error:
             detail = str(error) or type(error).__name__
@@ -117,7 +119,7 @@ class PostgresStore:
             ) from error
 
     @asynccontextmanager
-    async def _tx(self) -> AsyncIterator[asyncpg.Connection]:
+    async def _tx(self) -> AsyncIterator[Conn]:
         async with self._conn(_WRITE_TIMEOUT) as conn, conn.transaction():
             yield conn
 
@@ -168,7 +170,9 @@ class PostgresStore:
 
     async def list_workspaces(self) -> list[Workspace]:
         async with self._conn(_WRITE_TIMEOUT) as conn:
-            rows = await conn.fetch(f"SELECT {WORKSPACE_COLUMNS} FROM workspaces ORDER BY created_at")
+            rows = await conn.fetch(
+                f"SELECT {WORKSPACE_COLUMNS} FROM workspaces ORDER BY created_at"
+            )
         return [workspace_from_row(row, _same) for row in rows]
 
     async def create_workspace(self, new: NewWorkspace, *, actor: Actor) -> Workspace:
@@ -178,7 +182,8 @@ class PostgresStore:
             async with self._tx() as conn:
                 row = await conn.fetchrow(
                     f"INSERT INTO workspaces ({WORKSPACE_COLUMNS}) "
-                    f"VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9) RETURNING {WORKSPACE_COLUMNS}",
+                    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9) "
+                    f"RETURNING {WORKSPACE_COLUMNS}",
                     new_workspace_id(),
                     new.name,
                     new.rpm,
@@ -296,7 +301,9 @@ class PostgresStore:
                 await conn.execute("UPDATE api_keys SET revoked_at = $2 WHERE id = $1", key_id, now)
                 await _audit(conn, now, row["workspace_id"], key_id, "key.revoke", actor, reason)
             await _notify(conn, Change(ChangeKind.KEY, bytes(row["key_hash"]).hex()))
-            revoked = await conn.fetchrow(f"SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1", key_id)
+            revoked = await conn.fetchrow(
+                f"SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1", key_id
+            )
         assert revoked is not None
         return key_from_row(revoked, _same)
 
@@ -346,8 +353,8 @@ class PostgresStore:
         lost = asyncio.Event()
         conn.add_termination_listener(lambda _conn: lost.set())
 
-        def deliver(_conn: object, _pid: int, _channel: str, payload: str) -> None:
-            change = Change.decode(payload)
+        def deliver(_conn: object, _pid: int, _channel: str, payload: object) -> None:
+            change = Change.decode(str(payload))
             if change is not None:
                 sink.on_change(change)
 
@@ -364,12 +371,12 @@ class PostgresStore:
         raise ConnectionError("connection terminated")
 
 
-async def _notify(conn: asyncpg.Connection, change: Change) -> None:
+async def _notify(conn: Conn, change: Change) -> None:
     await conn.execute("SELECT pg_notify($1, $2)", CHANGE_CHANNEL, change.encode())
 
 
 async def _audit(
-    conn: asyncpg.Connection,
+    conn: Conn,
     now: datetime,
     workspace_id: str,
     key_id: str | None,

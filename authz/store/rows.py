@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from authz.models import ApiKey, AuditEntry, KeyGrant, Workspace
 
@@ -18,7 +18,14 @@ AUDIT_COLUMNS = (
     "detail"
 )
 
-Row = Mapping[str, Any]
+
+
+class Row(Protocol):
+    """What both drivers' rows offer: sqlite3.Row and asyncpg.Record."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
+
+
 TimeParser = Callable[[Any], datetime]
 
 

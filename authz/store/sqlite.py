@@ -185,7 +185,9 @@ class SqliteStore:
         return None if row is None else workspace_from_row(row, _parse_ts)
 
     async def list_workspaces(self) -> list[Workspace]:
-        rows = await self._fetchall(f"SELECT {WORKSPACE_COLUMNS} FROM workspaces ORDER BY created_at")
+        rows = await self._fetchall(
+            f"SELECT {WORKSPACE_COLUMNS} FROM workspaces ORDER BY created_at"
+        )
         return [workspace_from_row(row, _parse_ts) for row in rows]
 
     async def create_workspace(self, new: NewWorkspace, *, actor: Actor) -> Workspace:
@@ -403,6 +405,4 @@ class SqliteStore:
 
 
 def _only_comments(statement: str) -> bool:
-    return all(
-        not line.strip() or line.strip().startswith("--") for line in statement.splitlines()
-    )
+    return all(not line.strip() or line.strip().startswith("--") for line in statement.splitlines())

@@ -10,19 +10,25 @@ import pytest
 from tests.support.stack import Stack, start_envoy, start_sidecar, start_upstream, wait_until
 
 
-def build_stack(log_dir: Path, database_url: str, env: dict[str, str] | None = None) -> Iterator[Stack]:
+def build_stack(
+    log_dir: Path, database_url: str, env: dict[str, str] | None = None
+) -> Iterator[Stack]:
     upstream, upstream_port = start_upstream(log_dir)
     try:
         sidecar = start_sidecar(log_dir, database_url=database_url, env=env)
         try:
             envoy, envoy_port = start_envoy(
-                log_dir, authz_port=int(sidecar.grpc_addr.rsplit(":", 1)[1]), upstream_port=upstream_port
+                log_dir,
+                authz_port=int(sidecar.grpc_addr.rsplit(":", 1)[1]),
+                upstream_port=upstream_port,
             )
             try:
                 stack = Stack(envoy, upstream, sidecar, database_url, envoy_port, upstream_port)
                 # Envoy's health check must see the sidecar before traffic is meaningful.
                 wait_until(
-                    lambda: stack.request("/v1/models").status == 401, timeout=20, what="envoy routes"
+                    lambda: stack.request("/v1/models").status == 401,
+                    timeout=20,
+                    what="envoy routes",
                 )
                 yield stack
             finally:

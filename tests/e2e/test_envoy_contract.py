@@ -17,10 +17,18 @@ CHAT = json.dumps({"model": "demo-model", "messages": [{"role": "user", "content
 
 def new_key(stack: Stack, *, rpm: int = 600, tpm: int = 1_000_000) -> tuple[str, dict[str, str]]:
     workspace = authz_cli(
-        stack.database_url, "workspace", "create", f"ws-{time.monotonic_ns()}", "--rpm", str(rpm),
-        "--tpm", str(tpm),
+        stack.database_url,
+        "workspace",
+        "create",
+        f"ws-{time.monotonic_ns()}",
+        "--rpm",
+        str(rpm),
+        "--tpm",
+        str(tpm),
     )
-    key = authz_cli(stack.database_url, "key", "create", "--workspace", workspace["id"], "--label", "e2e")
+    key = authz_cli(
+        stack.database_url, "key", "create", "--workspace", workspace["id"], "--label", "e2e"
+    )
     return workspace["id"], key
 
 
@@ -72,7 +80,9 @@ def test_wrong_key_is_401_invalid_api_key(embedded_stack: Stack) -> None:
 
 def test_key_in_url_is_400(embedded_stack: Stack) -> None:
     _, key = new_key(embedded_stack)
-    answer = embedded_stack.request(f"/v1/models?api_key={key['secret']}", headers=auth(key["secret"]))
+    answer = embedded_stack.request(
+        f"/v1/models?api_key={key['secret']}", headers=auth(key["secret"])
+    )
     assert answer.status == 400
     assert_openai_error(answer.body, "api_key_in_url", "invalid_request_error")
     assert key["secret"] not in answer.body.decode()
@@ -100,7 +110,9 @@ def test_revoked_key_gets_the_unknown_key_answer_within_one_second(embedded_stac
 
 def test_rpm_burst_then_429_with_openai_headers(embedded_stack: Stack) -> None:
     _, key = new_key(embedded_stack, rpm=5)
-    statuses = [embedded_stack.request("/v1/models", headers=auth(key["secret"])).status for _ in range(5)]
+    statuses = [
+        embedded_stack.request("/v1/models", headers=auth(key["secret"])).status for _ in range(5)
+    ]
     assert statuses == [200] * 5
     denied = embedded_stack.request("/v1/models", headers=auth(key["secret"]))
     assert denied.status == 429

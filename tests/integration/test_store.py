@@ -31,7 +31,9 @@ async def test_migrate_is_idempotent(store: Store) -> None:
 
 
 async def test_workspace_create_show_update(store: Store) -> None:
-    created = await store.create_workspace(NewWorkspace(name="acme", rpm=5, tpm=1000), actor=CLI_ACTOR)
+    created = await store.create_workspace(
+        NewWorkspace(name="acme", rpm=5, tpm=1000), actor=CLI_ACTOR
+    )
     assert created.id.startswith("ws_")
     assert (created.rpm, created.tpm, created.key_limit) == (5, 1000, 10)
     updated = await store.update_workspace(
@@ -54,7 +56,7 @@ async def test_bad_values_are_refused(store: Store) -> None:
     with pytest.raises(InvalidInput, match="rpm"):
         await store.create_workspace(NewWorkspace(name="x", rpm=-1), actor=CLI_ACTOR)
     workspace = await store.create_workspace(NewWorkspace(name="x"), actor=CLI_ACTOR)
-    secret, key = new_key(workspace.id, label="contains " + generate_key())
+    _, key = new_key(workspace.id, label="contains " + generate_key())
     with pytest.raises(InvalidInput, match="label"):
         await store.create_key(key, actor=CLI_ACTOR)
     with pytest.raises(NotFound):
@@ -78,13 +80,16 @@ async def test_key_lookup_revoke_and_hash_only_at_rest(store: Store) -> None:
     # Revoking again is a no-op that still answers with the key.
     assert (await store.revoke_key(key.id, actor=CLI_ACTOR)).revoked_at == revoked.revoked_at
     by_hash = await store.get_key_by_hash(hash_key(secret))
-    assert by_hash is not None and not by_hash.active
+    assert by_hash is not None
+    assert not by_hash.active
     with pytest.raises(NotFound):
         await store.revoke_key("key_missing", actor=CLI_ACTOR)
 
 
 async def test_key_limit_counts_active_keys(store: Store) -> None:
-    workspace = await store.create_workspace(NewWorkspace(name="acme", key_limit=2), actor=CLI_ACTOR)
+    workspace = await store.create_workspace(
+        NewWorkspace(name="acme", key_limit=2), actor=CLI_ACTOR
+    )
     first = new_key(workspace.id)[1]
     await store.create_key(first, actor=CLI_ACTOR)
     await store.create_key(new_key(workspace.id)[1], actor=CLI_ACTOR)
@@ -95,7 +100,9 @@ async def test_key_limit_counts_active_keys(store: Store) -> None:
 
 
 async def test_concurrent_creates_never_exceed_the_key_limit(store: Store) -> None:
-    workspace = await store.create_workspace(NewWorkspace(name="acme", key_limit=3), actor=CLI_ACTOR)
+    workspace = await store.create_workspace(
+        NewWorkspace(name="acme", key_limit=3), actor=CLI_ACTOR
+    )
     results = await asyncio.gather(
         *(store.create_key(new_key(workspace.id)[1], actor=CLI_ACTOR) for _ in range(10)),
         return_exceptions=True,
@@ -106,7 +113,9 @@ async def test_concurrent_creates_never_exceed_the_key_limit(store: Store) -> No
 
 
 async def test_expired_grace_keys_free_their_slot(store: Store) -> None:
-    workspace = await store.create_workspace(NewWorkspace(name="acme", key_limit=1), actor=CLI_ACTOR)
+    workspace = await store.create_workspace(
+        NewWorkspace(name="acme", key_limit=1), actor=CLI_ACTOR
+    )
     _, key = new_key(workspace.id)
     past = datetime.now(UTC) - timedelta(seconds=1)
     await store.create_key(

@@ -22,7 +22,9 @@ from authz.store.base import ChangeSink, StoreUnavailable
 EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-def workspace(ws_id: str = "ws_test", *, rpm: int = 0, tpm: int = 0, default_completion: int = 16) -> Workspace:
+def workspace(
+    ws_id: str = "ws_test", *, rpm: int = 0, tpm: int = 0, default_completion: int = 16
+) -> Workspace:
     return Workspace(
         id=ws_id,
         name=ws_id,

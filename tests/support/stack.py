@@ -80,10 +80,11 @@ class Sidecar:
     metrics_addr: str
 
     def ready(self) -> bool:
-        return health_status(self.grpc_addr, AUTHZ_SERVICE) == health_pb2.HealthCheckResponse.SERVING
+        serving: int = health_pb2.HealthCheckResponse.SERVING
+        return health_status(self.grpc_addr, AUTHZ_SERVICE) == serving
 
     def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://{self.metrics_addr}/metrics", timeout=2) as answer:  # noqa: S310
+        with urllib.request.urlopen(f"http://{self.metrics_addr}/metrics", timeout=2) as answer:
             return str(answer.read().decode())
 
 
@@ -166,21 +167,21 @@ class Stack:
         body: bytes | None = None,
         method: str | None = None,
     ) -> HttpAnswer:
-        req = urllib.request.Request(  # noqa: S310 - loopback
+        req = urllib.request.Request(
             f"http://127.0.0.1:{self.envoy_port}{path}",
             data=body,
             headers=dict(headers or {}),
             method=method or ("POST" if body is not None else "GET"),
         )
         try:
-            with urllib.request.urlopen(req, timeout=10) as answer:  # noqa: S310
+            with urllib.request.urlopen(req, timeout=10) as answer:
                 return HttpAnswer(answer.status, _lower(answer.headers.items()), answer.read())
         except urllib.error.HTTPError as error:
             return HttpAnswer(error.code, _lower(error.headers.items()), error.read())
 
     def upstream_requests(self) -> list[dict[str, Any]]:
         url = f"http://127.0.0.1:{self.upstream_port}/_demo/requests"
-        with urllib.request.urlopen(url, timeout=5) as answer:  # noqa: S310
+        with urllib.request.urlopen(url, timeout=5) as answer:
             recorded: list[dict[str, Any]] = json.loads(answer.read())
             return recorded
 
@@ -203,7 +204,9 @@ def start_upstream(log_dir: Path) -> tuple[ManagedProcess, int]:
     return process, port
 
 
-def start_envoy(log_dir: Path, *, authz_port: int, upstream_port: int) -> tuple[ManagedProcess, int]:
+def start_envoy(
+    log_dir: Path, *, authz_port: int, upstream_port: int
+) -> tuple[ManagedProcess, int]:
     listen, admin = free_port(), free_port()
     config = render_envoy_config(
         log_dir / "envoy.yaml", listen=listen, admin=admin, authz=authz_port, upstream=upstream_port

@@ -81,5 +81,5 @@ async def start_sidecar(
 async def sidecar() -> AsyncIterator[Sidecar]:
     running, server, channel = await start_sidecar()
     yield running
-    await channel.close()
+    await channel.close(None)
     await server.stop(None)

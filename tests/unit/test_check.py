@@ -11,7 +11,7 @@ from google.rpc import code_pb2
 
 from authz.keys import generate_key, hash_key
 from authz.store.base import Change, ChangeKind
-from ratelimit.limiter import Limits, LimitResult, RateLimitUnavailable
+from ratelimit.limiter import LimitResult, Limits, RateLimitUnavailable
 from tests.support.checks import (
     bearer,
     check_request,
@@ -72,7 +72,9 @@ async def test_unknown_and_revoked_keys_get_byte_identical_answers(sidecar: Side
     del sidecar.store.grants[hash_key(key)]
     sidecar.resolver.on_change(Change(ChangeKind.KEY, hash_key(key).hex()))
     revoked = await sidecar.stub.Check(check_request(headers=bearer(key)))
-    assert unknown.denied_response.SerializeToString() == revoked.denied_response.SerializeToString()
+    assert (
+        unknown.denied_response.SerializeToString() == revoked.denied_response.SerializeToString()
+    )
     assert revoked.denied_response.status.code == 401
     assert grant.key_id not in revoked.SerializeToString().decode("utf-8", "replace")
 
@@ -106,7 +108,10 @@ async def test_allow_sets_identity_by_overwrite_and_drops_authorization(sidecar:
     spoofed = {**bearer(key), "x-workspace-id": "ws_other", "x-api-key-id": "key_other"}
     response = await sidecar.stub.Check(check_request(headers=spoofed))
     assert response.status.code == code_pb2.OK
-    assert ok_upstream_headers(response) == {"x-workspace-id": "ws_real", "x-api-key-id": grant.key_id}
+    assert ok_upstream_headers(response) == {
+        "x-workspace-id": "ws_real",
+        "x-api-key-id": grant.key_id,
+    }
     actions = {h.append_action for h in response.ok_response.headers}
     assert actions == {HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD}
     assert "authorization" in response.ok_response.headers_to_remove
@@ -126,7 +131,7 @@ async def test_keep_authorization_setting() -> None:
         response = await running.stub.Check(check_request(headers=bearer(key)))
         assert "authorization" not in response.ok_response.headers_to_remove
     finally:
-        await channel.close()
+        await channel.close(None)
         await server.stop(None)
 
 
@@ -231,7 +236,7 @@ async def test_failure_modes(fail_open: bool) -> None:
                 await running.stub.Check(check_request(headers=bearer(key)))
             assert error.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
-        await channel.close()
+        await channel.close(None)
         await server.stop(None)
 
 

@@ -37,7 +37,7 @@ def stub() -> Iterator[external_auth_pb2_grpc.AuthorizationStub]:
         addresses.append(running.address)
         started.set()
         await stop[0].wait()
-        await channel.close()
+        await channel.close(None)
         await server.stop(None)
 
     thread = threading.Thread(target=lambda: loop.run_until_complete(main()), daemon=True)
@@ -58,7 +58,9 @@ header_names = st.text(
 ).map(str.lower)
 header_values = st.one_of(
     st.text(max_size=300),
-    st.builds(lambda k, s: f"{s} {k}", st.sampled_from([KNOWN_KEY, generate_key()]), st.text(max_size=10)),
+    st.builds(
+        lambda k, s: f"{s} {k}", st.sampled_from([KNOWN_KEY, generate_key()]), st.text(max_size=10)
+    ),
     st.just("Bearer " + KNOWN_KEY),
     st.just("Bearer sk-oais_" + "A" * 46),
 )

@@ -32,11 +32,17 @@ def test_flags_win_over_environment() -> None:
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"AUTHZ_DATABASE_URL": "mysql://x"}, "invalid setting AUTHZ_DATABASE_URL: expected sqlite"),
+        (
+            {"AUTHZ_DATABASE_URL": "mysql://x"},
+            "invalid setting AUTHZ_DATABASE_URL: expected sqlite",
+        ),
         ({"AUTHZ_REDIS_URL": "http://x"}, "invalid setting AUTHZ_REDIS_URL: expected redis://"),
         ({"AUTHZ_GRPC_ADDR": "9191"}, "invalid setting AUTHZ_GRPC_ADDR: expected host:port"),
         ({"AUTHZ_FAILURE_MODE": "maybe"}, "invalid setting AUTHZ_FAILURE_MODE: expected one of"),
-        ({"AUTHZ_REDIS_TIMEOUT_MS": "0"}, "invalid setting AUTHZ_REDIS_TIMEOUT_MS: expected a positive"),
+        (
+            {"AUTHZ_REDIS_TIMEOUT_MS": "0"},
+            "invalid setting AUTHZ_REDIS_TIMEOUT_MS: expected a positive",
+        ),
         ({"AUTHZ_REDIS_TIMEOUT_MS": "abc"}, "invalid setting AUTHZ_REDIS_TIMEOUT_MS"),
         ({"AUTHZ_CACHE_TTL_S": "nan"}, "invalid setting AUTHZ_CACHE_TTL_S"),
         ({"AUTHZ_KEEP_AUTHORIZATION": "perhaps"}, "invalid setting AUTHZ_KEEP_AUTHORIZATION"),
