@@ -29,6 +29,9 @@ Bucket rules
 * `adjust` charges or refunds tokens after the real usage is known. A refund never fills past
   capacity. A charge may drive the level negative, down to minus one capacity, so over-use is
   paid back by waiting (at most one extra minute).
+* A bucket whose stored state is gone (a Redis key past its TTL, a swept in-memory entry) is full;
+  state is kept until the bucket is full again, so this changes nothing, except that right after
+  a limit is *raised* an idle bucket may count as full slightly early (refill uses the new rate).
 * A clock that steps backwards (a Redis failover to a host with a skewed clock) grants no
   refill and never moves a bucket's timestamp back.
 """

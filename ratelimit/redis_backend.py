@@ -154,9 +154,7 @@ class RedisRateLimiter:
         self._client = client
         self._timeout = timeout_seconds
         self._metrics = metrics
-        self._breaker = breaker or CircuitBreaker(
-            on_state_change=metrics.set_circuit_state if metrics else None
-        )
+        self._breaker = breaker or CircuitBreaker()
         self._test_clock_ms = test_clock_ms
         # register_script gives EVALSHA with a SCRIPT LOAD fallback on NOSCRIPT.
         self._script = client.register_script(load_script_text())
@@ -214,7 +212,9 @@ class RedisRateLimiter:
         if self._test_clock_ms is not None:
             args.append(self._test_clock_ms())
         keys = bucket_keys(workspace_id)
-        if not self._breaker.allow():
+        allowed = self._breaker.allow()
+        self._export_state()
+        if not allowed:
             self._count(RedisErrorKind.CIRCUIT_OPEN)
             raise RateLimitUnavailable("Redis circuit is open: recent calls failed")
         return await self._guarded(mode, lambda: self._script(keys=keys, args=args))
@@ -239,14 +239,22 @@ class RedisRateLimiter:
             if self._metrics is not None:
                 self._metrics.observe_latency(operation, time.perf_counter() - started)
         self._breaker.record_success()
+        self._export_state()
         return result
 
     def _failed(
         self, kind: RedisErrorKind, operation: str, exc: BaseException
     ) -> RateLimitUnavailable:
         self._breaker.record_failure()
+        self._export_state()
         self._count(kind)
         return RateLimitUnavailable(f"Redis {operation} failed ({kind.value}): {exc!r}")
+
+    def _export_state(self) -> None:
+        # Read after every breaker step rather than hooked into the breaker, so the gauge is
+        # right whoever built the breaker.
+        if self._metrics is not None:
+            self._metrics.set_circuit_state(self._breaker.state)
 
     def _count(self, kind: RedisErrorKind) -> None:
         if self._metrics is not None:

@@ -91,12 +91,7 @@ def registry() -> CollectorRegistry:
 @pytest.fixture
 def limiter(fake: FakeRedis, clock: FakeClock, registry: CollectorRegistry) -> RedisRateLimiter:
     metrics = RateLimitMetrics(registry)
-    breaker = CircuitBreaker(
-        failure_threshold=3,
-        cooldown_seconds=0.25,
-        clock=clock,
-        on_state_change=metrics.set_circuit_state,
-    )
+    breaker = CircuitBreaker(failure_threshold=3, cooldown_seconds=0.25, clock=clock)
     return RedisRateLimiter(
         cast(RedisClient, fake), timeout_seconds=0.02, breaker=breaker, metrics=metrics
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import SSLConnection
 
 from ratelimit.keys import bucket_keys
 from ratelimit.redis_backend import connect_redis, parse_cluster_url
@@ -57,6 +58,16 @@ async def test_connect_standalone_sets_timeouts_and_a_bounded_pool() -> None:
         assert kwargs["socket_connect_timeout"] == 0.05
         assert kwargs["db"] == 3
         assert client.connection_pool.max_connections == 7
+    finally:
+        await client.aclose()
+
+
+async def test_connect_rediss_uses_tls() -> None:
+    client = connect_redis("rediss://:pw@redis.example:6380/0", timeout_seconds=0.05)
+    try:
+        assert isinstance(client, Redis)
+        assert client.connection_pool.connection_class is SSLConnection
+        assert client.connection_pool.connection_kwargs["password"] == "pw"
     finally:
         await client.aclose()
 
