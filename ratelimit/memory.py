@@ -64,6 +64,8 @@ class InMemoryRateLimiter:
     async def adjust_tokens(self, workspace_id: str, limits: Limits, delta: int) -> None:
         """Charge (delta > 0) or refund (delta < 0) tokens once the real usage is known."""
         tpm = bucket.normalise_limits(limits).tpm
+        if not tpm or not delta:
+            return
         key = (workspace_id, "tok")
         state = bucket.adjust(
             tpm, bucket.normalise_delta(delta, tpm), now_ms=self._now(), tokens=self._get(key)
