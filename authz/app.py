@@ -16,8 +16,7 @@ from typing import Any
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-# grpc-stubs predates the asyncio servicer, which grpcio-health-checking does ship.
-from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # old stubs
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 

@@ -11,8 +11,7 @@ import asyncio
 import logging
 
 from grpc_health.v1 import health_pb2
-# grpc-stubs predates the asyncio servicer, which grpcio-health-checking does ship.
-from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # old stubs
 
 from authz.metrics import Metrics
 from authz.store.base import Store, StoreUnavailable
@@ -49,22 +48,25 @@ class Readiness:
 
     async def probe(self) -> bool:
         """Probe every component once and publish the result."""
+        problems = []
         try:
             await self._store.ping()
             store_ok = True
         except StoreUnavailable as error:
             store_ok = False
-            if self._components["store"]:
-                log.warning("readiness: store unavailable: %s", error)
+            problems.append(f"store: {error}")
         limiter_ok = await self._limiter.ping()
-        if self._components["ratelimit"] and not limiter_ok:
-            log.warning("readiness: rate limiter unavailable")
+        if not limiter_ok:
+            problems.append("rate limiter: unreachable")
         self._components = {"store": store_ok, "ratelimit": limiter_ok}
         for component, ok in self._components.items():
             self._metrics.ready.labels(component).set(1 if ok else 0)
         ready = store_ok and (limiter_ok or not self._limiter_required)
         if ready != self._ready:
-            log.info("readiness: %s", "SERVING" if ready else "NOT_SERVING")
+            if ready:
+                log.info("readiness: SERVING")
+            else:
+                log.warning("readiness: NOT_SERVING (%s)", "; ".join(problems))
             self._ready = ready
             await self._health.set(AUTHZ_SERVICE, SERVING if ready else NOT_SERVING)
         return ready

@@ -31,6 +31,10 @@ class StoreUnavailable(StoreError):
     """The database did not answer in time or could not be reached."""
 
 
+class SchemaMissing(StoreUnavailable):
+    """The database lacks our schema (or an old version of it): `authz migrate` fixes it."""
+
+
 class NotFound(StoreError):
     """The named workspace or key does not exist."""
 

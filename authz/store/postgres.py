@@ -38,6 +38,7 @@ from authz.store.base import (
     Conflict,
     KeyLimitReached,
     NotFound,
+    SchemaMissing,
     StoreUnavailable,
     utc_now,
 )
@@ -83,6 +84,7 @@ class PostgresStore:
         self._timeout = timeout_seconds
         self._pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
+        self._latest_version = load_migrations("postgres")[-1].version
 
     async def open(self) -> None:
         """Create the pool without connecting: readiness, not start-up, reports an outage."""
@@ -112,6 +114,10 @@ class PostgresStore:
         try:
             async with asyncio.timeout(seconds), self._p.acquire() as conn:
                 yield conn
+        except (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError) as error:
+            raise SchemaMissing(
+                f"the database schema is missing or out of date ({error}): run `authz migrate`"
+            ) from error
         except UNAVAILABLE_ERRORS as error:
             detail = str(error) or type(error).__name__
             raise StoreUnavailable(
@@ -146,8 +152,15 @@ class PostgresStore:
         return applied
 
     async def ping(self) -> None:
+        """Reachable and migrated: a replica without the schema cannot authorize."""
         async with self._conn(self._timeout) as conn:
-            await conn.fetchval("SELECT 1")
+            version = await conn.fetchval("SELECT max(version) FROM schema_migrations")
+        latest = self._latest_version
+        if version is None or version < latest:
+            raise SchemaMissing(
+                f"the database schema is at version {version}, {latest} is needed: "
+                "run `authz migrate`"
+            )
 
     async def lookup_key(self, key_hash: bytes) -> tuple[KeyGrant, Workspace] | None:
         async with self._conn(self._timeout) as conn:
