@@ -49,6 +49,8 @@ class Target:
     listener_address: str
     admin_address: str | None = None
     clusters: Mapping[str, Endpoint] = field(default_factory=dict)
+    # Clusters that may keep a loopback endpoint because the process is in the same pod.
+    loopback_clusters: frozenset[str] = frozenset()
 
 
 COMPOSE = Target(
@@ -66,9 +68,19 @@ KUBERNETES = Target(
     listener_address="0.0.0.0",  # noqa: S104 - the Service sends traffic to the pod IP
     # The admin interface stays on 127.0.0.1: nothing outside the pod may reach it.
     clusters={"upstream": Endpoint("upstream", 8000)},
+    loopback_clusters=frozenset({"authz"}),  # the sidecar container, same pod
 )
 
 TARGETS: tuple[Target, ...] = (COMPOSE, KUBERNETES)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _is_ip(host: str) -> bool:
@@ -137,6 +149,19 @@ def render(source: Mapping[str, Any], target: Target) -> tuple[dict[str, Any], l
         cluster["type"] = kind
         address["address"] = moved.host
         address["port_value"] = moved.port
+
+    # A cluster added to the source later would otherwise point at the Envoy container itself.
+    for name, cluster in clusters.items():
+        if name in target.clusters or name in target.loopback_clusters:
+            continue
+        for group in (cluster.get("load_assignment") or {}).get("endpoints", []):
+            for lb in group.get("lb_endpoints", []):
+                host = _socket_address(lb.get("endpoint"), f"cluster {name}'s endpoint")["address"]
+                if _is_loopback(host):
+                    raise RenderError(
+                        f"cluster {name} points at {host}, which is not where it runs in the "
+                        f"{target.name} target; add it to that target in deploy/render.py"
+                    )
     return config, changes
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 import subprocess
 import sys
@@ -173,6 +174,22 @@ def test_a_source_without_a_cluster_a_target_moves_is_an_error(
     (root / SOURCE).write_text(yaml.safe_dump(config), encoding="utf-8")
     assert main(["--check", "--root", str(root)]) == 2
     assert capsys.readouterr().err == "render: cluster upstream is not in the source config\n"
+
+
+def test_a_new_loopback_cluster_must_be_placed_in_every_target(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A cluster added to envoy.yaml later must not silently point at Envoy's own container."""
+    root = _copy_tree(tmp_path)
+    config = load_yaml(root / SOURCE)
+    extra = copy.deepcopy(config["static_resources"]["clusters"][1])
+    extra["name"] = extra["load_assignment"]["cluster_name"] = "ratelimit"
+    config["static_resources"]["clusters"].append(extra)
+    (root / SOURCE).write_text(yaml.safe_dump(config), encoding="utf-8")
+    assert main(["--check", "--root", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("render: cluster ratelimit points at 127.0.0.1")
+    assert err.endswith("add it to that target in deploy/render.py\n")
 
 
 def test_render_does_not_touch_its_input(source: dict[str, Any]) -> None:
