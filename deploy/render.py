@@ -3,7 +3,8 @@
 The top-level file is the one source of truth: filters, timeouts, ext_authz settings and health
 checks are copied as they are. Only what must differ in a container is changed: the addresses
 the listeners (and, for Compose, the admin interface) bind to, and where the `authz` and
-`upstream` clusters point. Clusters that move to a host name become STRICT_DNS.
+`upstream` clusters point. Clusters that move to a host name become STRICT_DNS. A cluster on
+loopback that a target does not place is an error, not a silent copy.
 
     python deploy/render.py           # rewrite the generated files
     python deploy/render.py --check   # exit 1 if a generated file is stale
@@ -113,18 +114,13 @@ def _only_endpoint(cluster: dict[str, Any], name: str) -> dict[str, Any]:
     return endpoint
 
 
-def render(source: Mapping[str, Any], target: Target) -> tuple[dict[str, Any], list[str]]:
-    """Return the target's config and one line per change made to the source."""
-    config: dict[str, Any] = copy.deepcopy(dict(source))
-    changes: list[str] = []
-
+def _bind(config: dict[str, Any], target: Target, changes: list[str]) -> None:
+    """Point the admin interface (if the target says so) and every listener at the target's IP."""
     if target.admin_address is not None:
         admin = _socket_address(config.get("admin"), "admin")
         changes.append(f"admin: bound to {target.admin_address} (was {admin['address']})")
         admin["address"] = target.admin_address
-
-    resources = config.get("static_resources") or {}
-    listeners = resources.get("listeners") or []
+    listeners = (config.get("static_resources") or {}).get("listeners") or []
     if not listeners:
         raise RenderError("static_resources.listeners is empty")
     for listener in listeners:
@@ -135,7 +131,9 @@ def render(source: Mapping[str, Any], target: Target) -> tuple[dict[str, Any], l
         )
         address["address"] = target.listener_address
 
-    clusters = {c.get("name"): c for c in resources.get("clusters") or []}
+
+def _move(clusters: dict[str, Any], target: Target, changes: list[str]) -> None:
+    """Point each cluster the target places at its host and port."""
     for name, moved in target.clusters.items():
         if name not in clusters:
             raise RenderError(f"cluster {name} is not in the source config")
@@ -150,7 +148,9 @@ def render(source: Mapping[str, Any], target: Target) -> tuple[dict[str, Any], l
         address["address"] = moved.host
         address["port_value"] = moved.port
 
-    # A cluster added to the source later would otherwise point at the Envoy container itself.
+
+def _refuse_stray_loopback(clusters: dict[str, Any], target: Target) -> None:
+    """A cluster added to the source later would otherwise point at the Envoy container."""
     for name, cluster in clusters.items():
         if name in target.clusters or name in target.loopback_clusters:
             continue
@@ -162,6 +162,17 @@ def render(source: Mapping[str, Any], target: Target) -> tuple[dict[str, Any], l
                         f"cluster {name} points at {host}, which is not where it runs in the "
                         f"{target.name} target; add it to that target in deploy/render.py"
                     )
+
+
+def render(source: Mapping[str, Any], target: Target) -> tuple[dict[str, Any], list[str]]:
+    """Return the target's config and one line per change made to the source."""
+    config: dict[str, Any] = copy.deepcopy(dict(source))
+    changes: list[str] = []
+    _bind(config, target, changes)
+    resources = config.get("static_resources") or {}
+    clusters = {c.get("name"): c for c in resources.get("clusters") or []}
+    _move(clusters, target, changes)
+    _refuse_stray_loopback(clusters, target)
     return config, changes
 
 
