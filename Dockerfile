@@ -15,7 +15,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/authz
 WORKDIR /src
-COPY pyproject.toml ./
+COPY pyproject.toml README.md ./
 COPY authz ./authz
 COPY ratelimit ./ratelimit
 # Every dependency ships manylinux wheels, so no compiler is needed. pip compiles the
