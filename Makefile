@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint fmt bench clean
+.PHONY: install run test lint fmt bench clean deploy-configs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,14 +23,18 @@ test: $(STAMP) lint
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/python deploy/render.py --check
+
+deploy-configs: $(STAMP)
+	$(BIN)/python deploy/render.py
 
 fmt: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
 bench: $(STAMP)
-	$(BIN)/python bench/bench_ratelimit.py
-	$(BIN)/python bench/bench_check.py
+	$(BIN)/python -m bench.bench_ratelimit
+	$(BIN)/python -m bench.bench_check
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
