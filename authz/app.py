@@ -26,7 +26,7 @@ from authz.lastused import LastUsedRecorder
 from authz.metrics import Metrics
 from authz.resolver import KeyResolver
 from authz.responses import AllowRenderer
-from authz.settings import Settings, redact_url
+from authz.settings import Settings, SettingsError, redact_url
 from authz.store import open_store
 from ratelimit.limiter import RateLimiter
 from ratelimit.memory import InMemoryRateLimiter
@@ -51,7 +51,10 @@ def build_limiter(settings: Settings, metrics: Metrics) -> RateLimiter:
     if settings.redis_url is None:
         return InMemoryRateLimiter()
     timeout = settings.redis_timeout_ms / 1000
-    client = connect_redis(settings.redis_url, timeout_seconds=timeout)
+    try:
+        client = connect_redis(settings.redis_url, timeout_seconds=timeout)
+    except ValueError as error:
+        raise SettingsError("AUTHZ_REDIS_URL", str(error)) from None
     return RedisRateLimiter(client, timeout_seconds=timeout, metrics=metrics.limiter)
 
 

@@ -24,7 +24,14 @@ from authz.resolver import KeyResolver
 from authz.responses import AllowRenderer, render_deny
 from authz.store.base import StoreUnavailable
 from ratelimit.estimate import estimate_tokens
-from ratelimit.limiter import Limits, RateLimiter, RateLimitUnavailable
+from ratelimit.limiter import (
+    BucketState,
+    LimitKind,
+    LimitResult,
+    Limits,
+    RateLimiter,
+    RateLimitUnavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +62,9 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         self._latency = metrics.check_latency
         self._allowed = metrics.checks.labels("allow", "")
         self._allowed_open = metrics.checks.labels("allow_fail_open", "")
+        self._admitted = metrics.ratelimit_decisions.labels("admitted")
+        self._near_requests = metrics.near_limit.labels(LimitKind.REQUESTS.value)
+        self._near_tokens = metrics.near_limit.labels(LimitKind.TOKENS.value)
 
     async def Check(
         self, request: CheckRequest, context: grpc.aio.ServicerContext[CheckRequest, CheckResponse]
@@ -97,6 +107,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             body=bytes(http.raw_body) if http.raw_body else None,
             content_length=headers.get("content-length"),
             default_completion_tokens=workspace.default_completion_tokens,
+            partial=headers.get(PARTIAL_BODY_HEADER) == "true",
         )
         rate = None
         fail_open = False
@@ -110,6 +121,8 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
                     raise
                 self._metrics.fail_open.inc()
                 fail_open = True
+            else:
+                self._count_rate(rate)
         return decide(
             screened,
             grant,
@@ -119,3 +132,23 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             now_ts=now_ts,
             fail_open=fail_open,
         )
+
+    def _count_rate(self, rate: LimitResult) -> None:
+        if not rate.allowed:
+            if rate.too_large:
+                result = "too_large"
+            elif rate.denied_by is LimitKind.REQUESTS:
+                result = "denied_requests"
+            else:
+                result = "denied_tokens"
+            self._metrics.ratelimit_decisions.labels(result).inc()
+            return
+        self._admitted.inc()
+        if _near(rate.requests):
+            self._near_requests.inc()
+        if _near(rate.tokens):
+            self._near_tokens.inc()
+
+
+def _near(bucket: BucketState) -> bool:
+    return bucket.limit > 0 and bucket.remaining * 10 < bucket.limit

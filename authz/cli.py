@@ -282,6 +282,9 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
 
         try:
             return run(settings)
+        except SettingsError as error:
+            sys.stderr.write(f"authz: {error}\n")
+            return 2
         except (StartupError, StoreError) as error:
             sys.stderr.write(f"authz: {error}\n")
             return 1

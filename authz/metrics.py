@@ -60,6 +60,18 @@ class Metrics:
             "AUTHZ_FAILURE_MODE=open.",
             registry=registry,
         )
+        self.ratelimit_decisions = Counter(
+            "authz_ratelimit_decisions",
+            "Rate-limit outcomes: admitted, denied_requests, denied_tokens, too_large.",
+            ["result"],
+            registry=registry,
+        )
+        self.near_limit = Counter(
+            "authz_ratelimit_near_limit",
+            "Admissions that left a bucket under 10% of its limit, by bucket.",
+            ["kind"],
+            registry=registry,
+        )
         self.ready = Gauge(
             "authz_ready",
             "1 while the sidecar can authorize (readiness), by component.",

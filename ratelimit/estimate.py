@@ -21,14 +21,22 @@ _MAX_TOKEN_FIELDS = ("max_completion_tokens", "max_tokens")
 
 
 def estimate_tokens(
-    *, body: bytes | None, content_length: str | None, default_completion_tokens: int
+    *,
+    body: bytes | None,
+    content_length: str | None,
+    default_completion_tokens: int,
+    partial: bool = False,
 ) -> int:
     """Tokens to reserve for one request; never raises, whatever the client sent.
 
-    `body` is the request body when Envoy forwarded it (it wins over `content_length`).
+    `body` is the request body when Envoy forwarded it (it wins over `content_length`). When
+    Envoy cut it at `max_request_bytes` (`partial`), the size comes from `content_length` if
+    that is larger, so a big prompt cannot pass for a small one.
     """
     if body is not None:
         body_bytes = len(body)
+        if partial:
+            body_bytes = max(body_bytes, _parse_content_length(content_length))
         completion = _max_tokens_from_body(body)
     else:
         body_bytes = _parse_content_length(content_length)

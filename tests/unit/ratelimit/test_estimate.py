@@ -130,3 +130,17 @@ def test_never_raises_on_arbitrary_json(document: object) -> None:
 @given(header=st.text(max_size=30))
 def test_never_raises_on_arbitrary_content_length(header: str) -> None:
     assert estimate(None, header) >= DEFAULT
+
+
+def test_a_body_cut_by_envoy_is_sized_from_content_length() -> None:
+    head = b'{"max_tokens": 10, "messages": [' + b"x" * 100
+    # Envoy forwarded only the head of a 4000-byte body: reserve for the whole of it.
+    assert (
+        estimate_tokens(body=head, content_length="4000", default_completion_tokens=7, partial=True)
+        == 1000 + 7
+    )
+    # A complete body is what it is, whatever content-length claims.
+    assert (
+        estimate_tokens(body=head, content_length="4000", default_completion_tokens=7)
+        == -(-len(head) // 4) + 7
+    )
