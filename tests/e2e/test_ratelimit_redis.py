@@ -114,7 +114,8 @@ async def _fire(addresses: list[str], secret: str, count: int) -> list[int]:
         try:
             response = await stubs[i % len(stubs)].Check(request, timeout=10)
         except grpc.aio.AioRpcError as error:
-            return -error.code().value[0]
+            code: int = error.code().value[0]
+            return -code
         return int(response.status.code)
 
     try:
