@@ -122,3 +122,19 @@ class AuditEntry:
     actor_issuer: str | None
     actor_address: str | None
     detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    """One hour of traffic for one workspace, key and model: the billing ledger's grain."""
+
+    hour: datetime
+    workspace_id: str
+    key_id: str
+    model: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    errors_4xx: int
+    errors_5xx: int
+    spend_usd: float

@@ -15,6 +15,7 @@ from authz.models import (
     KeyGrant,
     NewKey,
     NewWorkspace,
+    UsageRow,
     Workspace,
     WorkspaceUpdate,
 )
@@ -132,6 +133,17 @@ class Store(Protocol):
         ...
 
     async def list_audit(self, workspace_id: str) -> list[AuditEntry]: ...
+
+    async def usage_report(
+        self,
+        *,
+        workspace_id: str | None = None,
+        key_id: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> list[UsageRow]:
+        """Ledger rows (hourly) matching every filter given, oldest first."""
+        ...
 
     async def watch_changes(self, sink: ChangeSink) -> None:
         """Feed invalidations to `sink` until cancelled; reconnects by itself."""

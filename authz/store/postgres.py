@@ -26,6 +26,7 @@ from authz.models import (
     KeyGrant,
     NewKey,
     NewWorkspace,
+    UsageRow,
     Workspace,
     WorkspaceUpdate,
 )
@@ -339,6 +340,16 @@ class PostgresStore:
                 workspace_id,
             )
         return [audit_from_row(row, _same) for row in rows]
+
+    async def usage_report(
+        self,
+        *,
+        workspace_id: str | None = None,
+        key_id: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> list[UsageRow]:
+        return []  # the ledger lands with usage accounting
 
     async def watch_changes(self, sink: ChangeSink) -> None:
         backoff = 0.05

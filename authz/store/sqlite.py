@@ -27,6 +27,7 @@ from authz.models import (
     KeyGrant,
     NewKey,
     NewWorkspace,
+    UsageRow,
     Workspace,
     WorkspaceUpdate,
 )
@@ -347,6 +348,16 @@ class SqliteStore:
             (workspace_id,),
         )
         return [audit_from_row(row, _parse_ts) for row in rows]
+
+    async def usage_report(
+        self,
+        *,
+        workspace_id: str | None = None,
+        key_id: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> list[UsageRow]:
+        return []  # the ledger lands with usage accounting
 
     async def watch_changes(self, sink: ChangeSink) -> None:
         row = await self._fetchone("SELECT coalesce(max(seq), 0) FROM changes")

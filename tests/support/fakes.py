@@ -14,6 +14,7 @@ from authz.models import (
     KeyGrant,
     NewKey,
     NewWorkspace,
+    UsageRow,
     Workspace,
     WorkspaceUpdate,
 )
@@ -107,6 +108,16 @@ class FakeStore:
         self.used.update(last_used)
 
     async def list_audit(self, workspace_id: str) -> list[AuditEntry]:
+        return []
+
+    async def usage_report(
+        self,
+        *,
+        workspace_id: str | None = None,
+        key_id: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> list[UsageRow]:
         return []
 
     async def watch_changes(self, sink: ChangeSink) -> None:
