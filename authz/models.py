@@ -138,3 +138,13 @@ class UsageRow:
     errors_4xx: int
     errors_5xx: int
     spend_usd: float
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPrice:
+    """USD per million input and output tokens; model "*" is the default for unknown models."""
+
+    model: str
+    input_per_1m_usd: float
+    output_per_1m_usd: float
+    updated_at: datetime | None = None

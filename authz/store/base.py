@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -13,6 +13,7 @@ from authz.models import (
     ApiKey,
     AuditEntry,
     KeyGrant,
+    ModelPrice,
     NewKey,
     NewWorkspace,
     UsageRow,
@@ -54,6 +55,7 @@ class KeyLimitReached(StoreError):
 class ChangeKind(StrEnum):
     KEY = "key"
     WORKSPACE = "ws"
+    PRICE = "price"
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +145,22 @@ class Store(Protocol):
         until: datetime | None = None,
     ) -> list[UsageRow]:
         """Ledger rows (hourly) matching every filter given, oldest first."""
+        ...
+
+    async def apply_usage_batch(self, batch_id: str, rows: Sequence[UsageRow]) -> bool:
+        """Add `rows` to the ledger once: False (and no change) if `batch_id` was applied."""
+        ...
+
+    async def period_totals(
+        self, workspace_id: str, since: datetime, until: datetime
+    ) -> tuple[int, float]:
+        """(tokens, spend in USD) the ledger holds for a workspace in [since, until)."""
+        ...
+
+    async def list_prices(self) -> list[ModelPrice]: ...
+
+    async def set_price(self, price: ModelPrice, *, actor: Actor) -> ModelPrice:
+        """Create or replace a model's price and tell every replica."""
         ...
 
     async def watch_changes(self, sink: ChangeSink) -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from datetime import datetime
 
-from authz.models import NewWorkspace, Workspace, WorkspaceUpdate
+from authz.models import ModelPrice, NewWorkspace, Workspace, WorkspaceUpdate
 
 MAX_NAME_LENGTH = 128
 MAX_LABEL_LENGTH = 128
@@ -84,3 +85,19 @@ def apply_update(current: Workspace, update: WorkspaceUpdate, *, updated_at: dat
         monthly_spend_cap_usd=cap,
         updated_at=updated_at,
     )
+
+
+def check_price(price: ModelPrice) -> ModelPrice:
+    """Prices are finite and non-negative; the model name is printable and short."""
+    model = check_name(price.model, "model")
+    for field in ("input_per_1m_usd", "output_per_1m_usd"):
+        value = getattr(price, field)
+        if not math.isfinite(value) or not 0 <= value < 1e9:
+            raise InvalidInput(f"{field} must be a price in USD between 0 and 1e9")
+    return replace(price, model=model)
+
+
+USAGE_COLUMNS = (
+    "hour, workspace_id, key_id, model, requests, prompt_tokens, completion_tokens, "
+    "errors_4xx, errors_5xx, spend_usd"
+)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from datetime import datetime
 from typing import Any
@@ -24,6 +24,7 @@ from authz.models import (
     ApiKey,
     AuditEntry,
     KeyGrant,
+    ModelPrice,
     NewKey,
     NewWorkspace,
     UsageRow,
@@ -43,7 +44,13 @@ from authz.store.base import (
     StoreUnavailable,
     utc_now,
 )
-from authz.store.common import apply_update, check_label, check_new_workspace
+from authz.store.common import (
+    USAGE_COLUMNS,
+    apply_update,
+    check_label,
+    check_new_workspace,
+    check_price,
+)
 from authz.store.rows import (
     AUDIT_COLUMNS,
     KEY_COLUMNS,
@@ -52,6 +59,8 @@ from authz.store.rows import (
     audit_from_row,
     grant_from_row,
     key_from_row,
+    price_from_row,
+    usage_from_row,
     workspace_from_row,
 )
 
@@ -349,7 +358,102 @@ class PostgresStore:
         since: datetime | None = None,
         until: datetime | None = None,
     ) -> list[UsageRow]:
-        return []  # the ledger lands with usage accounting
+        clauses: list[str] = []
+        params: list[Any] = []
+        for column, op, value in (
+            ("workspace_id", "=", workspace_id),
+            ("key_id", "=", key_id),
+            ("hour", ">=", since),
+            ("hour", "<", until),
+        ):
+            if value is not None:
+                params.append(value)
+                clauses.append(f"{column} {op} ${len(params)}")
+        where = " WHERE " + " AND ".join(clauses) if clauses else ""
+        async with self._conn(_WRITE_TIMEOUT) as conn:
+            rows = await conn.fetch(
+                f"SELECT {USAGE_COLUMNS} FROM usage_hourly{where} "
+                "ORDER BY hour, workspace_id, key_id, model",
+                *params,
+            )
+        return [usage_from_row(row, _same) for row in rows]
+
+    async def apply_usage_batch(self, batch_id: str, rows: Sequence[UsageRow]) -> bool:
+        async with self._tx() as conn:
+            inserted = await conn.fetchval(
+                "INSERT INTO usage_batches (batch_id, applied_at) VALUES ($1, $2) "
+                "ON CONFLICT (batch_id) DO NOTHING RETURNING true",
+                batch_id,
+                utc_now(),
+            )
+            if not inserted:
+                return False
+            await conn.executemany(
+                f"INSERT INTO usage_hourly ({USAGE_COLUMNS}) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) "
+                "ON CONFLICT (hour, workspace_id, key_id, model) DO UPDATE SET "
+                "requests = usage_hourly.requests + excluded.requests, "
+                "prompt_tokens = usage_hourly.prompt_tokens + excluded.prompt_tokens, "
+                "completion_tokens = usage_hourly.completion_tokens + excluded.completion_tokens, "
+                "errors_4xx = usage_hourly.errors_4xx + excluded.errors_4xx, "
+                "errors_5xx = usage_hourly.errors_5xx + excluded.errors_5xx, "
+                "spend_usd = usage_hourly.spend_usd + excluded.spend_usd",
+                [
+                    (
+                        r.hour,
+                        r.workspace_id,
+                        r.key_id,
+                        r.model,
+                        r.requests,
+                        r.prompt_tokens,
+                        r.completion_tokens,
+                        r.errors_4xx,
+                        r.errors_5xx,
+                        r.spend_usd,
+                    )
+                    for r in rows
+                ],
+            )
+        return True
+
+    async def period_totals(
+        self, workspace_id: str, since: datetime, until: datetime
+    ) -> tuple[int, float]:
+        async with self._conn(_WRITE_TIMEOUT) as conn:
+            row = await conn.fetchrow(
+                "SELECT coalesce(sum(prompt_tokens + completion_tokens), 0) AS tokens, "
+                "coalesce(sum(spend_usd), 0) AS spend FROM usage_hourly "
+                "WHERE workspace_id = $1 AND hour >= $2 AND hour < $3",
+                workspace_id,
+                since,
+                until,
+            )
+        assert row is not None
+        return int(row["tokens"]), float(row["spend"])
+
+    async def list_prices(self) -> list[ModelPrice]:
+        async with self._conn(_WRITE_TIMEOUT) as conn:
+            rows = await conn.fetch(
+                "SELECT model, input_per_1m_usd, output_per_1m_usd, updated_at "
+                "FROM model_prices ORDER BY model"
+            )
+        return [price_from_row(row, _same) for row in rows]
+
+    async def set_price(self, price: ModelPrice, *, actor: Actor) -> ModelPrice:
+        price = check_price(price)
+        now = utc_now()
+        async with self._tx() as conn:
+            await conn.execute(
+                "INSERT INTO model_prices VALUES ($1, $2, $3, $4) ON CONFLICT (model) DO UPDATE "
+                "SET input_per_1m_usd = excluded.input_per_1m_usd, "
+                "output_per_1m_usd = excluded.output_per_1m_usd, updated_at = excluded.updated_at",
+                price.model,
+                price.input_per_1m_usd,
+                price.output_per_1m_usd,
+                now,
+            )
+            await _notify(conn, Change(ChangeKind.PRICE, price.model))
+        return ModelPrice(price.model, price.input_per_1m_usd, price.output_per_1m_usd, now)
 
     async def watch_changes(self, sink: ChangeSink) -> None:
         backoff = 0.05

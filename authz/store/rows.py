@@ -6,7 +6,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Protocol
 
-from authz.models import ApiKey, AuditEntry, KeyGrant, Workspace
+from authz.models import ApiKey, AuditEntry, KeyGrant, ModelPrice, UsageRow, Workspace
 
 WORKSPACE_COLUMNS = (
     "id, name, rpm, tpm, key_limit, default_completion_tokens, monthly_token_quota, "
@@ -17,7 +17,6 @@ AUDIT_COLUMNS = (
     "at, workspace_id, key_id, action, actor_kind, actor_subject, actor_issuer, actor_address, "
     "detail"
 )
-
 
 
 class Row(Protocol):
@@ -94,3 +93,27 @@ LOOKUP_COLUMNS = (
     "w.monthly_spend_cap_usd AS ws_monthly_spend_cap_usd, "
     "w.created_at AS ws_created_at, w.updated_at AS ws_updated_at"
 )
+
+
+def usage_from_row(row: Row, parse: TimeParser) -> UsageRow:
+    return UsageRow(
+        hour=parse(row["hour"]),
+        workspace_id=row["workspace_id"],
+        key_id=row["key_id"],
+        model=row["model"],
+        requests=int(row["requests"]),
+        prompt_tokens=int(row["prompt_tokens"]),
+        completion_tokens=int(row["completion_tokens"]),
+        errors_4xx=int(row["errors_4xx"]),
+        errors_5xx=int(row["errors_5xx"]),
+        spend_usd=float(row["spend_usd"]),
+    )
+
+
+def price_from_row(row: Row, parse: TimeParser) -> ModelPrice:
+    return ModelPrice(
+        model=row["model"],
+        input_per_1m_usd=float(row["input_per_1m_usd"]),
+        output_per_1m_usd=float(row["output_per_1m_usd"]),
+        updated_at=parse(row["updated_at"]),
+    )

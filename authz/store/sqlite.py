@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,6 +25,7 @@ from authz.models import (
     ApiKey,
     AuditEntry,
     KeyGrant,
+    ModelPrice,
     NewKey,
     NewWorkspace,
     UsageRow,
@@ -41,7 +42,13 @@ from authz.store.base import (
     StoreUnavailable,
     utc_now,
 )
-from authz.store.common import apply_update, check_label, check_new_workspace
+from authz.store.common import (
+    USAGE_COLUMNS,
+    apply_update,
+    check_label,
+    check_new_workspace,
+    check_price,
+)
 from authz.store.rows import (
     AUDIT_COLUMNS,
     KEY_COLUMNS,
@@ -50,6 +57,8 @@ from authz.store.rows import (
     audit_from_row,
     grant_from_row,
     key_from_row,
+    price_from_row,
+    usage_from_row,
     workspace_from_row,
 )
 
@@ -357,7 +366,82 @@ class SqliteStore:
         since: datetime | None = None,
         until: datetime | None = None,
     ) -> list[UsageRow]:
-        return []  # the ledger lands with usage accounting
+        clauses, params = _usage_filters(workspace_id, key_id, since, until)
+        rows = await self._fetchall(
+            f"SELECT {USAGE_COLUMNS} FROM usage_hourly{clauses} "
+            "ORDER BY hour, workspace_id, key_id, model",
+            params,
+        )
+        return [usage_from_row(row, _parse_ts) for row in rows]
+
+    async def apply_usage_batch(self, batch_id: str, rows: Sequence[UsageRow]) -> bool:
+        now = utc_now()
+        async with self._write() as db:
+            cursor = await db.execute(
+                "INSERT INTO usage_batches (batch_id, applied_at) VALUES (?, ?) "
+                "ON CONFLICT (batch_id) DO NOTHING",
+                (batch_id, _ts(now)),
+            )
+            if cursor.rowcount == 0:
+                return False
+            await db.executemany(
+                f"INSERT INTO usage_hourly ({USAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (hour, workspace_id, key_id, model) DO UPDATE SET "
+                "requests = requests + excluded.requests, "
+                "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+                "completion_tokens = completion_tokens + excluded.completion_tokens, "
+                "errors_4xx = errors_4xx + excluded.errors_4xx, "
+                "errors_5xx = errors_5xx + excluded.errors_5xx, "
+                "spend_usd = spend_usd + excluded.spend_usd",
+                [
+                    (
+                        _ts(r.hour),
+                        r.workspace_id,
+                        r.key_id,
+                        r.model,
+                        r.requests,
+                        r.prompt_tokens,
+                        r.completion_tokens,
+                        r.errors_4xx,
+                        r.errors_5xx,
+                        r.spend_usd,
+                    )
+                    for r in rows
+                ],
+            )
+        return True
+
+    async def period_totals(
+        self, workspace_id: str, since: datetime, until: datetime
+    ) -> tuple[int, float]:
+        row = await self._fetchone(
+            "SELECT coalesce(sum(prompt_tokens + completion_tokens), 0), "
+            "coalesce(sum(spend_usd), 0) FROM usage_hourly "
+            "WHERE workspace_id = ? AND hour >= ? AND hour < ?",
+            (workspace_id, _ts(since), _ts(until)),
+        )
+        assert row is not None
+        return int(row[0]), float(row[1])
+
+    async def list_prices(self) -> list[ModelPrice]:
+        rows = await self._fetchall(
+            "SELECT model, input_per_1m_usd, output_per_1m_usd, updated_at FROM model_prices "
+            "ORDER BY model"
+        )
+        return [price_from_row(row, _parse_ts) for row in rows]
+
+    async def set_price(self, price: ModelPrice, *, actor: Actor) -> ModelPrice:
+        price = check_price(price)
+        now = utc_now()
+        async with self._write() as db:
+            await db.execute(
+                "INSERT INTO model_prices VALUES (?, ?, ?, ?) ON CONFLICT (model) DO UPDATE SET "
+                "input_per_1m_usd = excluded.input_per_1m_usd, "
+                "output_per_1m_usd = excluded.output_per_1m_usd, updated_at = excluded.updated_at",
+                (price.model, price.input_per_1m_usd, price.output_per_1m_usd, _ts(now)),
+            )
+            await self._notify(db, now, Change(ChangeKind.PRICE, price.model))
+        return ModelPrice(price.model, price.input_per_1m_usd, price.output_per_1m_usd, now)
 
     async def watch_changes(self, sink: ChangeSink) -> None:
         row = await self._fetchone("SELECT coalesce(max(seq), 0) FROM changes")
@@ -417,3 +501,20 @@ class SqliteStore:
 
 def _only_comments(statement: str) -> bool:
     return all(not line.strip() or line.strip().startswith("--") for line in statement.splitlines())
+
+
+def _usage_filters(
+    workspace_id: str | None, key_id: str | None, since: datetime | None, until: datetime | None
+) -> tuple[str, tuple[Any, ...]]:
+    clauses: list[str] = []
+    params: list[Any] = []
+    for column, op, value in (
+        ("workspace_id", "=", workspace_id),
+        ("key_id", "=", key_id),
+        ("hour", ">=", None if since is None else _ts(since)),
+        ("hour", "<", None if until is None else _ts(until)),
+    ):
+        if value is not None:
+            clauses.append(f"{column} {op} ?")
+            params.append(value)
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), tuple(params)

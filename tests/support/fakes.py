@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 
 from authz.keys import hash_key, mask_key, new_key_id
@@ -12,6 +12,7 @@ from authz.models import (
     ApiKey,
     AuditEntry,
     KeyGrant,
+    ModelPrice,
     NewKey,
     NewWorkspace,
     UsageRow,
@@ -50,6 +51,8 @@ class FakeStore:
         self.down = False
         self.gate: asyncio.Event | None = None
         self.used: dict[str, datetime] = {}
+        self.batches: dict[str, list[UsageRow]] = {}
+        self.prices: dict[str, ModelPrice] = {}
 
     def add(self, secret: str, ws: Workspace, *, expires_at: datetime | None = None) -> KeyGrant:
         self.workspaces[ws.id] = ws
@@ -119,6 +122,29 @@ class FakeStore:
         until: datetime | None = None,
     ) -> list[UsageRow]:
         return []
+
+    async def apply_usage_batch(self, batch_id: str, rows: Sequence[UsageRow]) -> bool:
+        if batch_id in self.batches:
+            return False
+        self.batches[batch_id] = list(rows)
+        return True
+
+    async def period_totals(
+        self, workspace_id: str, since: datetime, until: datetime
+    ) -> tuple[int, float]:
+        rows = [r for rows in self.batches.values() for r in rows]
+        mine = [r for r in rows if r.workspace_id == workspace_id and since <= r.hour < until]
+        return (
+            sum(r.prompt_tokens + r.completion_tokens for r in mine),
+            sum(r.spend_usd for r in mine),
+        )
+
+    async def list_prices(self) -> list[ModelPrice]:
+        return list(self.prices.values())
+
+    async def set_price(self, price: ModelPrice, *, actor: Actor) -> ModelPrice:
+        self.prices[price.model] = price
+        return price
 
     async def watch_changes(self, sink: ChangeSink) -> None:
         await asyncio.Event().wait()

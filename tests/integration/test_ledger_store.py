@@ -1,0 +1,67 @@
+"""The billing ledger and prices on both stores."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from authz.models import CLI_ACTOR, ModelPrice, UsageRow
+from authz.store.base import Store
+from authz.store.common import InvalidInput
+
+pytestmark = pytest.mark.integration
+HOUR = datetime(2026, 11, 27, 9, tzinfo=UTC)
+
+
+def row(**changes: object) -> UsageRow:
+    values: dict[str, object] = {
+        "hour": HOUR,
+        "workspace_id": "ws_a",
+        "key_id": "key_a",
+        "model": "gpt",
+        "requests": 2,
+        "prompt_tokens": 30,
+        "completion_tokens": 12,
+        "errors_4xx": 0,
+        "errors_5xx": 1,
+        "spend_usd": 0.25,
+    }
+    values.update(changes)
+    return UsageRow(**values)  # type: ignore[arg-type]
+
+
+async def test_batches_add_up_and_a_retried_batch_counts_once(store: Store) -> None:
+    assert await store.apply_usage_batch("b1", [row(), row(model="other")])
+    assert await store.apply_usage_batch("b2", [row()])
+    assert not await store.apply_usage_batch("b1", [row(), row(model="other")])
+    rows = await store.usage_report(workspace_id="ws_a")
+    assert [(r.model, r.requests, r.prompt_tokens, r.errors_5xx) for r in rows] == [
+        ("gpt", 4, 60, 2),
+        ("other", 2, 30, 1),
+    ]
+    assert rows[0].spend_usd == pytest.approx(0.5)
+    assert rows[0].hour == HOUR
+
+
+async def test_report_filters_and_period_totals(store: Store) -> None:
+    later = HOUR.replace(day=28)
+    await store.apply_usage_batch(
+        "b", [row(), row(key_id="key_b", hour=later), row(workspace_id="ws_b")]
+    )
+    assert len(await store.usage_report(key_id="key_b")) == 1
+    assert len(await store.usage_report(workspace_id="ws_a", since=later)) == 1
+    assert len(await store.usage_report(workspace_id="ws_a", until=later)) == 1
+    tokens, spend = await store.period_totals("ws_a", HOUR, later.replace(hour=23))
+    assert tokens == 84
+    assert spend == pytest.approx(0.5)
+
+
+async def test_prices(store: Store) -> None:
+    await store.set_price(ModelPrice("gpt", 1.5, 6.0), actor=CLI_ACTOR)
+    await store.set_price(ModelPrice("*", 1.0, 2.0), actor=CLI_ACTOR)
+    await store.set_price(ModelPrice("gpt", 2.0, 8.0), actor=CLI_ACTOR)
+    prices = {p.model: (p.input_per_1m_usd, p.output_per_1m_usd) for p in await store.list_prices()}
+    assert prices == {"*": (1.0, 2.0), "gpt": (2.0, 8.0)}
+    with pytest.raises(InvalidInput, match="input_per_1m_usd"):
+        await store.set_price(ModelPrice("x", -1.0, 0.0), actor=CLI_ACTOR)
