@@ -40,7 +40,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ratelimit.limiter import BucketState, LimitKind, LimitResult, Limits
+from ratelimit.limiter import (
+    BucketState,
+    LimitKind,
+    LimitResult,
+    Limits,
+    QuotaKind,
+    QuotaState,
+)
 
 UNITS_PER_TOKEN = 60_000
 """Units per token: with time in ms, a bucket with limit L refills exactly L units per ms."""
@@ -56,6 +63,15 @@ MS_PER_SECOND = 1_000
 _DENIED_NONE = 0
 _DENIED_REQUESTS = 1
 _DENIED_TOKENS = 2
+
+_QUOTA_CODES: dict[QuotaKind | None, int] = {None: 0, QuotaKind.TOKENS: 1, QuotaKind.SPEND: 2}
+_QUOTA_KINDS = {code: kind for kind, code in _QUOTA_CODES.items()}
+
+WIRE_LENGTH = 8
+"""Values in the script's reply to an acquire without a quota."""
+QUOTA_WIRE_LENGTH = 12
+"""With a quota: the 8 above, then quota_exceeded (0/1 tokens/2 spend), tokens and spend used,
+and whether the counters were known (1/0)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +109,8 @@ class Decision:
     retry_after_ms: int
     requests: BucketReport
     tokens: BucketReport
+    quota_exceeded: QuotaKind | None = None
+    quota: QuotaState | None = None
 
     def to_result(self) -> LimitResult:
         """The public `LimitResult`, with times in seconds."""
@@ -103,6 +121,8 @@ class Decision:
             denied_by=self.denied_by,
             retry_after_seconds=self.retry_after_ms / MS_PER_SECOND,
             too_large=self.too_large,
+            quota_exceeded=self.quota_exceeded,
+            quota=self.quota,
         )
 
     def to_wire(self) -> tuple[int, ...]:
@@ -110,7 +130,7 @@ class Decision:
         denied = {None: _DENIED_NONE, LimitKind.REQUESTS: _DENIED_REQUESTS}.get(
             self.denied_by, _DENIED_TOKENS
         )
-        return (
+        buckets = (
             int(self.allowed),
             denied,
             int(self.too_large),
@@ -120,13 +140,37 @@ class Decision:
             self.tokens.remaining,
             self.tokens.reset_ms,
         )
+        if self.quota is None:
+            return buckets
+        return (
+            *buckets,
+            _QUOTA_CODES[self.quota_exceeded],
+            self.quota.tokens_used,
+            self.quota.spend_used_micros,
+            int(self.quota.known),
+        )
 
     @classmethod
-    def from_wire(cls, wire: tuple[int, ...], limits: Limits) -> Decision:
-        """Parse the script's reply; `limits` must be the (normalised) limits sent with it."""
-        if len(wire) != 8:
-            raise ValueError(f"bucket script returned {len(wire)} values, expected 8")
-        allowed, denied, too_large, retry_ms, req_rem, req_reset, tok_rem, tok_reset = wire
+    def from_wire(
+        cls, wire: tuple[int, ...], limits: Limits, *, period: str | None = None
+    ) -> Decision:
+        """Parse the script's reply; `limits` must be the (normalised) limits sent with it, and
+        `period` the quota's period when one was sent (the reply then carries the counters)."""
+        expected = WIRE_LENGTH if period is None else QUOTA_WIRE_LENGTH
+        if len(wire) != expected:
+            raise ValueError(f"bucket script returned {len(wire)} values, expected {expected}")
+        allowed, denied, too_large, retry_ms, req_rem, req_reset, tok_rem, tok_reset = wire[:8]
+        quota_exceeded: QuotaKind | None = None
+        quota: QuotaState | None = None
+        if period is not None:
+            exceeded, tokens_used, spend_used, known = wire[8:]
+            quota_exceeded = _QUOTA_KINDS[exceeded]
+            quota = QuotaState(
+                period=period,
+                tokens_used=tokens_used,
+                spend_used_micros=spend_used,
+                known=bool(known),
+            )
         denied_by = {
             _DENIED_NONE: None,
             _DENIED_REQUESTS: LimitKind.REQUESTS,
@@ -139,6 +183,8 @@ class Decision:
             retry_after_ms=retry_ms,
             requests=BucketReport(limit=limits.rpm, remaining=req_rem, reset_ms=req_reset),
             tokens=BucketReport(limit=limits.tpm, remaining=tok_rem, reset_ms=tok_reset),
+            quota_exceeded=quota_exceeded,
+            quota=quota,
         )
 
 
@@ -222,6 +268,19 @@ def ttl_ms(limit: int, level: int) -> int:
 
 
 _UNLIMITED = BucketReport(limit=0, remaining=0, reset_ms=0)
+
+
+def peek(
+    limits: Limits,
+    *,
+    now_ms: int,
+    requests: BucketLevel | None,
+    tokens: BucketLevel | None,
+) -> tuple[BucketReport, BucketReport]:
+    """Both buckets as they stand at `now_ms`, debiting nothing (for a denial before them)."""
+    req = report(limits.rpm, level_at(limits.rpm, requests, now_ms).level) if limits.rpm else None
+    tok = report(limits.tpm, level_at(limits.tpm, tokens, now_ms).level) if limits.tpm else None
+    return req or _UNLIMITED, tok or _UNLIMITED
 
 
 def acquire(

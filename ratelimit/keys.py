@@ -1,7 +1,12 @@
-"""Redis key names for the workspace buckets: the one place that knows the prefixes.
+"""Redis key names for the workspace buckets and usage counters: the one place with the prefixes.
 
-Both keys of a workspace share the hash tag `{ws:<id>}`, so they live in one hash slot and the
-Lua script may touch them together on Redis Cluster.
+All keys of a workspace share the hash tag `{ws:<id>}`, so they live in one hash slot and the
+Lua script may touch them together on Redis Cluster:
+
+    authz:rl:v1:{ws:<id>}:req            request bucket (hash: l, t)
+    authz:rl:v1:{ws:<id>}:tok            token bucket   (hash: l, t)
+    authz:rl:v1:{ws:<id>}:qt:<YYYY-MM>   tokens used in the period (integer string)
+    authz:rl:v1:{ws:<id>}:qs:<YYYY-MM>   micro-USD spent in the period (integer string)
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ KEY_PREFIX = "authz:rl:v1"
 
 REQUESTS_SUFFIX = "req"
 TOKENS_SUFFIX = "tok"
+QUOTA_TOKENS_SUFFIX = "qt"
+QUOTA_SPEND_SUFFIX = "qs"
 
 
 def workspace_hash_tag(workspace_id: str) -> str:
@@ -25,3 +32,17 @@ def bucket_keys(workspace_id: str) -> tuple[str, str]:
         f"{KEY_PREFIX}:{tag}:{REQUESTS_SUFFIX}",
         f"{KEY_PREFIX}:{tag}:{TOKENS_SUFFIX}",
     )
+
+
+def usage_keys(workspace_id: str, period: str) -> tuple[str, str]:
+    """The (tokens used, spend used) counter keys of one workspace and period ("YYYY-MM")."""
+    tag = workspace_hash_tag(workspace_id)
+    return (
+        f"{KEY_PREFIX}:{tag}:{QUOTA_TOKENS_SUFFIX}:{period}",
+        f"{KEY_PREFIX}:{tag}:{QUOTA_SPEND_SUFFIX}:{period}",
+    )
+
+
+def script_keys(workspace_id: str, period: str) -> tuple[str, str, str, str]:
+    """KEYS for a script call that touches the quota: both buckets, then both counters."""
+    return (*bucket_keys(workspace_id), *usage_keys(workspace_id, period))

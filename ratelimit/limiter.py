@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Protocol
 
 
@@ -14,12 +14,45 @@ class LimitKind(str, Enum):  # noqa: UP042 -- the fixed interface keeps its str 
     TOKENS = "tokens"
 
 
+class QuotaKind(StrEnum):
+    """Which monthly allowance denied a request."""
+
+    TOKENS = "tokens"
+    SPEND = "spend"
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     """A workspace's bucket capacities. Zero means that bucket is unlimited."""
 
     rpm: int
     tpm: int
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """A workspace's monthly allowance for one period; None = no limit on that axis.
+
+    Unlike `Limits`, zero is a real allowance here: a quota of 0 admits only free requests.
+    """
+
+    period: str
+    """"YYYY-MM" (UTC), chosen by the caller; part of the Redis keys."""
+    token_quota: int | None
+    spend_cap_micros: int | None
+    """Micro-USD."""
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaState:
+    """A workspace's usage counters for one period, as the limiter saw them."""
+
+    period: str
+    tokens_used: int
+    spend_used_micros: int
+    known: bool
+    """False when no counter existed for this workspace+period (Redis lost it, a fresh process):
+    the caller may restore the totals from its ledger with `seed_usage`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +67,7 @@ class BucketState:
 
 @dataclass(frozen=True, slots=True)
 class LimitResult:
-    """The outcome of one atomic check-and-debit over both buckets."""
+    """The outcome of one atomic check-and-debit over both buckets (and the quota, if given)."""
 
     allowed: bool
     requests: BucketState
@@ -44,6 +77,10 @@ class LimitResult:
     """When denied: seconds until the request would fit (0 when allowed)."""
     too_large: bool = False
     """Denied because the token cost exceeds the TPM capacity: waiting never helps."""
+    quota_exceeded: QuotaKind | None = None
+    """Denied by the period's token quota or spend cap (then `denied_by` is None)."""
+    quota: QuotaState | None = None
+    """The period's counters at decision time, whenever a quota was passed."""
 
 
 class RateLimitUnavailable(Exception):
@@ -53,12 +90,48 @@ class RateLimitUnavailable(Exception):
 class RateLimiter(Protocol):
     """Admits a request only if every bucket it touches has room, debiting all or none."""
 
-    async def acquire(self, workspace_id: str, limits: Limits, tokens: int) -> LimitResult:
-        """Take one request and `tokens` tokens from the workspace's buckets, atomically."""
+    async def acquire(
+        self,
+        workspace_id: str,
+        limits: Limits,
+        tokens: int,
+        *,
+        quota: Quota | None = None,
+        spend_micros: int = 0,
+    ) -> LimitResult:
+        """Take one request and `tokens` tokens from the workspace's buckets, atomically.
+
+        With a `quota`, first deny (`quota_exceeded` set, nothing debited) when the period's
+        counters plus `tokens` / `spend_micros` would pass the token quota or the spend cap.
+        The counters are read, never incremented, here.
+        """
         ...
 
     async def adjust_tokens(self, workspace_id: str, limits: Limits, delta: int) -> None:
         """Charge (delta > 0) or refund (delta < 0) tokens after the real usage is known."""
+        ...
+
+    async def record_usage(
+        self,
+        workspace_id: str,
+        limits: Limits,
+        *,
+        period: str,
+        tpm_delta: int,
+        tokens: int,
+        spend_micros: int,
+    ) -> QuotaState:
+        """In one atomic step, adjust the TPM bucket like `adjust_tokens(tpm_delta)` and add
+        `tokens` / `spend_micros` to the period's counters; returns the counters after it.
+
+        Not idempotent: the caller must record each usage report once.
+        """
+        ...
+
+    async def seed_usage(
+        self, workspace_id: str, *, period: str, tokens: int, spend_micros: int
+    ) -> None:
+        """Set each of the period's counters only if it is absent (restore from the ledger)."""
         ...
 
     async def ping(self) -> bool:

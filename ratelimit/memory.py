@@ -1,9 +1,12 @@
 """The in-process rate limiter: the embedded default when no Redis is configured.
 
-Buckets live in this process only, so it is correct for exactly one sidecar process. It runs the
-same maths as the Redis script (`ratelimit.bucket`), and, like the Redis keys' TTLs, forgets
-buckets that are full again, so memory stays bounded by the workspaces active in the last
-couple of minutes.
+Buckets and usage counters live in this process only, so it is correct for exactly one sidecar
+process. It runs the same maths as the Redis script (`ratelimit.bucket`, `ratelimit.quota`), and
+forgets what the Redis keys' TTLs would forget: buckets that are full again, and each usage
+counter `COUNTER_TTL_SECONDS` after its last write (so never while its period is current).
+Memory stays bounded by the workspaces active in the last couple of minutes (buckets) and in the
+last ~40 days (two integers per workspace and period). A new process knows no counters: its
+first quota check reports `known=False`.
 """
 
 from __future__ import annotations
@@ -13,10 +16,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ratelimit import bucket
-from ratelimit.limiter import LimitResult, Limits
+from ratelimit import quota as quotas
+from ratelimit.limiter import LimitResult, Limits, Quota, QuotaState
 
 SWEEP_INTERVAL_MS = 1_000
 """How often (at most) forgotten buckets are swept; a sweep is O(buckets held)."""
+
+COUNTER_SWEEP_INTERVAL_MS = 60_000
+"""How often (at most) expired usage counters are swept; reads ignore expired ones anyway."""
+
+_TOKENS = "qt"
+_SPEND = "qs"
 
 
 def monotonic_ms() -> int:
@@ -31,6 +41,12 @@ class _Held:
     """From this moment the bucket is full, which is exactly what a forgotten bucket is."""
 
 
+@dataclass(slots=True)
+class _Counter:
+    value: int
+    expires_at_ms: int
+
+
 class InMemoryRateLimiter:
     """`RateLimiter` over per-process buckets; `clock_ms` returns monotonic milliseconds.
 
@@ -40,21 +56,45 @@ class InMemoryRateLimiter:
     def __init__(self, *, clock_ms: Callable[[], int] = monotonic_ms) -> None:
         self._clock_ms = clock_ms
         self._buckets: dict[tuple[str, str], _Held] = {}
+        # (workspace, period, "qt" or "qs"): one entry per Redis counter key, with its expiry.
+        self._counters: dict[tuple[str, str, str], _Counter] = {}
         self._last_sweep_ms: int | None = None
+        self._last_counter_sweep_ms: int | None = None
 
-    async def acquire(self, workspace_id: str, limits: Limits, tokens: int) -> LimitResult:
-        """Take one request and `tokens` tokens, from both buckets or neither."""
+    async def acquire(
+        self,
+        workspace_id: str,
+        limits: Limits,
+        tokens: int,
+        *,
+        quota: Quota | None = None,
+        spend_micros: int = 0,
+    ) -> LimitResult:
+        """Check the quota (if given), then take one request and `tokens` tokens from both
+        buckets or neither. The usage counters are only read."""
         limits = bucket.normalise_limits(limits)
         cost = bucket.normalise_cost(tokens)
+        spend = quotas.normalise_amount(spend_micros, "spend")
         now = self._now()
         req_key, tok_key = (workspace_id, "req"), (workspace_id, "tok")
-        outcome = bucket.acquire(
-            limits,
-            cost,
-            now_ms=now,
-            requests=self._get(req_key),
-            tokens=self._get(tok_key),
-        )
+        requests, token_bucket = self._get(req_key), self._get(tok_key)
+        if quota is None:
+            outcome = bucket.acquire(
+                limits, cost, now_ms=now, requests=requests, tokens=token_bucket
+            )
+        else:
+            quota = quotas.normalise_quota(quota)
+            outcome = quotas.acquire(
+                limits,
+                cost,
+                now_ms=now,
+                requests=requests,
+                tokens=token_bucket,
+                quota=quota,
+                counters=self._read_counters(workspace_id, quota.period, now),
+                usage_tokens=quotas.normalise_amount(tokens, "token cost"),
+                usage_spend=spend,
+            )
         if outcome.requests is not None:
             self._put(req_key, limits.rpm, outcome.requests)
         if outcome.tokens is not None:
@@ -63,34 +103,97 @@ class InMemoryRateLimiter:
 
     async def adjust_tokens(self, workspace_id: str, limits: Limits, delta: int) -> None:
         """Charge (delta > 0) or refund (delta < 0) tokens once the real usage is known."""
-        tpm = bucket.normalise_limits(limits).tpm
-        if not tpm or not delta:
-            return
-        key = (workspace_id, "tok")
-        state = bucket.adjust(
-            tpm, bucket.normalise_delta(delta, tpm), now_ms=self._now(), tokens=self._get(key)
+        self._adjust(workspace_id, bucket.normalise_limits(limits).tpm, delta, self._now())
+
+    async def record_usage(
+        self,
+        workspace_id: str,
+        limits: Limits,
+        *,
+        period: str,
+        tpm_delta: int,
+        tokens: int,
+        spend_micros: int,
+    ) -> QuotaState:
+        """Adjust the TPM bucket by `tpm_delta` and add the usage to the period's counters, in
+        one step. Returns the counters after it, `known` saying whether both existed before.
+
+        Not idempotent: the caller records each usage report once.
+        """
+        quotas.validate_period(period)
+        tokens = quotas.normalise_amount(tokens, "tokens")
+        spend = quotas.normalise_amount(spend_micros, "spend")
+        now = self._now()
+        self._adjust(workspace_id, bucket.normalise_limits(limits).tpm, tpm_delta, now)
+        before = self._read_counters(workspace_id, period, now)
+        after = quotas.record(before, tokens, spend)
+        expires = now + quotas.COUNTER_TTL_MS
+        for axis, value in ((_TOKENS, after.tokens), (_SPEND, after.spend_micros)):
+            assert value is not None  # record creates both counters
+            self._counters[(workspace_id, period, axis)] = _Counter(value, expires)
+        return QuotaState(
+            period=period,
+            tokens_used=after.tokens or 0,
+            spend_used_micros=after.spend_micros or 0,
+            known=before.known,
         )
-        if state is not None:
-            self._put(key, tpm, state)
+
+    async def seed_usage(
+        self, workspace_id: str, *, period: str, tokens: int, spend_micros: int
+    ) -> None:
+        """Set each of the period's counters that is absent; an existing one is kept."""
+        quotas.validate_period(period)
+        tokens = quotas.normalise_amount(tokens, "tokens")
+        spend = quotas.normalise_amount(spend_micros, "spend")
+        now = self._now()
+        before = self._read_counters(workspace_id, period, now)
+        after = quotas.seed(before, tokens, spend)
+        expires = now + quotas.COUNTER_TTL_MS
+        for axis, old, new in (
+            (_TOKENS, before.tokens, after.tokens),
+            (_SPEND, before.spend_micros, after.spend_micros),
+        ):
+            if old is None and new is not None:
+                self._counters[(workspace_id, period, axis)] = _Counter(new, expires)
 
     async def ping(self) -> bool:
         """Always ready: there is no backend to lose."""
         return True
 
     async def close(self) -> None:
-        """Drop all buckets."""
+        """Drop all buckets and counters."""
         self._buckets.clear()
+        self._counters.clear()
 
     def __len__(self) -> int:
         """How many bucket states are held (for tests of the memory bound)."""
         return len(self._buckets)
+
+    @property
+    def counters_held(self) -> int:
+        """How many usage counters are held, expired ones not yet swept included."""
+        return len(self._counters)
 
     def _now(self) -> int:
         now = self._clock_ms()
         if self._last_sweep_ms is None or now - self._last_sweep_ms >= SWEEP_INTERVAL_MS:
             self._last_sweep_ms = now
             self._sweep(now)
+        last = self._last_counter_sweep_ms
+        if last is None or now - last >= COUNTER_SWEEP_INTERVAL_MS:
+            self._last_counter_sweep_ms = now
+            self._sweep_counters(now)
         return now
+
+    def _adjust(self, workspace_id: str, tpm: int, delta: int, now: int) -> None:
+        if not tpm or not delta:
+            return
+        key = (workspace_id, "tok")
+        state = bucket.adjust(
+            tpm, bucket.normalise_delta(delta, tpm), now_ms=now, tokens=self._get(key)
+        )
+        if state is not None:
+            self._put(key, tpm, state)
 
     def _get(self, key: tuple[str, str]) -> bucket.BucketLevel | None:
         held = self._buckets.get(key)
@@ -100,7 +203,24 @@ class InMemoryRateLimiter:
         full_in = bucket.ms_to_reach(limit, state.level, bucket.capacity(limit))
         self._buckets[key] = _Held(state=state, full_at_ms=state.updated_ms + full_in)
 
+    def _read_counters(self, workspace_id: str, period: str, now: int) -> quotas.Counters:
+        return quotas.Counters(
+            tokens=self._counter((workspace_id, period, _TOKENS), now),
+            spend_micros=self._counter((workspace_id, period, _SPEND), now),
+        )
+
+    def _counter(self, key: tuple[str, str, str], now: int) -> int | None:
+        held = self._counters.get(key)
+        if held is None or held.expires_at_ms <= now:
+            return None
+        return held.value
+
     def _sweep(self, now: int) -> None:
         expired = [key for key, held in self._buckets.items() if held.full_at_ms <= now]
         for key in expired:
             del self._buckets[key]
+
+    def _sweep_counters(self, now: int) -> None:
+        expired = [key for key, held in self._counters.items() if held.expires_at_ms <= now]
+        for key in expired:
+            del self._counters[key]

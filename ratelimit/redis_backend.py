@@ -43,9 +43,10 @@ from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ratelimit import bucket
+from ratelimit import quota as quotas
 from ratelimit.breaker import CircuitBreaker
-from ratelimit.keys import bucket_keys
-from ratelimit.limiter import LimitResult, Limits, RateLimitUnavailable
+from ratelimit.keys import bucket_keys, script_keys
+from ratelimit.limiter import LimitResult, Limits, Quota, QuotaState, RateLimitUnavailable
 from ratelimit.metrics import RateLimitMetrics, RedisErrorKind
 
 SCRIPT_RESOURCE = "buckets.lua"
@@ -57,6 +58,10 @@ _STANDALONE_SCHEMES = ("redis", "rediss", "unix")
 _CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}
 
 RedisClient = Redis | RedisCluster
+
+
+def _ints(reply: Sequence[Any]) -> tuple[int, ...]:
+    return tuple(int(value) for value in reply)
 
 
 def load_script_text() -> str:
@@ -176,13 +181,39 @@ class RedisRateLimiter:
         """The circuit breaker guarding this limiter's Redis."""
         return self._breaker
 
-    async def acquire(self, workspace_id: str, limits: Limits, tokens: int) -> LimitResult:
-        """Take one request and `tokens` tokens atomically; raises RateLimitUnavailable."""
+    async def acquire(
+        self,
+        workspace_id: str,
+        limits: Limits,
+        tokens: int,
+        *,
+        quota: Quota | None = None,
+        spend_micros: int = 0,
+    ) -> LimitResult:
+        """Check the quota (if given) and take one request and `tokens` tokens, in one EVALSHA;
+        the usage counters are only read. Raises RateLimitUnavailable."""
         limits = bucket.normalise_limits(limits)
         cost = bucket.normalise_cost(tokens)
-        reply = await self._run("acquire", workspace_id, [limits.rpm, limits.tpm, cost])
-        wire = tuple(int(value) for value in reply)
-        return bucket.Decision.from_wire(wire, limits).to_result()
+        spend = quotas.normalise_amount(spend_micros, "spend")
+        if quota is None:
+            reply = await self._run(
+                "acquire", bucket_keys(workspace_id), [limits.rpm, limits.tpm, cost]
+            )
+            return bucket.Decision.from_wire(_ints(reply), limits).to_result()
+        quota = quotas.normalise_quota(quota)
+        reply = await self._run(
+            "acquire_quota",
+            script_keys(workspace_id, quota.period),
+            [limits.rpm, limits.tpm, cost],
+            usage=[
+                quotas.normalise_amount(tokens, "token cost"),
+                spend,
+                quotas.to_wire_limit(quota.token_quota),
+                quotas.to_wire_limit(quota.spend_cap_micros),
+            ],
+        )
+        decision = bucket.Decision.from_wire(_ints(reply), limits, period=quota.period)
+        return decision.to_result()
 
     async def adjust_tokens(self, workspace_id: str, limits: Limits, delta: int) -> None:
         """Charge (delta > 0) or refund (delta < 0) tokens; raises RateLimitUnavailable."""
@@ -191,8 +222,62 @@ class RedisRateLimiter:
             return
         await self._run(
             "adjust",
-            workspace_id,
+            bucket_keys(workspace_id),
             [limits.rpm, limits.tpm, bucket.normalise_delta(delta, limits.tpm)],
+        )
+
+    async def record_usage(
+        self,
+        workspace_id: str,
+        limits: Limits,
+        *,
+        period: str,
+        tpm_delta: int,
+        tokens: int,
+        spend_micros: int,
+    ) -> QuotaState:
+        """In one EVALSHA: adjust the TPM bucket by `tpm_delta` (as `adjust_tokens`), INCRBY the
+        period's counters and restart their TTLs. Returns the counters after the increment;
+        `known` says whether both existed before it. Raises RateLimitUnavailable.
+
+        Not idempotent: a retried call (see the module docstring) or a repeated report counts
+        twice, so the caller dedupes usage reports.
+        """
+        quotas.validate_period(period)
+        limits = bucket.normalise_limits(limits)
+        reply = await self._run(
+            "record",
+            script_keys(workspace_id, period),
+            [limits.rpm, limits.tpm, bucket.normalise_delta(tpm_delta, limits.tpm)],
+            usage=[
+                quotas.normalise_amount(tokens, "tokens"),
+                quotas.normalise_amount(spend_micros, "spend"),
+                quotas.COUNTER_TTL_SECONDS,
+            ],
+        )
+        tokens_used, spend_used, known = _ints(reply)
+        return QuotaState(
+            period=period,
+            tokens_used=tokens_used,
+            spend_used_micros=spend_used,
+            known=bool(known),
+        )
+
+    async def seed_usage(
+        self, workspace_id: str, *, period: str, tokens: int, spend_micros: int
+    ) -> None:
+        """Set each of the period's counters only if absent (SET NX EX), in one EVALSHA;
+        raises RateLimitUnavailable."""
+        quotas.validate_period(period)
+        await self._run(
+            "seed",
+            script_keys(workspace_id, period),
+            [0, 0, 0],
+            usage=[
+                quotas.normalise_amount(tokens, "tokens"),
+                quotas.normalise_amount(spend_micros, "spend"),
+                quotas.COUNTER_TTL_SECONDS,
+            ],
         )
 
     async def ping(self) -> bool:
@@ -207,11 +292,21 @@ class RedisRateLimiter:
         """Close the client and its connection pools."""
         await self._client.aclose()
 
-    async def _run(self, mode: str, workspace_id: str, numbers: Sequence[int]) -> Any:
+    async def _run(
+        self,
+        mode: str,
+        keys: Sequence[str],
+        numbers: Sequence[int],
+        *,
+        usage: Sequence[int] = (),
+    ) -> Any:
+        """One script call: ARGV is mode, `numbers` (rpm, tpm, amount), now, then `usage`."""
         args: list[str | int] = [mode, *numbers]
         if self._test_clock_ms is not None:
             args.append(self._test_clock_ms())
-        keys = bucket_keys(workspace_id)
+        elif usage:
+            args.append("")  # no "now" override, but the usage arguments follow it
+        args.extend(usage)
         allowed = self._breaker.allow()
         self._export_state()
         if not allowed:
