@@ -14,6 +14,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 import grpc
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # old stubs
@@ -21,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from authz.check import AuthorizationServicer
+from authz.fanout import FanOut
 from authz.health import AUTHZ_SERVICE, Readiness
 from authz.lastused import LastUsedRecorder
 from authz.metrics import Metrics
@@ -28,6 +30,10 @@ from authz.resolver import KeyResolver
 from authz.responses import AllowRenderer
 from authz.settings import Settings, SettingsError, redact_url
 from authz.store import open_store
+from authz.usage.accesslog import AccessLogServicer
+from authz.usage.accountant import UsageAccountant
+from authz.usage.pricing import PriceTable
+from authz.usage.seeding import QuotaSeeder
 from ratelimit.limiter import RateLimiter
 from ratelimit.memory import InMemoryRateLimiter
 from ratelimit.redis_backend import RedisRateLimiter, connect_redis
@@ -65,7 +71,7 @@ def _split_addr(addr: str) -> tuple[str, int]:
 
 async def serve(settings: Settings) -> int:
     """Run the sidecar until SIGTERM/SIGINT, then drain and return the exit code."""
-    metrics = Metrics(CollectorRegistry())
+    metrics = Metrics(CollectorRegistry(), workspace_label=settings.metrics_workspace_label)
     store = await open_store(settings)
     limiter = build_limiter(settings, metrics)
     resolver = KeyResolver(
@@ -78,12 +84,23 @@ async def serve(settings: Settings) -> int:
         stale_if_error=settings.stale_if_error_s,
     )
     last_used = LastUsedRecorder(store, interval=settings.last_used_flush_s)
+    prices = PriceTable()
+    accountant = UsageAccountant(
+        store=store,
+        limiter=limiter,
+        resolver=resolver,
+        prices=prices,
+        metrics=metrics,
+        flush_interval=settings.ledger_flush_s,
+    )
     authorization = AuthorizationServicer(
         resolver=resolver,
         limiter=limiter,
         metrics=metrics,
         renderer=AllowRenderer(keep_authorization=settings.keep_authorization),
         last_used=last_used,
+        prices=prices,
+        seeder=QuotaSeeder(store, limiter),
         fail_open=settings.failure_mode == "open",
     )
     health = health_aio.HealthServicer()
@@ -100,10 +117,12 @@ async def serve(settings: Settings) -> int:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(authorization, server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogServicer(accountant), server)
     reflection.enable_server_reflection(
         (
             external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            als_pb2.DESCRIPTOR.services_by_name["AccessLogService"].full_name,
             reflection.SERVICE_NAME,
         ),
         server,
@@ -127,7 +146,10 @@ async def serve(settings: Settings) -> int:
     await server.start()
     await readiness.probe()
     background: list[asyncio.Task[None]] = [
-        asyncio.create_task(_forever(store.watch_changes(resolver)), name="change-feed"),
+        asyncio.create_task(
+            _forever(store.watch_changes(FanOut([resolver, accountant]))), name="change-feed"
+        ),
+        asyncio.create_task(_forever(accountant.run()), name="ledger"),
         asyncio.create_task(_forever(readiness.run()), name="readiness"),
         asyncio.create_task(_forever(last_used.run()), name="last-used"),
     ]
@@ -154,6 +176,7 @@ async def serve(settings: Settings) -> int:
         task.cancel()
     await asyncio.gather(*background, return_exceptions=True)
     await last_used.flush()
+    await accountant.flush()
     await limiter.close()
     await store.close()
     http_server.shutdown()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc
@@ -20,15 +21,20 @@ from authz.decision import Allow, Deny, check_grant, decide, invalid_key, screen
 from authz.keys import hash_key
 from authz.lastused import LastUsedRecorder
 from authz.metrics import Metrics
+from authz.models import Workspace
 from authz.resolver import KeyResolver
 from authz.responses import AllowRenderer, render_deny
 from authz.store.base import StoreUnavailable
+from authz.usage.periods import period_of
+from authz.usage.pricing import PriceTable, model_in_body
+from authz.usage.seeding import QuotaSeeder
 from ratelimit.estimate import estimate_tokens
 from ratelimit.limiter import (
     BucketState,
     LimitKind,
     LimitResult,
     Limits,
+    Quota,
     RateLimiter,
     RateLimitUnavailable,
 )
@@ -49,6 +55,8 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         metrics: Metrics,
         renderer: AllowRenderer,
         last_used: LastUsedRecorder,
+        prices: PriceTable,
+        seeder: QuotaSeeder,
         fail_open: bool,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -57,6 +65,8 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         self._metrics = metrics
         self._renderer = renderer
         self._last_used = last_used
+        self._prices = prices
+        self._seeder = seeder
         self._fail_open = fail_open
         self._wall_clock = wall_clock
         self._latency = metrics.check_latency
@@ -87,6 +97,10 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             self._last_used.touch(decision.grant.key_id)
             return self._renderer.render(decision)
         self._metrics.checks.labels("deny", decision.code).inc()
+        if decision.workspace_id is not None:
+            self._metrics.workspace_denials.labels(
+                self._metrics.workspace(decision.workspace_id), f"{decision.code}:{decision.type}"
+            ).inc()
         return render_deny(decision)
 
     async def _decide(self, request: CheckRequest) -> Allow | Deny:
@@ -103,18 +117,24 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         expired = check_grant(screened, grant, now_ts)
         if expired is not None:
             return expired
+        body = bytes(http.raw_body) if http.raw_body else None
         tokens = estimate_tokens(
-            body=bytes(http.raw_body) if http.raw_body else None,
+            body=body,
             content_length=headers.get("content-length"),
             default_completion_tokens=workspace.default_completion_tokens,
             partial=headers.get(PARTIAL_BODY_HEADER) == "true",
         )
         rate = None
         fail_open = False
-        if workspace.rpm or workspace.tpm:
+        quota, spend = self._quota(workspace, now_ts, body, tokens)
+        if workspace.rpm or workspace.tpm or quota is not None:
             try:
                 rate = await self._limiter.acquire(
-                    workspace.id, Limits(rpm=workspace.rpm, tpm=workspace.tpm), tokens
+                    workspace.id,
+                    Limits(rpm=workspace.rpm, tpm=workspace.tpm),
+                    tokens,
+                    quota=quota,
+                    spend_micros=spend,
                 )
             except RateLimitUnavailable:
                 if not self._fail_open:
@@ -122,7 +142,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
                 self._metrics.fail_open.inc()
                 fail_open = True
             else:
-                self._count_rate(rate)
+                self._count_rate(workspace.id, rate)
         return decide(
             screened,
             grant,
@@ -133,9 +153,35 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             fail_open=fail_open,
         )
 
-    def _count_rate(self, rate: LimitResult) -> None:
+    def _quota(
+        self, workspace: Workspace, now_ts: float, body: bytes | None, tokens: int
+    ) -> tuple[Quota | None, int]:
+        """This month's quota and the request's estimated spend, when the workspace has any."""
+        cap = workspace.monthly_spend_cap_usd
+        if workspace.monthly_token_quota is None and cap is None:
+            return None, 0
+        spend = 0
+        if cap is not None:
+            # The split between prompt and completion is unknown yet: price all of it at the
+            # model's higher rate, so the cap is never passed by an underestimate.
+            price = self._prices.price_for(model_in_body(body))
+            if price is not None:
+                spend = round(tokens * max(price.input_per_1m_usd, price.output_per_1m_usd))
+        period = period_of(datetime.fromtimestamp(now_ts, UTC))
+        quota = Quota(
+            period=period,
+            token_quota=workspace.monthly_token_quota,
+            spend_cap_micros=None if cap is None else round(cap * 1e6),
+        )
+        return quota, spend
+
+    def _count_rate(self, workspace_id: str, rate: LimitResult) -> None:
+        if rate.quota is not None and not rate.quota.known:
+            self._seeder.request(workspace_id, rate.quota.period)
         if not rate.allowed:
-            if rate.too_large:
+            if rate.quota_exceeded is not None:
+                result = f"quota_{rate.quota_exceeded.value}"
+            elif rate.too_large:
                 result = "too_large"
             elif rate.denied_by is LimitKind.REQUESTS:
                 result = "denied_requests"

@@ -7,12 +7,13 @@ directly. The servicer (check.py) fetches what these need and renders what they 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import unquote
 
 from authz.keys import KEY_PREFIX, is_well_formed, mask_key
 from authz.models import KeyGrant, Workspace
-from ratelimit.limiter import LimitKind, LimitResult
+from authz.usage.periods import seconds_until_next_period
+from ratelimit.limiter import LimitKind, LimitResult, QuotaKind
 
 INVALID_REQUEST = "invalid_request_error"
 
@@ -155,6 +156,33 @@ def rate_limited(workspace: Workspace, requested_tokens: int, rate: LimitResult)
     )
 
 
+def quota_exhausted(
+    workspace: Workspace, requested_tokens: int, rate: LimitResult, *, now_ts: float
+) -> Deny:
+    """OpenAI's `insufficient_quota` 429: retrying helps only once the month turns."""
+    state = rate.quota
+    reset = seconds_until_next_period(now_ts)
+    if rate.quota_exceeded is QuotaKind.SPEND:
+        cap = workspace.monthly_spend_cap_usd or 0.0
+        spent = (state.spend_used_micros if state else 0) / 1e6
+        detail = f"monthly spend cap ${cap:.2f}, spent ${spent:.2f}"
+    else:
+        used = state.tokens_used if state else 0
+        detail = (
+            f"monthly token quota {workspace.monthly_token_quota}, used {used}, "
+            f"requested {requested_tokens}"
+        )
+    return Deny(
+        status=429,
+        code="insufficient_quota",
+        type="insufficient_quota",
+        message=f"You exceeded your current quota for workspace {workspace.id}: {detail}. "
+        "It renews at the start of the next month (UTC); ask an admin to raise it.",
+        rate=replace(rate, retry_after_seconds=reset),
+        workspace_id=workspace.id,
+    )
+
+
 def decide(
     presented: str,
     grant: KeyGrant,
@@ -170,7 +198,10 @@ def decide(
     if expired is not None:
         return expired
     if rate is not None and not rate.allowed:
-        denial = rate_limited(workspace, requested_tokens, rate)
+        if rate.quota_exceeded is not None:
+            denial = quota_exhausted(workspace, requested_tokens, rate, now_ts=now_ts)
+        else:
+            denial = rate_limited(workspace, requested_tokens, rate)
         return Deny(
             status=denial.status,
             code=denial.code,

@@ -12,8 +12,9 @@ _LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1,
 class Metrics:
     """Every collector the sidecar exports, on one registry."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, *, workspace_label: bool = True) -> None:
         self.registry = registry
+        self._workspace_label = workspace_label
         self.checks = Counter(
             "authz_checks",
             "ext_authz Check decisions, by decision and OpenAI error code.",
@@ -79,3 +80,51 @@ class Metrics:
             registry=registry,
         )
         self.limiter = RateLimitMetrics(registry)
+        self.workspace_requests = Counter(
+            "authz_workspace_requests",
+            "Allowed requests as Envoy finished them, by workspace and status class (2xx...).",
+            ["workspace", "status_class"],
+            registry=registry,
+        )
+        self.workspace_tokens = Counter(
+            "authz_workspace_tokens",
+            "Tokens the upstream reported, by workspace and kind (prompt, completion).",
+            ["workspace", "kind"],
+            registry=registry,
+        )
+        self.workspace_spend = Counter(
+            "authz_workspace_spend_usd",
+            "Spend in USD at the configured model prices, by workspace.",
+            ["workspace"],
+            registry=registry,
+        )
+        self.workspace_upstream_latency = Histogram(
+            "authz_workspace_upstream_duration_seconds",
+            "Upstream time of allowed requests (first byte sent to last byte received).",
+            ["workspace"],
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0),
+            registry=registry,
+        )
+        self.workspace_denials = Counter(
+            "authz_workspace_denials",
+            "Requests denied for a known workspace, by reason (error code and type).",
+            ["workspace", "reason"],
+            registry=registry,
+        )
+        self.reconciliations = Counter(
+            "authz_usage_reconciliations",
+            "Access-log entries reconciled, by result: reported, no_usage (reservation "
+            "refunded), limiter_unavailable (bucket not adjusted).",
+            ["result"],
+            registry=registry,
+        )
+        self.ledger_flushes = Counter(
+            "authz_ledger_flushes",
+            "Ledger flushes by result: applied, duplicate (a retry already applied), failed.",
+            ["result"],
+            registry=registry,
+        )
+
+    def workspace(self, workspace_id: str) -> str:
+        """The workspace label value; one shared value when the label is turned off."""
+        return workspace_id if self._workspace_label else "_all"

@@ -75,6 +75,21 @@ class KeyResolver:
             self._stale.inc()
             return stale
 
+    async def workspace(self, workspace_id: str) -> Workspace | None:
+        """A workspace through the cache (used off the hot path, e.g. by reconciliation)."""
+        cached = self._workspaces.get(workspace_id)
+        if cached is not None and cached[1]:
+            return cached[0]
+        try:
+            found = await self._store.get_workspace(workspace_id)
+        except StoreUnavailable:
+            if cached is not None:
+                return cached[0]
+            raise
+        if found is not None:
+            self._workspaces.put(workspace_id, found)
+        return found
+
     def _stale_answer(self, key_hash: bytes) -> Resolved | None:
         cached = self._keys.get(key_hash)
         if cached is None:

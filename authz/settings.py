@@ -42,6 +42,7 @@ class Settings:
     stale_if_error_s: float = 900.0
     change_poll_ms: int = 250
     last_used_flush_s: float = 10.0
+    ledger_flush_s: float = 2.0
     health_interval_s: float = 1.0
     drain_delay_s: float = 1.0
     shutdown_grace_s: float = 5.0
@@ -70,6 +71,7 @@ _HELP: dict[str, str] = {
     "stale_if_error_s": "seconds an expired cache entry may still serve while the database is down",
     "change_poll_ms": "embedded store: how often to look for revocations and limit changes",
     "last_used_flush_s": "seconds between batched last_used_at writes",
+    "ledger_flush_s": "seconds between billing-ledger flushes (also flushed on shutdown)",
     "health_interval_s": "seconds between readiness probes of the database and Redis",
     "drain_delay_s": "on SIGTERM: seconds NOT_SERVING before the gRPC server stops accepting",
     "shutdown_grace_s": "on SIGTERM: seconds in-flight RPCs get to finish",
@@ -106,6 +108,13 @@ def _parse_non_negative_float(raw: str) -> float:
     value = float(raw.strip())
     if not math.isfinite(value) or value < 0:
         raise ValueError("expected a non-negative number")
+    return value
+
+
+def _parse_positive_float(raw: str) -> float:
+    value = _parse_non_negative_float(raw)
+    if value == 0:
+        raise ValueError("expected a positive number")
     return value
 
 
@@ -167,6 +176,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "stale_if_error_s": _parse_non_negative_float,
     "change_poll_ms": _parse_positive_int,
     "last_used_flush_s": _parse_non_negative_float,
+    "ledger_flush_s": _parse_positive_float,
     "health_interval_s": _parse_non_negative_float,
     "drain_delay_s": _parse_non_negative_float,
     "shutdown_grace_s": _parse_non_negative_float,

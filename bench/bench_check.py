@@ -27,6 +27,8 @@ from authz.models import CLI_ACTOR, NewKey, NewWorkspace
 from authz.resolver import KeyResolver
 from authz.responses import AllowRenderer
 from authz.store.sqlite import SqliteStore
+from authz.usage.pricing import PriceTable
+from authz.usage.seeding import QuotaSeeder
 from ratelimit.limiter import RateLimiter
 from ratelimit.memory import InMemoryRateLimiter
 from ratelimit.redis_backend import RedisRateLimiter, connect_redis
@@ -87,6 +89,8 @@ async def main() -> None:
         metrics=metrics,
         renderer=AllowRenderer(keep_authorization=False),
         last_used=LastUsedRecorder(store, interval=60),
+        prices=PriceTable(),
+        seeder=QuotaSeeder(store, limiter),
         fail_open=False,
     )
     request = check_request(headers=bearer(secret), body=b'{"max_tokens": 10}')

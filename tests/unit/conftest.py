@@ -15,6 +15,9 @@ from authz.lastused import LastUsedRecorder
 from authz.metrics import Metrics
 from authz.resolver import KeyResolver
 from authz.responses import AllowRenderer
+from authz.usage.pricing import PriceTable
+from authz.usage.seeding import QuotaSeeder
+from ratelimit.limiter import RateLimiter
 from ratelimit.memory import InMemoryRateLimiter
 from tests.support.fakes import FakeStore
 
@@ -40,7 +43,7 @@ class Sidecar:
 
 
 async def start_sidecar(
-    *, keep_authorization: bool = False, fail_open: bool = False, limiter: object = None
+    *, keep_authorization: bool = False, fail_open: bool = False, limiter: RateLimiter | None = None
 ) -> tuple[Sidecar, grpc.aio.Server, grpc.aio.Channel]:
     store = FakeStore()
     metrics = Metrics(CollectorRegistry())
@@ -57,9 +60,13 @@ async def start_sidecar(
         clock=clock,
     )
     last_used = LastUsedRecorder(store, interval=60, clock=clock)
+    prices = PriceTable()
+    chosen = limiter or InMemoryRateLimiter(clock_ms=lambda: limiter_now[0])
     servicer = AuthorizationServicer(
         resolver=resolver,
-        limiter=limiter or InMemoryRateLimiter(clock_ms=lambda: limiter_now[0]),  # type: ignore[arg-type]
+        limiter=chosen,
+        prices=prices,
+        seeder=QuotaSeeder(store, chosen),
         metrics=metrics,
         renderer=AllowRenderer(keep_authorization=keep_authorization),
         last_used=last_used,

@@ -11,7 +11,7 @@ from google.rpc import code_pb2
 
 from authz.keys import generate_key, hash_key
 from authz.store.base import Change, ChangeKind
-from ratelimit.limiter import LimitResult, Limits, RateLimitUnavailable
+from ratelimit.limiter import LimitResult, Limits, Quota, QuotaState, RateLimitUnavailable
 from tests.support.checks import (
     bearer,
     check_request,
@@ -205,7 +205,32 @@ async def test_expired_grace_key_answers_like_revoked(sidecar: Sidecar) -> None:
 
 
 class DeadLimiter:
-    async def acquire(self, workspace_id: str, limits: Limits, tokens: int) -> LimitResult:
+    async def acquire(
+        self,
+        workspace_id: str,
+        limits: Limits,
+        tokens: int,
+        *,
+        quota: Quota | None = None,
+        spend_micros: int = 0,
+    ) -> LimitResult:
+        raise RateLimitUnavailable("redis down")
+
+    async def record_usage(
+        self,
+        workspace_id: str,
+        limits: Limits,
+        *,
+        period: str,
+        tpm_delta: int,
+        tokens: int,
+        spend_micros: int,
+    ) -> QuotaState:
+        raise RateLimitUnavailable("redis down")
+
+    async def seed_usage(
+        self, workspace_id: str, *, period: str, tokens: int, spend_micros: int
+    ) -> None:
         raise RateLimitUnavailable("redis down")
 
     async def adjust_tokens(self, workspace_id: str, limits: Limits, delta: int) -> None:

@@ -1,0 +1,106 @@
+"""One access-log entry from Envoy, reduced to what accounting needs. Pure: no I/O.
+
+Envoy's `http_grpc` access logger sends the stream's dynamic metadata: the ext_authz namespace
+(written by our Check: workspace, key, reserved tokens) and `oais.usage` (written by Envoy's
+`json_to_metadata` / `sse_to_metadata` filters from the upstream's `usage` object).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from envoy.data.accesslog.v3.accesslog_pb2 import HTTPAccessLogEntry
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.struct_pb2 import Struct
+
+EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
+USAGE_NAMESPACE = "oais.usage"
+UNKNOWN_MODEL = "unknown"
+_MAX_TOKENS = 10**12
+
+
+@dataclass(frozen=True, slots=True)
+class UsageEvent:
+    """An allowed request as Envoy finished it."""
+
+    workspace_id: str
+    key_id: str
+    reserved_tokens: int
+    model: str
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    status: int
+    started_at: datetime
+    upstream_seconds: float | None
+
+    @property
+    def reported(self) -> bool:
+        """The upstream reported usage (JSON body or the final SSE chunk)."""
+        return self.prompt_tokens is not None or self.completion_tokens is not None
+
+    @property
+    def tokens_used(self) -> int:
+        return (self.prompt_tokens or 0) + (self.completion_tokens or 0)
+
+
+def _count(fields: Struct, name: str) -> int | None:
+    if name not in fields.fields:
+        return None
+    value = fields.fields[name]
+    if value.WhichOneof("kind") != "number_value":
+        return None
+    number = value.number_value
+    if not math.isfinite(number) or number < 0:
+        return None
+    return min(int(number), _MAX_TOKENS)
+
+
+def _text(fields: Struct, name: str) -> str | None:
+    if name not in fields.fields:
+        return None
+    value = fields.fields[name]
+    if value.WhichOneof("kind") != "string_value":
+        return None
+    return value.string_value[:128] or None
+
+
+def _seconds(duration: Duration) -> float:
+    return duration.seconds + duration.nanos / 1e9
+
+
+def parse_entry(entry: HTTPAccessLogEntry) -> UsageEvent | None:
+    """The usage event for an entry our Check allowed, else None (denied, or not ours)."""
+    common = entry.common_properties
+    metadata = common.metadata.filter_metadata
+    if EXT_AUTHZ_NAMESPACE not in metadata:
+        return None
+    authz = metadata[EXT_AUTHZ_NAMESPACE]
+    if _text(authz, "decision") != "allow":
+        return None
+    workspace_id = _text(authz, "workspace_id")
+    key_id = _text(authz, "key_id")
+    if workspace_id is None or key_id is None:
+        return None
+    usage = metadata[USAGE_NAMESPACE] if USAGE_NAMESPACE in metadata else Struct()
+    upstream: float | None = None
+    if common.HasField("time_to_first_upstream_tx_byte") and common.HasField(
+        "time_to_last_upstream_rx_byte"
+    ):
+        upstream = max(
+            0.0,
+            _seconds(common.time_to_last_upstream_rx_byte)
+            - _seconds(common.time_to_first_upstream_tx_byte),
+        )
+    return UsageEvent(
+        workspace_id=workspace_id,
+        key_id=key_id,
+        reserved_tokens=_count(authz, "reserved_tokens") or 0,
+        model=_text(usage, "model") or UNKNOWN_MODEL,
+        prompt_tokens=_count(usage, "prompt_tokens"),
+        completion_tokens=_count(usage, "completion_tokens"),
+        status=entry.response.response_code.value,
+        started_at=common.start_time.ToDatetime(tzinfo=UTC),
+        upstream_seconds=upstream,
+    )

@@ -1,0 +1,30 @@
+"""Quota periods are UTC calendar months, named `YYYY-MM`: keyed, so nothing needs a reset job."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+
+def period_of(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m")
+
+
+def period_bounds(period: str) -> tuple[datetime, datetime]:
+    """[start, end) of a `YYYY-MM` period; raises ValueError for anything else."""
+    start = datetime.strptime(period, "%Y-%m").replace(tzinfo=UTC)
+    end = (
+        start.replace(year=start.year + 1, month=1)
+        if start.month == 12
+        else start.replace(month=start.month + 1)
+    )
+    return start, end
+
+
+def seconds_until_next_period(now_ts: float) -> float:
+    _, end = period_bounds(period_of(datetime.fromtimestamp(now_ts, UTC)))
+    return max(0.0, end.timestamp() - now_ts)
+
+
+def hour_of(moment: datetime) -> datetime:
+    """The ledger's hourly bucket for a moment."""
+    return moment.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
