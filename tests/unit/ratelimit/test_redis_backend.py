@@ -13,9 +13,18 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ratelimit.breaker import BreakerState, CircuitBreaker
-from ratelimit.keys import bucket_keys
-from ratelimit.limiter import LimitKind, Limits, RateLimiter, RateLimitUnavailable
+from ratelimit.keys import bucket_keys, script_keys
+from ratelimit.limiter import (
+    LimitKind,
+    Limits,
+    Quota,
+    QuotaKind,
+    QuotaState,
+    RateLimiter,
+    RateLimitUnavailable,
+)
 from ratelimit.metrics import RateLimitMetrics
+from ratelimit.quota import COUNTER_TTL_SECONDS, MAX_COUNTER
 from ratelimit.redis_backend import RedisClient, RedisRateLimiter, load_script_text
 
 
@@ -239,3 +248,116 @@ async def test_close_closes_the_client(limiter: RedisRateLimiter, fake: FakeRedi
 async def test_negative_cost_is_a_bug_not_an_outage(limiter: RedisRateLimiter) -> None:
     with pytest.raises(ValueError, match="token cost"):
         await limiter.acquire("ws1", Limits(rpm=5, tpm=100), -1)
+
+
+PERIOD = "2025-03"
+
+
+async def test_acquire_with_a_quota_sends_all_four_keys_in_one_call(
+    limiter: RedisRateLimiter, fake: FakeRedis
+) -> None:
+    fake.script.reply = [1, 0, 0, 0, 4, 12000, 90, 6000, 0, 70, 800, 1]
+    quota = Quota(period=PERIOD, token_quota=10**30, spend_cap_micros=None)
+    result = await limiter.acquire("ws1", Limits(rpm=5, tpm=100), 10, quota=quota, spend_micros=7)
+    assert result.allowed
+    assert result.quota_exceeded is None
+    assert result.quota == QuotaState(PERIOD, 70, 800, known=True)
+    keys = script_keys("ws1", PERIOD)
+    # ARGV: mode, rpm, tpm, cost, no "now" override, tokens, spend, token quota, spend cap
+    args = ["acquire_quota", 5, 100, 10, "", 10, 7, MAX_COUNTER, -1]
+    assert fake.script.calls == [(keys, args)]
+
+
+async def test_the_quota_gets_the_unclamped_token_count(
+    limiter: RedisRateLimiter, fake: FakeRedis
+) -> None:
+    fake.script.reply = [0, 2, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0]
+    quota = Quota(period=PERIOD, token_quota=None, spend_cap_micros=5)
+    result = await limiter.acquire("ws1", Limits(rpm=0, tpm=0), 10**12, quota=quota)
+    assert result.quota_exceeded is QuotaKind.TOKENS
+    assert result.quota == QuotaState(PERIOD, 0, 0, known=False)
+    cost, tokens = fake.script.calls[0][1][3], fake.script.calls[0][1][5]
+    assert (cost, tokens) == (10**10 + 1, 10**12)
+
+
+async def test_acquire_without_a_quota_keeps_the_old_call(
+    limiter: RedisRateLimiter, fake: FakeRedis
+) -> None:
+    await limiter.acquire("ws1", Limits(rpm=5, tpm=100), 10, spend_micros=99)
+    assert fake.script.calls == [(bucket_keys("ws1"), ["acquire", 5, 100, 10])]
+
+
+async def test_record_usage_is_one_call_and_decodes_the_counters(
+    limiter: RedisRateLimiter, fake: FakeRedis
+) -> None:
+    fake.script.reply = [120, 3400, 0]
+    state = await limiter.record_usage(
+        "ws1", Limits(rpm=5, tpm=100), period=PERIOD, tpm_delta=-(10**9), tokens=20, spend_micros=3
+    )
+    assert state == QuotaState(PERIOD, 120, 3400, known=False)
+    args = ["record", 5, 100, -200, "", 20, 3, COUNTER_TTL_SECONDS]
+    assert fake.script.calls == [(script_keys("ws1", PERIOD), args)]
+
+
+async def test_record_usage_with_no_tpm_limit_sends_no_delta(
+    limiter: RedisRateLimiter, fake: FakeRedis
+) -> None:
+    fake.script.reply = [1, 1, 1]
+    await limiter.record_usage(
+        "ws1", Limits(rpm=5, tpm=0), period=PERIOD, tpm_delta=50, tokens=1, spend_micros=1
+    )
+    assert fake.script.calls[0][1][:4] == ["record", 5, 0, 0]
+
+
+async def test_seed_usage_is_one_call(limiter: RedisRateLimiter, fake: FakeRedis) -> None:
+    fake.script.reply = [1, 0]
+    await limiter.seed_usage("ws1", period=PERIOD, tokens=5, spend_micros=10**20)
+    args = ["seed", 0, 0, 0, "", 5, MAX_COUNTER + 1, COUNTER_TTL_SECONDS]
+    assert fake.script.calls == [(script_keys("ws1", PERIOD), args)]
+
+
+async def test_the_test_clock_takes_the_now_slot_before_the_usage_arguments(
+    fake: FakeRedis,
+) -> None:
+    limiter = RedisRateLimiter(cast(RedisClient, fake), test_clock_ms=lambda: 1234)
+    fake.script.reply = [1, 1, 1]
+    await limiter.record_usage(
+        "ws1", Limits(rpm=5, tpm=100), period=PERIOD, tpm_delta=1, tokens=1, spend_micros=1
+    )
+    assert fake.script.calls[0][1] == ["record", 5, 100, 1, 1234, 1, 1, COUNTER_TTL_SECONDS]
+
+
+async def test_usage_calls_fail_like_acquire(
+    limiter: RedisRateLimiter, fake: FakeRedis, registry: CollectorRegistry
+) -> None:
+    fake.script.error = RedisTimeoutError("slow")
+    with pytest.raises(RateLimitUnavailable, match="record"):
+        await limiter.record_usage(
+            "ws1", Limits(5, 100), period=PERIOD, tpm_delta=1, tokens=1, spend_micros=1
+        )
+    with pytest.raises(RateLimitUnavailable, match="seed"):
+        await limiter.seed_usage("ws1", period=PERIOD, tokens=1, spend_micros=1)
+    assert errors(registry, "timeout") == 2
+    latency = "authz_ratelimit_redis_seconds_count"
+    assert registry.get_sample_value(latency, {"operation": "record"}) == 1
+    assert registry.get_sample_value(latency, {"operation": "seed"}) == 1
+
+
+async def test_bad_usage_inputs_never_reach_redis(
+    limiter: RedisRateLimiter, fake: FakeRedis
+) -> None:
+    with pytest.raises(ValueError, match="YYYY-MM"):
+        await limiter.acquire("ws1", Limits(5, 100), 1, quota=Quota("2025-3", None, None))
+    with pytest.raises(ValueError, match="YYYY-MM"):
+        await limiter.seed_usage("ws1", period="x", tokens=1, spend_micros=1)
+    with pytest.raises(ValueError, match="spend"):
+        await limiter.record_usage(
+            "ws1", Limits(5, 100), period=PERIOD, tpm_delta=0, tokens=0, spend_micros=-1
+        )
+    assert fake.script.calls == []
+
+
+async def test_a_short_quota_reply_is_an_error(limiter: RedisRateLimiter, fake: FakeRedis) -> None:
+    quota = Quota(period=PERIOD, token_quota=1, spend_cap_micros=1)
+    with pytest.raises(ValueError, match="expected 12"):
+        await limiter.acquire("ws1", Limits(5, 100), 1, quota=quota)
