@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint fmt bench clean deploy-configs
+.PHONY: install run test lint fmt bench clean deploy-configs protos
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python deploy/render.py --check
+
+# proto/ -> authz/api/gen/ (modules and the descriptor set Envoy's JSON transcoder reads);
+# the derived Envoy configs embed that descriptor, so they are rendered again too.
+protos: $(STAMP)
+	$(BIN)/python -m authz.api.codegen
+	$(BIN)/python deploy/render.py
 
 deploy-configs: $(STAMP)
 	$(BIN)/python deploy/render.py

@@ -13,6 +13,8 @@ from dataclasses import dataclass, fields
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from authz.identity import IssuerConfig, load_issuers
+
 
 class SettingsError(ValueError):
     """A bad setting; the message names it and says what is expected."""
@@ -48,6 +50,8 @@ class Settings:
     shutdown_grace_s: float = 5.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     metrics_workspace_label: bool = True
+    jwt_issuers: tuple[IssuerConfig, ...] = ()
+    jwks_timeout_ms: int = 2000
 
     @property
     def is_sqlite(self) -> bool:
@@ -77,6 +81,8 @@ _HELP: dict[str, str] = {
     "shutdown_grace_s": "on SIGTERM: seconds in-flight RPCs get to finish",
     "log_level": "debug, info, warning or error",
     "metrics_workspace_label": "label per-workspace metrics with the workspace id",
+    "jwt_issuers": "sign-in providers for key management: a JSON file path or inline JSON",
+    "jwks_timeout_ms": "timeout of each fetch of a sign-in provider's JWKS",
 }
 
 
@@ -182,6 +188,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "shutdown_grace_s": _parse_non_negative_float,
     "log_level": _choice("debug", "info", "warning", "error"),
     "metrics_workspace_label": _parse_bool,
+    "jwt_issuers": load_issuers,
+    "jwks_timeout_ms": _parse_positive_int,
 }
 
 
