@@ -16,6 +16,7 @@ from dataclasses import asdict
 from datetime import datetime
 from typing import Any, NoReturn, TextIO
 
+from authz.cli_usage import UsageError, add_usage_commands, price_command, usage_command
 from authz.keys import generate_key, hash_key, mask_key, new_key_id
 from authz.models import CLI_ACTOR, ApiKey, NewKey, NewWorkspace, Workspace, WorkspaceUpdate
 from authz.settings import Settings, SettingsError, add_setting_flags, load_settings
@@ -145,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = keys.add_parser("revoke", parents=[common], help="revoke a key (live within 1 s)")
     revoke.add_argument("key_id")
     revoke.add_argument("--leaked", action="store_true", help="record the revocation as a leak")
+    add_usage_commands(commands, common, _Parser)
     return parser
 
 
@@ -266,6 +268,8 @@ _HANDLERS: dict[str, Callable[[Store, argparse.Namespace, TextIO], Awaitable[int
     "migrate": _migrate,
     "workspace": _workspace,
     "key": _key,
+    "usage": usage_command,
+    "price": price_command,
 }
 
 
@@ -291,7 +295,7 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
     handler = _HANDLERS[args.command]
     try:
         return asyncio.run(_with_store(settings, lambda store: handler(store, args, out)))
-    except (CliError, StoreError, InvalidInput) as error:
+    except (CliError, StoreError, InvalidInput, UsageError) as error:
         sys.stderr.write(f"authz: {error}\n")
         return 1
 

@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.procs import ManagedProcess, free_port
 
@@ -83,16 +84,33 @@ class Sidecar:
         serving: int = health_pb2.HealthCheckResponse.SERVING
         return health_status(self.grpc_addr, AUTHZ_SERVICE) == serving
 
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample's value from /metrics (0 when the series does not exist yet)."""
+        for family in text_string_to_metric_families(self.metrics()):
+            for sample in family.samples:
+                if sample.name == name and all(
+                    sample.labels.get(k) == v for k, v in labels.items()
+                ):
+                    return float(sample.value)
+        return 0.0
+
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://{self.metrics_addr}/metrics", timeout=2) as answer:
             return str(answer.read().decode())
 
 
 def start_sidecar(
-    log_dir: Path, *, database_url: str, name: str = "sidecar", env: Mapping[str, str] | None = None
+    log_dir: Path,
+    *,
+    database_url: str,
+    name: str = "sidecar",
+    env: Mapping[str, str] | None = None,
+    grpc_addr: str | None = None,
+    metrics_addr: str | None = None,
 ) -> Sidecar:
-    grpc_addr = f"127.0.0.1:{free_port()}"
-    metrics_addr = f"127.0.0.1:{free_port()}"
+    """A sidecar process, ready; pass the addresses of a stopped one to restart it in place."""
+    grpc_addr = grpc_addr or f"127.0.0.1:{free_port()}"
+    metrics_addr = metrics_addr or f"127.0.0.1:{free_port()}"
     process = ManagedProcess(
         [sys.executable, "-m", "authz", "serve"],
         log_dir=log_dir,
