@@ -1,0 +1,154 @@
+"""Usage accounting units: access-log parsing, prices, periods, reconciliation and flushes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import pytest
+from envoy.data.accesslog.v3.accesslog_pb2 import HTTPAccessLogEntry
+from google.protobuf.struct_pb2 import Struct
+from prometheus_client import CollectorRegistry
+
+from authz.metrics import Metrics
+from authz.models import ModelPrice, UsageRow
+from authz.resolver import KeyResolver
+from authz.store.base import StoreUnavailable
+from authz.usage.accountant import UsageAccountant
+from authz.usage.events import UsageEvent, parse_entry
+from authz.usage.periods import period_bounds, period_of, seconds_until_next_period
+from authz.usage.pricing import PriceTable, model_in_body
+from ratelimit.limiter import Limits
+from ratelimit.memory import InMemoryRateLimiter
+from tests.support.fakes import FakeStore, workspace
+
+START = datetime(2026, 11, 30, 23, 59, 30, tzinfo=UTC)
+
+
+def entry(
+    authz: dict[str, object] | None, usage: dict[str, object] | None, status: int = 200
+) -> HTTPAccessLogEntry:
+    log = HTTPAccessLogEntry()
+    log.common_properties.start_time.FromDatetime(START)
+    log.common_properties.time_to_first_upstream_tx_byte.FromMilliseconds(2)
+    log.common_properties.time_to_last_upstream_rx_byte.FromMilliseconds(252)
+    log.response.response_code.value = status
+    for namespace, fields in (("envoy.filters.http.ext_authz", authz), ("oais.usage", usage)):
+        if fields is not None:
+            struct = Struct()
+            struct.update(fields)
+            log.common_properties.metadata.filter_metadata[namespace].CopyFrom(struct)
+    return log
+
+
+ALLOW = {"decision": "allow", "workspace_id": "ws_test", "key_id": "key_1", "reserved_tokens": 70}
+
+
+def test_parse_entry_reads_authz_and_usage_metadata() -> None:
+    event = parse_entry(entry(ALLOW, {"prompt_tokens": 12, "completion_tokens": 5, "model": "gpt"}))
+    assert event == UsageEvent(
+        workspace_id="ws_test",
+        key_id="key_1",
+        reserved_tokens=70,
+        model="gpt",
+        prompt_tokens=12,
+        completion_tokens=5,
+        status=200,
+        started_at=START,
+        upstream_seconds=pytest.approx(0.25),  # type: ignore[arg-type]
+    )
+    assert event is not None
+    assert (event.reported, event.tokens_used) == (True, 17)
+
+
+@pytest.mark.parametrize(
+    "authz",
+    [None, {**ALLOW, "decision": "deny"}, {"decision": "allow"}, {**ALLOW, "workspace_id": 5}],
+)
+def test_entries_that_are_not_our_allows_are_ignored(authz: dict[str, object] | None) -> None:
+    assert parse_entry(entry(authz, None)) is None
+
+
+def test_garbage_usage_counts_as_unreported() -> None:
+    event = parse_entry(entry(ALLOW, {"prompt_tokens": "many", "completion_tokens": -3}, 502))
+    assert event is not None
+    assert (event.reported, event.tokens_used, event.model, event.status) == (
+        False,
+        0,
+        "unknown",
+        502,
+    )
+
+
+def test_prices_default_row_and_micros() -> None:
+    table = PriceTable([ModelPrice("gpt", 2.0, 8.0), ModelPrice("*", 1.0, 1.0)])
+    assert table.spend_micros("gpt", 1000, 500) == 2000 + 4000
+    assert table.spend_micros("other", 1000, 500) == 1500
+    assert PriceTable().spend_micros("gpt", 1000, 500) == 0
+    assert model_in_body(b'{"model": "gpt-4o", "x": 1}') == "gpt-4o"
+    assert model_in_body(b"\xff\xfe") is None
+
+
+def test_periods_are_utc_months() -> None:
+    assert period_of(START) == "2026-11"
+    assert period_bounds("2026-12") == (
+        datetime(2026, 12, 1, tzinfo=UTC),
+        datetime(2027, 1, 1, tzinfo=UTC),
+    )
+    assert seconds_until_next_period(START.timestamp()) == 30
+    with pytest.raises(ValueError, match="does not match format"):
+        period_bounds("2026-13")
+
+
+class FlakyStore(FakeStore):
+    """Applies a batch, then fails to say so: the worst case for double counting."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail_after_apply = 1
+
+    async def apply_usage_batch(self, batch_id: str, rows: Sequence[UsageRow]) -> bool:
+        applied = await super().apply_usage_batch(batch_id, rows)
+        if self.fail_after_apply:
+            self.fail_after_apply -= 1
+            raise StoreUnavailable("timeout after commit")
+        return applied
+
+
+def accountant(store: FakeStore, limiter: InMemoryRateLimiter) -> UsageAccountant:
+    metrics = Metrics(CollectorRegistry())
+    resolver = KeyResolver(
+        store, metrics, size=10, ttl=60, negative_size=10, negative_ttl=10, stale_if_error=0
+    )
+    return UsageAccountant(
+        store=store,
+        limiter=limiter,
+        resolver=resolver,
+        prices=PriceTable([ModelPrice("*", 1.0, 3.0)]),
+        metrics=metrics,
+        flush_interval=60,
+    )
+
+
+async def test_reconcile_refunds_and_a_retried_flush_counts_once() -> None:
+    store = FlakyStore()
+    store.workspaces["ws_test"] = workspace(rpm=0, tpm=100)
+    now = [0]
+    limiter = InMemoryRateLimiter(clock_ms=lambda: now[0])
+    books = accountant(store, limiter)
+    admitted = await limiter.acquire("ws_test", Limits(rpm=0, tpm=100), 70)
+    assert admitted.tokens.remaining == 30
+    event = parse_entry(entry(ALLOW, {"prompt_tokens": 12, "completion_tokens": 5}))
+    assert event is not None
+    await books.record(event)
+    # 70 reserved, 17 used: 53 come back.
+    after = await limiter.acquire("ws_test", Limits(rpm=0, tpm=100), 0)
+    assert after.tokens.remaining == 83
+
+    await books.flush()  # applied, but the store said it failed
+    await books.flush()  # the retry carries the same batch id
+    rows = [r for batch in store.batches.values() for r in batch]
+    assert len(store.batches) == 1
+    assert [(r.requests, r.prompt_tokens, r.completion_tokens) for r in rows] == [(1, 12, 5)]
+    assert rows[0].spend_usd == pytest.approx((12 * 1.0 + 5 * 3.0) / 1e6)
+    assert rows[0].hour == START.replace(minute=0, second=0)
