@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
+
+_PERIOD = re.compile(r"[0-9]{4}-(0[1-9]|1[0-2])")
 
 
 def period_of(moment: datetime) -> str:
@@ -11,6 +14,8 @@ def period_of(moment: datetime) -> str:
 
 def period_bounds(period: str) -> tuple[datetime, datetime]:
     """[start, end) of a `YYYY-MM` period; raises ValueError for anything else."""
+    if _PERIOD.fullmatch(period) is None:
+        raise ValueError(f"expected a period YYYY-MM, got {period!r}")
     start = datetime.strptime(period, "%Y-%m").replace(tzinfo=UTC)
     end = (
         start.replace(year=start.year + 1, month=1)

@@ -96,7 +96,7 @@ def test_periods_are_utc_months() -> None:
         datetime(2027, 1, 1, tzinfo=UTC),
     )
     assert seconds_until_next_period(START.timestamp()) == 30
-    with pytest.raises(ValueError, match="does not match format"):
+    with pytest.raises(ValueError, match="expected a period YYYY-MM"):
         period_bounds("2026-13")
 
 
