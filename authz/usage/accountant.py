@@ -22,7 +22,7 @@ from authz.models import UsageRow
 from authz.resolver import KeyResolver
 from authz.store.base import Change, ChangeKind, Store, StoreUnavailable
 from authz.usage.events import UsageEvent
-from authz.usage.periods import hour_of, period_of
+from authz.usage.periods import hour_of, period_bounds, period_of
 from authz.usage.pricing import PriceTable
 from ratelimit.limiter import Limits, RateLimiter, RateLimitUnavailable
 
@@ -79,21 +79,48 @@ class UsageAccountant:
         workspace = await self._resolver.workspace(event.workspace_id)
         if workspace is None:
             return  # deleted since: nothing left to charge
+        limits = Limits(rpm=workspace.rpm, tpm=workspace.tpm)
+        period = period_of(event.started_at)
         try:
-            await self._limiter.record_usage(
+            state = await self._limiter.record_usage(
                 event.workspace_id,
-                Limits(rpm=workspace.rpm, tpm=workspace.tpm),
-                period=period_of(event.started_at),
+                limits,
+                period=period,
                 tpm_delta=event.tokens_used - event.reserved_tokens,
                 tokens=event.tokens_used,
                 spend_micros=spend_micros,
             )
+            if not state.known:
+                await self._restore_month(event.workspace_id, limits, period)
         except RateLimitUnavailable as error:
             # The ledger still records the usage; only the live bucket misses this adjustment.
             self._metrics.reconciliations.labels("limiter_unavailable").inc()
             log.warning("usage: bucket not adjusted for %s: %s", event.workspace_id, error)
             return
         self._metrics.reconciliations.labels("reported" if event.reported else "no_usage").inc()
+
+    async def _restore_month(self, workspace_id: str, limits: Limits, period: str) -> None:
+        """This call created the month's counters (Redis lost them, or a new process): add what
+        the ledger already holds. Only the replica whose increment created them gets here, and
+        the Check path's seeding only fills counters that are absent, so nothing counts twice.
+        """
+        start, end = period_bounds(period)
+        try:
+            tokens, spend_usd = await self._store.period_totals(workspace_id, start, end)
+        except StoreUnavailable as error:
+            log.warning(
+                "usage: cannot restore %s %s from the ledger: %s", workspace_id, period, error
+            )
+            return
+        if tokens or spend_usd:
+            await self._limiter.record_usage(
+                workspace_id,
+                limits,
+                period=period,
+                tpm_delta=0,
+                tokens=tokens,
+                spend_micros=round(spend_usd * 1e6),
+            )
 
     def _tally(self, event: UsageEvent, spend_micros: int) -> None:
         key = (hour_of(event.started_at), event.workspace_id, event.key_id, event.model)

@@ -18,7 +18,7 @@ from authz.usage.accountant import UsageAccountant
 from authz.usage.events import UsageEvent, parse_entry
 from authz.usage.periods import period_bounds, period_of, seconds_until_next_period
 from authz.usage.pricing import PriceTable, model_in_body
-from ratelimit.limiter import Limits
+from ratelimit.limiter import Limits, Quota
 from ratelimit.memory import InMemoryRateLimiter
 from tests.support.fakes import FakeStore, workspace
 
@@ -152,3 +152,21 @@ async def test_reconcile_refunds_and_a_retried_flush_counts_once() -> None:
     assert [(r.requests, r.prompt_tokens, r.completion_tokens) for r in rows] == [(1, 12, 5)]
     assert rows[0].spend_usd == pytest.approx((12 * 1.0 + 5 * 3.0) / 1e6)
     assert rows[0].hour == START.replace(minute=0, second=0)
+
+
+async def test_lost_month_counters_are_restored_from_the_ledger_once() -> None:
+    store = FakeStore()
+    store.workspaces["ws_test"] = workspace(rpm=0, tpm=0)
+    store.batches["earlier"] = [
+        UsageRow(START.replace(hour=1), "ws_test", "key_1", "m", 3, 100, 50, 0, 0, 0.0)
+    ]
+    limiter = InMemoryRateLimiter(clock_ms=lambda: 0)  # a new process: no counters yet
+    books = accountant(store, limiter)
+    event = parse_entry(entry(ALLOW, {"prompt_tokens": 12, "completion_tokens": 5}))
+    assert event is not None
+    await books.record(event)
+    await books.record(event)
+    quota = Quota(period="2026-11", token_quota=1_000_000, spend_cap_micros=None)
+    result = await limiter.acquire("ws_test", Limits(rpm=0, tpm=0), 0, quota=quota)
+    assert result.quota is not None
+    assert result.quota.tokens_used == 150 + 2 * 17
