@@ -91,11 +91,13 @@ def _wait_ready(url: str, timeout: float, procs: dict[str, subprocess.Popen[byte
                 raise DemoError(f"{name} exited with code {proc.returncode} during start-up")
         try:
             with urllib.request.urlopen(url, timeout=1):  # noqa: S310 - loopback URL we built
-                return
-        except urllib.error.HTTPError:
-            return  # any HTTP answer means Envoy and the sidecar are up
+                pass
+        except urllib.error.HTTPError as error:
+            if error.code == 401:
+                return  # the sidecar itself refused a keyless request: the chain is up
         except OSError:
-            time.sleep(0.1)
+            pass
+        time.sleep(0.1)
     raise DemoError(f"nothing answered at {url} within {timeout:.0f}s")
 
 

@@ -1,0 +1,71 @@
+"""`make run` as a new user meets it: paste the printed curl, get 200; Ctrl-C stops everything."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from authz.demo.run import PORTS, _port_free
+from tests.support.procs import ManagedProcess
+from tests.support.stack import ROOT, wait_until
+
+pytestmark = pytest.mark.e2e
+
+
+def test_make_run_prints_a_curl_that_works_and_stops_cleanly(tmp_path: Path) -> None:
+    busy = [f"{name}:{port}" for name, port in PORTS.items() if not _port_free(port)]
+    if busy:
+        pytest.skip(f"make run needs its fixed ports, busy here: {busy}")
+    demo = ManagedProcess(
+        [sys.executable, "-m", "authz.demo.run", "--envoy-config", str(ROOT / "envoy.yaml")],
+        log_dir=tmp_path,
+        name="make-run",
+        cwd=tmp_path,
+    )
+    try:
+        wait_until(lambda: "Ctrl-C stops everything" in demo.read_log(), timeout=60, what="demo")
+        printed = demo.read_log()
+        command = re.search(r"  (curl .*?)\n\n", printed, re.S)
+        assert command is not None, printed
+        argv = shlex.split(command.group(1).replace("\\\n", " "))
+        answer = subprocess.run(
+            [*argv, "-o", "/dev/null", "-w", "%{http_code}"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert answer.stdout == "200"
+        wrong = subprocess.run(
+            [
+                "curl",
+                "-s",
+                "http://127.0.0.1:8080/v1/models",
+                "-H",
+                "Authorization: Bearer sk-oais_x",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert '"code": "invalid_api_key"' in wrong.stdout
+        secret = re.search(r"sk-oais_[0-9A-Za-z]{46}", printed)
+        assert secret is not None
+        assert printed.count(secret.group()) == 2  # shown once, and once in the curl line
+
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(timeout=30) == 0
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not all(_port_free(p) for p in PORTS.values()):
+            time.sleep(0.1)
+        assert all(_port_free(p) for p in PORTS.values()), "a process outlived make run"
+    finally:
+        demo.stop()
