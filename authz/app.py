@@ -21,9 +21,12 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
+from authz.api.gen import keys_pb2, keys_pb2_grpc
 from authz.check import AuthorizationServicer
 from authz.fanout import FanOut
 from authz.health import AUTHZ_SERVICE, Readiness
+from authz.identity import IdentityVerifier
+from authz.keyservice import KeyServicer
 from authz.lastused import LastUsedRecorder
 from authz.metrics import Metrics
 from authz.resolver import KeyResolver
@@ -118,11 +121,22 @@ async def serve(settings: Settings) -> int:
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(authorization, server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogServicer(accountant), server)
+    verifier = IdentityVerifier(
+        settings.jwt_issuers, jwks_timeout_s=settings.jwks_timeout_ms / 1000
+    )
+    keys_pb2_grpc.add_KeyServiceServicer_to_server(
+        KeyServicer(store=store, verifier=verifier), server
+    )
+    log.info(
+        "key management API: %d sign-in provider(s) trusted (AUTHZ_JWT_ISSUERS)",
+        len(settings.jwt_issuers),
+    )
     reflection.enable_server_reflection(
         (
             external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             als_pb2.DESCRIPTOR.services_by_name["AccessLogService"].full_name,
+            keys_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name,
             reflection.SERVICE_NAME,
         ),
         server,

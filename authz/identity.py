@@ -272,7 +272,8 @@ class IdentityVerifier:
         client = self._jwks.get(issuer.issuer)
         if client is None:
             kid = header.get("kid")
-            found = [k for k in issuer.keys if kid is None or k.key_id == kid]
+            # A key configured without a kid (e.g. a PEM key) may have signed any token.
+            found = [k for k in issuer.keys if kid is None or k.key_id in (None, kid)]
             if not found:
                 raise Unauthenticated("the sign-in token was signed by an unknown key")
             return found

@@ -130,6 +130,19 @@ class Store(Protocol):
         """Revoke now (idempotent) and tell every replica."""
         ...
 
+    async def rotate_key(
+        self, key_id: str, replacement: NewKey, *, actor: Actor, old_expires_at: datetime | None
+    ) -> tuple[ApiKey, ApiKey]:
+        """Store `replacement` for the live key `key_id` in one transaction: (old, new).
+
+        The old key stays live, until `old_expires_at` if given (never later than a deadline it
+        already has), and every replica drops its cached grant. The key being replaced does not
+        count against the limit: a workspace at its limit can rotate without revoking first, yet
+        is never more than one key over it. Raises NotFound (no such key in the replacement's
+        workspace), Conflict (the old key is revoked or expired) or KeyLimitReached.
+        """
+        ...
+
     async def record_key_use(self, last_used: Mapping[str, datetime]) -> None:
         """Batch-write last_used_at per key id; never moves a timestamp backwards."""
         ...

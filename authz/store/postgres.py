@@ -46,6 +46,7 @@ from authz.store.base import (
 )
 from authz.store.common import (
     USAGE_COLUMNS,
+    InvalidInput,
     apply_update,
     check_label,
     check_new_workspace,
@@ -329,6 +330,81 @@ class PostgresStore:
             )
         assert revoked is not None
         return key_from_row(revoked, _same)
+
+    async def rotate_key(
+        self, key_id: str, replacement: NewKey, *, actor: Actor, old_expires_at: datetime | None
+    ) -> tuple[ApiKey, ApiKey]:
+        label = check_label(replacement.label)
+        now = utc_now()
+        if old_expires_at is not None and old_expires_at <= now:
+            raise InvalidInput("the grace deadline must be in the future")
+        workspace_id = replacement.workspace_id
+        async with self._tx() as conn:
+            # The workspace row lock serializes rotations with creates, as in create_key.
+            limit = await conn.fetchval(
+                "SELECT key_limit FROM workspaces WHERE id = $1 FOR UPDATE", workspace_id
+            )
+            old = await conn.fetchrow(
+                "SELECT key_hash, revoked_at, expires_at FROM api_keys "
+                "WHERE id = $1 AND workspace_id = $2 FOR UPDATE",
+                key_id,
+                workspace_id,
+            )
+            if limit is None or old is None:
+                raise NotFound(f"no key {key_id} in workspace {workspace_id}")
+            deadline: datetime | None = old["expires_at"]
+            if old["revoked_at"] is not None or (deadline is not None and deadline <= now):
+                raise Conflict(f"key {key_id} is no longer active: create a new key instead")
+            active = await conn.fetchval(
+                "SELECT count(*) FROM api_keys WHERE workspace_id = $1 AND revoked_at IS NULL "
+                "AND (expires_at IS NULL OR expires_at > $2)",
+                workspace_id,
+                now,
+            )
+            if active - 1 >= limit:
+                raise KeyLimitReached()
+            await conn.execute(
+                "INSERT INTO api_keys (id, workspace_id, label, key_hash, mask, created_at) "
+                "VALUES ($1, $2, $3, $4, $5, $6)",
+                replacement.id,
+                workspace_id,
+                label,
+                replacement.key_hash,
+                replacement.mask,
+                now,
+            )
+            if old_expires_at is not None and (deadline is None or old_expires_at < deadline):
+                deadline = old_expires_at
+                await conn.execute(
+                    "UPDATE api_keys SET expires_at = $2 WHERE id = $1", key_id, deadline
+                )
+            until = "until revoked" if deadline is None else f"until {deadline.isoformat()}"
+            await _audit(
+                conn,
+                now,
+                workspace_id,
+                replacement.id,
+                "key.create",
+                actor,
+                f"{label} (replaces {key_id})",
+            )
+            await _audit(
+                conn,
+                now,
+                workspace_id,
+                key_id,
+                "key.rotate",
+                actor,
+                f"replaced by {replacement.id}; valid {until}",
+            )
+            await _notify(conn, Change(ChangeKind.KEY, bytes(old["key_hash"]).hex()))
+            await _notify(conn, Change(ChangeKind.KEY, replacement.key_hash.hex()))
+            rows = await conn.fetch(
+                f"SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ANY($1::text[])",
+                [key_id, replacement.id],
+            )
+        by_id = {row["id"]: key_from_row(row, _same) for row in rows}
+        return by_id[key_id], by_id[replacement.id]
 
     async def record_key_use(self, last_used: Mapping[str, datetime]) -> None:
         if not last_used:

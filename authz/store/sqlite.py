@@ -44,6 +44,7 @@ from authz.store.base import (
 )
 from authz.store.common import (
     USAGE_COLUMNS,
+    InvalidInput,
     apply_update,
     check_label,
     check_new_workspace,
@@ -339,6 +340,82 @@ class SqliteStore:
         revoked = await self.get_key(key_id)
         assert revoked is not None
         return revoked
+
+    async def rotate_key(
+        self, key_id: str, replacement: NewKey, *, actor: Actor, old_expires_at: datetime | None
+    ) -> tuple[ApiKey, ApiKey]:
+        label = check_label(replacement.label)
+        now = utc_now()
+        if old_expires_at is not None and old_expires_at <= now:
+            raise InvalidInput("the grace deadline must be in the future")
+        workspace_id = replacement.workspace_id
+        async with self._write() as db:
+            cursor = await db.execute(
+                "SELECT key_limit FROM workspaces WHERE id = ?", (workspace_id,)
+            )
+            workspace = await cursor.fetchone()
+            cursor = await db.execute(
+                "SELECT key_hash, revoked_at, expires_at FROM api_keys "
+                "WHERE id = ? AND workspace_id = ?",
+                (key_id, workspace_id),
+            )
+            old = await cursor.fetchone()
+            if workspace is None or old is None:
+                raise NotFound(f"no key {key_id} in workspace {workspace_id}")
+            deadline = None if old["expires_at"] is None else _parse_ts(old["expires_at"])
+            if old["revoked_at"] is not None or (deadline is not None and deadline <= now):
+                raise Conflict(f"key {key_id} is no longer active: create a new key instead")
+            cursor = await db.execute(
+                "SELECT count(*) FROM api_keys WHERE workspace_id = ? AND revoked_at IS NULL "
+                "AND (expires_at IS NULL OR expires_at > ?)",
+                (workspace_id, _ts(now)),
+            )
+            active = await cursor.fetchone()
+            assert active is not None
+            if active[0] - 1 >= workspace[0]:
+                raise KeyLimitReached()
+            await db.execute(
+                "INSERT INTO api_keys (id, workspace_id, label, key_hash, mask, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    replacement.id,
+                    workspace_id,
+                    label,
+                    replacement.key_hash,
+                    replacement.mask,
+                    _ts(now),
+                ),
+            )
+            if old_expires_at is not None and (deadline is None or old_expires_at < deadline):
+                deadline = old_expires_at
+                await db.execute(
+                    "UPDATE api_keys SET expires_at = ? WHERE id = ?", (_ts(deadline), key_id)
+                )
+            until = "until revoked" if deadline is None else f"until {_ts(deadline)}"
+            await self._audit(
+                db,
+                now,
+                workspace_id,
+                replacement.id,
+                "key.create",
+                actor,
+                f"{label} (replaces {key_id})",
+            )
+            await self._audit(
+                db,
+                now,
+                workspace_id,
+                key_id,
+                "key.rotate",
+                actor,
+                f"replaced by {replacement.id}; valid {until}",
+            )
+            await self._notify(db, now, Change(ChangeKind.KEY, bytes(old["key_hash"]).hex()))
+            await self._notify(db, now, Change(ChangeKind.KEY, replacement.key_hash.hex()))
+        previous, created = await self.get_key(key_id), await self.get_key(replacement.id)
+        assert previous is not None
+        assert created is not None
+        return previous, created
 
     async def record_key_use(self, last_used: Mapping[str, datetime]) -> None:
         if not last_used:

@@ -105,6 +105,11 @@ class FakeStore:
     async def revoke_key(self, key_id: str, *, actor: Actor, reason: str = "revoked") -> ApiKey:
         raise NotImplementedError
 
+    async def rotate_key(
+        self, key_id: str, replacement: NewKey, *, actor: Actor, old_expires_at: datetime | None
+    ) -> tuple[ApiKey, ApiKey]:
+        raise NotImplementedError
+
     async def record_key_use(self, last_used: Mapping[str, datetime]) -> None:
         if self.down:
             raise StoreUnavailable("fake outage")

@@ -1,0 +1,278 @@
+"""tokenfactory.keys.v1.KeyService: key management for signed-in workspace members.
+
+Every call is signed in with a JWT (authz/identity.py) and checked against the workspace it
+names, before anything is read. The store does the work and keeps its promises (the key limit
+is atomic, revocations and grace deadlines reach every replica); this module only checks who
+may do what, audits who did it from where, and translates typed failures into gRPC status
+codes, once, here at the edge. Envoy's JSON transcoder maps those codes to HTTP statuses.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import grpc
+
+from authz.api.gen import keys_pb2, keys_pb2_grpc
+from authz.api.messages import is_live, key_message, usage_message, workspace_message
+from authz.identity import Forbidden, IdentityVerifier, SignInUnavailable, Unauthenticated
+from authz.keys import generate_key, hash_key, mask_key, new_key_id
+from authz.models import Actor, ApiKey, NewKey
+from authz.store.base import (
+    Conflict,
+    KeyLimitReached,
+    NotFound,
+    Store,
+    StoreUnavailable,
+    utc_now,
+)
+from authz.store.common import MAX_LABEL_LENGTH, InvalidInput
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Context = grpc.aio.ServicerContext[Any, Any]
+
+MAX_GRACE = timedelta(days=30)
+"""Longest a rotated key may keep working on a deadline; longer overlaps should revoke by hand."""
+
+_ROTATED_SUFFIX = re.compile(r" \(rotated \d{4}-\d{2}-\d{2}\)$")
+
+# Which typed failure becomes which status. The key limit is FAILED_PRECONDITION (HTTP 400),
+# not RESOURCE_EXHAUSTED (429): waiting does not help, revoking a key does.
+_STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (Forbidden, grpc.StatusCode.PERMISSION_DENIED),
+    (SignInUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (KeyLimitReached, grpc.StatusCode.FAILED_PRECONDITION),
+    (Conflict, grpc.StatusCode.FAILED_PRECONDITION),
+    (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
+)
+_HANDLED = tuple(kind for kind, _ in _STATUS)
+
+
+def rotation_label(old_label: str, day: datetime) -> str:
+    """`<workload> (rotated YYYY-MM-DD)`: the workload is the old label minus an earlier suffix."""
+    suffix = f" (rotated {day:%Y-%m-%d})"
+    workload = _ROTATED_SUFFIX.sub("", old_label)
+    return workload[: MAX_LABEL_LENGTH - len(suffix)].rstrip() + suffix
+
+
+def client_address(metadata: Mapping[str, str], peer: str) -> str:
+    """Where a call came from, for the audit log.
+
+    Through Envoy (use_remote_address) the last x-forwarded-for hop is the client Envoy saw;
+    earlier hops are the client's own claims and are ignored. The gRPC peer is kept next to it,
+    so a forwarded address is never recorded without the hop that vouched for it.
+    """
+    kind, _, address = peer.partition(":")
+    direct = address if kind in {"ipv4", "ipv6"} else peer
+    hop = metadata.get("x-forwarded-for", "").split(",")[-1].strip()
+    hop = "".join(ch for ch in hop if ch.isprintable())[:64]
+    return f"{hop} via {direct}" if hop else direct
+
+
+def _metadata(context: Context) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for key, value in context.invocation_metadata() or ():
+        if isinstance(value, str):
+            found.setdefault(key.lower(), value)
+    return found
+
+
+def _grace_deadline(request: keys_pb2.RotateKeyRequest, now: datetime) -> datetime | None:
+    if not request.HasField("grace_period"):
+        return None
+    grace = request.grace_period.ToTimedelta()
+    if not timedelta(0) < grace <= MAX_GRACE:
+        raise InvalidInput(f"grace_period must be more than 0 s and at most {MAX_GRACE.days} days")
+    return now + grace
+
+
+class KeyServicer(keys_pb2_grpc.KeyServiceServicer):  # type: ignore[misc]
+    """The KeyService RPCs; one per process, built by the composition root."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        verifier: IdentityVerifier,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self._store = store
+        self._verifier = verifier
+        self._clock = clock
+
+    # RPCs
+
+    async def CreateKey(
+        self, request: keys_pb2.CreateKeyRequest, context: Context
+    ) -> keys_pb2.CreateKeyResponse:
+        return await self._answer(context, "CreateKey", lambda: self._create(request, context))
+
+    async def ListKeys(
+        self, request: keys_pb2.ListKeysRequest, context: Context
+    ) -> keys_pb2.ListKeysResponse:
+        return await self._answer(context, "ListKeys", lambda: self._list(request, context))
+
+    async def GetKey(self, request: keys_pb2.GetKeyRequest, context: Context) -> keys_pb2.Key:
+        return await self._answer(context, "GetKey", lambda: self._get(request, context))
+
+    async def RevokeKey(self, request: keys_pb2.RevokeKeyRequest, context: Context) -> keys_pb2.Key:
+        return await self._answer(context, "RevokeKey", lambda: self._revoke(request, context))
+
+    async def RotateKey(
+        self, request: keys_pb2.RotateKeyRequest, context: Context
+    ) -> keys_pb2.RotateKeyResponse:
+        return await self._answer(context, "RotateKey", lambda: self._rotate(request, context))
+
+    async def GetWorkspace(
+        self, request: keys_pb2.GetWorkspaceRequest, context: Context
+    ) -> keys_pb2.Workspace:
+        return await self._answer(
+            context, "GetWorkspace", lambda: self._workspace(request, context)
+        )
+
+    async def GetUsage(
+        self, request: keys_pb2.GetUsageRequest, context: Context
+    ) -> keys_pb2.GetUsageResponse:
+        return await self._answer(context, "GetUsage", lambda: self._usage(request, context))
+
+    # The edge: typed failures become status codes here and nowhere else.
+
+    async def _answer(self, context: Context, method: str, work: Callable[[], Awaitable[T]]) -> T:
+        try:
+            answer = await work()
+        except _HANDLED as error:
+            code = next(code for kind, code in _STATUS if isinstance(error, kind))
+            log.info("key api: %s answered %s: %s", method, code.name, error)
+            unauthenticated = code is grpc.StatusCode.UNAUTHENTICATED
+            trailers = (("www-authenticate", "Bearer"),) if unauthenticated else ()
+            await context.abort(code, str(error), trailing_metadata=trailers)
+        return answer
+
+    async def _caller(self, context: Context, workspace_id: str) -> Actor:
+        """The signed-in caller, allowed to manage keys in `workspace_id`, as an audit actor."""
+        metadata = _metadata(context)
+        identity = await self._verifier.verify(metadata.get("authorization"))
+        if not workspace_id:
+            raise InvalidInput("workspace_id is required")
+        identity.require_manager(workspace_id)
+        return Actor(
+            kind="user",
+            subject=identity.subject,
+            issuer=identity.issuer,
+            address=client_address(metadata, context.peer()),
+        )
+
+    async def _own_key(self, workspace_id: str, key_id: str) -> ApiKey:
+        """The key, if it belongs to the workspace; other workspaces' keys do not exist here."""
+        key = await self._store.get_key(key_id) if key_id else None
+        if key is None or key.workspace_id != workspace_id:
+            raise NotFound(f"no key {key_id} in workspace {workspace_id}")
+        return key
+
+    # The work, once the caller is known.
+
+    async def _create(
+        self, request: keys_pb2.CreateKeyRequest, context: Context
+    ) -> keys_pb2.CreateKeyResponse:
+        actor = await self._caller(context, request.workspace_id)
+        secret = generate_key()
+        created = await self._store.create_key(
+            NewKey(
+                id=new_key_id(),
+                workspace_id=request.workspace_id,
+                label=request.label,
+                key_hash=hash_key(secret),
+                mask=mask_key(secret),
+            ),
+            actor=actor,
+        )
+        log.info("key api: %s created %s in %s", actor.subject, created.id, created.workspace_id)
+        return keys_pb2.CreateKeyResponse(
+            key=key_message(created, now=self._clock()), secret=secret
+        )
+
+    async def _list(
+        self, request: keys_pb2.ListKeysRequest, context: Context
+    ) -> keys_pb2.ListKeysResponse:
+        await self._caller(context, request.workspace_id)
+        if await self._store.get_workspace(request.workspace_id) is None:
+            raise NotFound(f"no workspace {request.workspace_id}")
+        now = self._clock()
+        keys = await self._store.list_keys(request.workspace_id)
+        return keys_pb2.ListKeysResponse(keys=[key_message(k, now=now) for k in keys])
+
+    async def _get(self, request: keys_pb2.GetKeyRequest, context: Context) -> keys_pb2.Key:
+        await self._caller(context, request.workspace_id)
+        key = await self._own_key(request.workspace_id, request.key_id)
+        return key_message(key, now=self._clock())
+
+    async def _revoke(self, request: keys_pb2.RevokeKeyRequest, context: Context) -> keys_pb2.Key:
+        actor = await self._caller(context, request.workspace_id)
+        await self._own_key(request.workspace_id, request.key_id)
+        reason = "leaked" if request.leaked else "revoked"
+        revoked = await self._store.revoke_key(request.key_id, actor=actor, reason=reason)
+        log.info("key api: %s revoked %s (%s)", actor.subject, revoked.id, reason)
+        return key_message(revoked, now=self._clock())
+
+    async def _rotate(
+        self, request: keys_pb2.RotateKeyRequest, context: Context
+    ) -> keys_pb2.RotateKeyResponse:
+        actor = await self._caller(context, request.workspace_id)
+        old = await self._own_key(request.workspace_id, request.key_id)
+        now = self._clock()
+        deadline = _grace_deadline(request, now)
+        secret = generate_key()
+        previous, replacement = await self._store.rotate_key(
+            old.id,
+            NewKey(
+                id=new_key_id(),
+                workspace_id=old.workspace_id,
+                label=request.label or rotation_label(old.label, now),
+                key_hash=hash_key(secret),
+                mask=mask_key(secret),
+            ),
+            actor=actor,
+            old_expires_at=deadline,
+        )
+        log.info("key api: %s rotated %s to %s", actor.subject, previous.id, replacement.id)
+        return keys_pb2.RotateKeyResponse(
+            replacement=key_message(replacement, now=now),
+            secret=secret,
+            previous=key_message(previous, now=now),
+        )
+
+    async def _workspace(
+        self, request: keys_pb2.GetWorkspaceRequest, context: Context
+    ) -> keys_pb2.Workspace:
+        await self._caller(context, request.workspace_id)
+        workspace = await self._store.get_workspace(request.workspace_id)
+        if workspace is None:
+            raise NotFound(f"no workspace {request.workspace_id}")
+        now = self._clock()
+        live = sum(is_live(k, now) for k in await self._store.list_keys(workspace.id))
+        return workspace_message(workspace, active_keys=live)
+
+    async def _usage(
+        self, request: keys_pb2.GetUsageRequest, context: Context
+    ) -> keys_pb2.GetUsageResponse:
+        await self._caller(context, request.workspace_id)
+        if request.key_id:
+            await self._own_key(request.workspace_id, request.key_id)
+        elif await self._store.get_workspace(request.workspace_id) is None:
+            raise NotFound(f"no workspace {request.workspace_id}")
+        rows = await self._store.usage_report(
+            workspace_id=request.workspace_id,
+            key_id=request.key_id or None,
+            since=request.since.ToDatetime(tzinfo=UTC) if request.HasField("since") else None,
+            until=request.until.ToDatetime(tzinfo=UTC) if request.HasField("until") else None,
+        )
+        return keys_pb2.GetUsageResponse(rows=[usage_message(row) for row in rows])
