@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 from datetime import UTC, datetime
 
 import pytest
@@ -26,7 +27,7 @@ START = datetime(2026, 11, 30, 23, 59, 30, tzinfo=UTC)
 
 
 def entry(
-    authz: dict[str, object] | None, usage: dict[str, object] | None, status: int = 200
+    authz: dict[str, Any] | None, usage: dict[str, Any] | None, status: int = 200
 ) -> HTTPAccessLogEntry:
     log = HTTPAccessLogEntry()
     log.common_properties.start_time.FromDatetime(START)
@@ -65,7 +66,7 @@ def test_parse_entry_reads_authz_and_usage_metadata() -> None:
     "authz",
     [None, {**ALLOW, "decision": "deny"}, {"decision": "allow"}, {**ALLOW, "workspace_id": 5}],
 )
-def test_entries_that_are_not_our_allows_are_ignored(authz: dict[str, object] | None) -> None:
+def test_entries_that_are_not_our_allows_are_ignored(authz: dict[str, Any] | None) -> None:
     assert parse_entry(entry(authz, None)) is None
 
 
