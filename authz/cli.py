@@ -14,14 +14,24 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
 from datetime import datetime
+from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from authz.cli_usage import UsageError, add_usage_commands, price_command, usage_command
 from authz.keys import generate_key, hash_key, mask_key, new_key_id
-from authz.models import CLI_ACTOR, ApiKey, NewKey, NewWorkspace, Workspace, WorkspaceUpdate
+from authz.models import (
+    CLI_ACTOR,
+    ApiKey,
+    AuditEntry,
+    NewKey,
+    NewWorkspace,
+    Workspace,
+    WorkspaceUpdate,
+)
+from authz.scan import ScanError, Sighting, identify, scan_git, scan_paths
 from authz.settings import Settings, SettingsError, add_setting_flags, load_settings
 from authz.store import open_store
-from authz.store.base import Store, StoreError
+from authz.store.base import Store, StoreError, utc_now
 from authz.store.common import InvalidInput
 
 
@@ -146,6 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = keys.add_parser("revoke", parents=[common], help="revoke a key (live within 1 s)")
     revoke.add_argument("key_id")
     revoke.add_argument("--leaked", action="store_true", help="record the revocation as a leak")
+    scan = commands.add_parser(
+        "scan",
+        parents=[common],
+        help="find API keys in files, logs and git history (exit 1 if one still works)",
+    )
+    scan.add_argument("paths", nargs="*", type=Path, metavar="PATH", help="file or folder")
+    scan.add_argument(
+        "--git", type=Path, action="append", default=[], metavar="REPO", help="every commit"
+    )
+    audit = commands.add_parser("audit", parents=[common], help="who did what to which key")
+    audit.add_argument("--workspace", required=True)
     add_usage_commands(commands, common, _Parser)
     return parser
 
@@ -264,10 +285,81 @@ async def _key(store: Store, args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+async def _scan(store: Store, args: argparse.Namespace, out: TextIO) -> int:
+    if not args.paths and not args.git:
+        sys.stderr.write("authz: error: name a PATH to scan, or --git REPO\n")
+        return 2
+
+    def collect() -> list[Sighting]:
+        found = list(scan_paths(args.paths))
+        for repo in args.git:
+            found.extend(scan_git(repo))
+        return found
+
+    try:
+        sightings = await asyncio.to_thread(collect)
+    except ScanError as error:
+        raise CliError(str(error)) from None
+    findings = await identify(sightings, store, now=utc_now())
+    rows = [f.as_dict() for f in findings]
+    live = sorted({f.key_id for f in findings if f.active and f.key_id})
+    _emit(out, args.json, rows, lambda: _scan_report(rows, live))
+    return 1 if live else 0
+
+
+def _scan_report(rows: list[dict[str, Any]], live: list[str]) -> str:
+    if not rows:
+        return "no API keys found"
+    shown = [{**row, "active": "yes" if row["active"] else "no"} for row in rows]
+    table = _table(shown, ("active", "key_id", "workspace_id", "mask", "location"))
+    if not live:
+        return f"{table}\nno active keys among them"
+    return (
+        f"{table}\n{len(live)} key(s) still active: revoke now, then roll out replacements: "
+        + "; ".join(f"authz key revoke {key_id} --leaked" for key_id in live)
+    )
+
+
+def audit_dict(entry: AuditEntry) -> dict[str, Any]:
+    data: dict[str, Any] = _jsonable(asdict(entry))
+    data["incident"] = entry.action == "key.revoke" and entry.detail == "leaked"
+    return data
+
+
+async def _audit(store: Store, args: argparse.Namespace, out: TextIO) -> int:
+    if await store.get_workspace(args.workspace) is None:
+        raise CliError(f"no workspace {args.workspace}")
+    rows = [audit_dict(e) for e in await store.list_audit(args.workspace)]
+    _emit(out, args.json, rows, lambda: _audit_report(rows))
+    return 0
+
+
+def _audit_report(rows: list[dict[str, Any]]) -> str:
+    shown = [
+        {
+            **row,
+            "action": row["action"] + (" INCIDENT" if row["incident"] else ""),
+            "actor": row["actor_subject"]
+            + (f" ({row['actor_issuer']})" if row["actor_issuer"] else f" ({row['actor_kind']})"),
+            "address": row["actor_address"],
+        }
+        for row in rows
+    ]
+    table = _table(shown, ("at", "action", "key_id", "actor", "address", "detail"))
+    incidents = [
+        f"INCIDENT: {r['key_id']} revoked as leaked at {r['at']} by {r['actor']}"
+        for r in shown
+        if r["incident"]
+    ]
+    return "\n".join([table, *incidents])
+
+
 _HANDLERS: dict[str, Callable[[Store, argparse.Namespace, TextIO], Awaitable[int]]] = {
     "migrate": _migrate,
     "workspace": _workspace,
     "key": _key,
+    "scan": _scan,
+    "audit": _audit,
     "usage": usage_command,
     "price": price_command,
 }
