@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,6 +26,43 @@ T0_MS = 1_700_000_000_000
 
 GENEROUS_TIMEOUT_SECONDS = 2.0
 """For tests about the maths, not about timeouts: a busy 2-core CI machine must not flake."""
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+def run_workers_together(argvs: Sequence[Sequence[str]]) -> list[dict[str, Any]]:
+    """Start one worker process per argv, wait until each prints `ready`, release them all at
+    once, and return each worker's last stdout line as JSON."""
+    workers = [
+        subprocess.Popen(
+            list(argv), cwd=REPO_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        for argv in argvs
+    ]
+    try:
+        for worker in workers:
+            assert worker.stdout is not None
+            assert worker.stdout.readline().strip() == "ready"
+        for worker in workers:
+            assert worker.stdin is not None
+            worker.stdin.write("go\n")
+            worker.stdin.flush()
+        results = []
+        for worker in workers:
+            out, _ = worker.communicate(timeout=60)
+            assert worker.returncode == 0
+            results.append(json.loads(out.strip().splitlines()[-1]))
+        return results
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+
+
+def worker_argv(module: str, *args: object) -> list[str]:
+    """`python -m tests.integration.ratelimit.<module> args...`."""
+    return [sys.executable, "-m", f"tests.integration.ratelimit.{module}", *map(str, args)]
 
 
 class FakeClockMs:
@@ -68,8 +110,8 @@ def own_redis() -> Iterator[RedisServer]:
         yield server
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cluster() -> Iterator[RedisClusterServers]:
-    """A 3-master Redis Cluster, shared by one module's tests (it takes ~2 s to form)."""
+    """A 3-master Redis Cluster, shared by the session's tests (it takes ~2 s to form)."""
     with redis_cluster(3) as servers:
         yield servers

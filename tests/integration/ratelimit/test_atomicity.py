@@ -2,40 +2,28 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from ratelimit.keys import bucket_keys
 from ratelimit.limiter import Limits
 from ratelimit.redis_backend import RedisClient, RedisRateLimiter
-from tests.integration.ratelimit.conftest import GENEROUS_TIMEOUT_SECONDS, T0_MS
+from tests.integration.ratelimit.conftest import (
+    GENEROUS_TIMEOUT_SECONDS,
+    T0_MS,
+    run_workers_together,
+    worker_argv,
+)
 
 pytestmark = pytest.mark.integration
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
 PROCESSES = 3
 REQUESTS_PER_PROCESS = 100
 
 
-def start_worker(url: str, workspace: str, limits: Limits, cost: int) -> subprocess.Popen[str]:
-    argv = [
-        sys.executable,
-        "-m",
-        "tests.integration.ratelimit.burst_worker",
-        url,
-        workspace,
-        str(REQUESTS_PER_PROCESS),
-        str(T0_MS),  # a frozen clock: nothing refills, so the bucket's content is the cap
-        str(limits.rpm),
-        str(limits.tpm),
-        str(cost),
-    ]
-    return subprocess.Popen(
-        argv, cwd=REPO_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+def burst_argv(url: str, workspace: str, limits: Limits, cost: int) -> list[str]:
+    # A frozen clock: nothing refills, so the bucket's content is the cap.
+    return worker_argv(
+        "burst_worker", url, workspace, REQUESTS_PER_PROCESS, T0_MS, limits.rpm, limits.tpm, cost
     )
 
 
@@ -54,25 +42,9 @@ async def test_processes_racing_on_one_workspace_get_exactly_the_capacity(
     cost: int,
     admitted: int,
 ) -> None:
-    workers = [start_worker(redis_url, workspace_id, limits, cost) for _ in range(PROCESSES)]
-    try:
-        for worker in workers:
-            assert worker.stdout is not None
-            assert worker.stdout.readline().strip() == "ready"
-        for worker in workers:  # release them together
-            assert worker.stdin is not None
-            worker.stdin.write("go\n")
-            worker.stdin.flush()
-        counts = []
-        for worker in workers:
-            out, _ = worker.communicate(timeout=60)
-            assert worker.returncode == 0
-            counts.append(json.loads(out.strip().splitlines()[-1]))
-    finally:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.kill()
-                worker.wait()
+    counts = run_workers_together(
+        [burst_argv(redis_url, workspace_id, limits, cost) for _ in range(PROCESSES)]
+    )
 
     assert sum(c["failed"] for c in counts) == 0
     assert sum(c["admitted"] for c in counts) == admitted

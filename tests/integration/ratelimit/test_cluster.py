@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio.cluster import RedisCluster
 
-from ratelimit.keys import bucket_keys
-from ratelimit.limiter import LimitKind, Limits
+from ratelimit.keys import bucket_keys, script_keys
+from ratelimit.limiter import LimitKind, Limits, Quota
 from ratelimit.memory import InMemoryRateLimiter
 from ratelimit.redis_backend import RedisRateLimiter, connect_redis
 from tests.integration.ratelimit.conftest import GENEROUS_TIMEOUT_SECONDS, FakeClockMs
@@ -26,10 +26,11 @@ async def cluster_client(cluster: RedisClusterServers) -> AsyncIterator[RedisClu
     await client.aclose()
 
 
-async def test_both_keys_of_a_workspace_share_a_slot(cluster_client: RedisCluster) -> None:
+async def test_all_keys_of_a_workspace_share_a_slot(cluster_client: RedisCluster) -> None:
     for workspace in ("a", "ws_1", "x}y{z", "ünïcode"):
-        requests_key, tokens_key = bucket_keys(workspace)
-        assert cluster_client.keyslot(requests_key) == cluster_client.keyslot(tokens_key)
+        keys = script_keys(workspace, "2025-03")
+        assert keys[:2] == bucket_keys(workspace)
+        assert len({cluster_client.keyslot(key) for key in keys}) == 1
 
 
 async def test_contract_example_on_the_cluster_clock(
@@ -53,6 +54,7 @@ async def test_workspaces_on_every_node_match_the_python_maths(
     )
     memory = InMemoryRateLimiter(clock_ms=clock)
     limits = Limits(rpm=3, tpm=100)
+    quota = Quota(period="2025-03", token_quota=100, spend_cap_micros=250)
     workspaces = [f"{workspace_id}-{i}" for i in range(30)]
     for step in range(5):
         clock.advance(7_000 * step)
@@ -62,6 +64,20 @@ async def test_workspaces_on_every_node_match_the_python_maths(
             )
             await redis.adjust_tokens(workspace, limits, -5)
             await memory.adjust_tokens(workspace, limits, -5)
+            checked = [
+                await limiter.acquire(workspace, limits, 20, quota=quota, spend_micros=40)
+                for limiter in (redis, memory)
+            ]
+            assert checked[0] == checked[1]
+            recorded = [
+                await limiter.record_usage(
+                    workspace, limits, period="2025-03", tpm_delta=3, tokens=25, spend_micros=60
+                )
+                for limiter in (redis, memory)
+            ]
+            assert recorded[0] == recorded[1]
+    # Every workspace ran into its quota part-way through.
+    assert checked[0].quota_exceeded is not None
     # 30 workspaces spread over the slot ranges: every master served some of them.
     for node in cluster.nodes:
         assert int(send_command(node.port, "DBSIZE")[1:]) > 0
