@@ -1,5 +1,8 @@
 """Token-bucket maths for a workspace's RPM and TPM buckets, with `now` passed in.
 
+The monthly quota checked before the buckets lives in `ratelimit.quota`; a `Decision` carries
+its outcome too, so one script reply holds both.
+
 This module is the reference for `buckets.lua`: the in-process limiter calls it directly and the
 Redis script mirrors it line by line, so both give identical answers for identical inputs (a
 property test runs them side by side).

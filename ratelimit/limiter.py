@@ -122,8 +122,11 @@ class RateLimiter(Protocol):
         spend_micros: int,
     ) -> QuotaState:
         """In one atomic step, adjust the TPM bucket like `adjust_tokens(tpm_delta)` and add
-        `tokens` / `spend_micros` to the period's counters; returns the counters after it.
+        `tokens` / `spend_micros` to the period's counters (restarting their ~40-day TTL).
 
+        Returns the counters after the increment; its `known` says whether both counters
+        existed *before* it (False: they now hold this report only, and `seed_usage` can no
+        longer restore the ledger's earlier total, so seed when a check reports known=False).
         Not idempotent: the caller must record each usage report once.
         """
         ...
@@ -131,7 +134,8 @@ class RateLimiter(Protocol):
     async def seed_usage(
         self, workspace_id: str, *, period: str, tokens: int, spend_micros: int
     ) -> None:
-        """Set each of the period's counters only if it is absent (restore from the ledger)."""
+        """Set each of the period's counters only if it is absent (SET NX), so a replica that saw
+        known=False restores the ledger's totals without clobbering counts others made since."""
         ...
 
     async def ping(self) -> bool:

@@ -127,15 +127,12 @@ class InMemoryRateLimiter:
         self._adjust(workspace_id, bucket.normalise_limits(limits).tpm, tpm_delta, now)
         before = self._read_counters(workspace_id, period, now)
         after = quotas.record(before, tokens, spend)
+        tokens_used, spend_used = after.tokens or 0, after.spend_micros or 0  # both exist now
         expires = now + quotas.COUNTER_TTL_MS
-        for axis, value in ((_TOKENS, after.tokens), (_SPEND, after.spend_micros)):
-            assert value is not None  # record creates both counters
-            self._counters[(workspace_id, period, axis)] = _Counter(value, expires)
+        self._counters[(workspace_id, period, _TOKENS)] = _Counter(tokens_used, expires)
+        self._counters[(workspace_id, period, _SPEND)] = _Counter(spend_used, expires)
         return QuotaState(
-            period=period,
-            tokens_used=after.tokens or 0,
-            spend_used_micros=after.spend_micros or 0,
-            known=before.known,
+            period=period, tokens_used=tokens_used, spend_used_micros=spend_used, known=before.known
         )
 
     async def seed_usage(

@@ -1,5 +1,9 @@
 """The Redis rate limiter: one Lua script call per request, shared by every sidecar replica.
 
+Every operation is one EVALSHA of `buckets.lua`: `acquire` (buckets, plus the monthly quota read
+from the usage counters when a `Quota` is given), `adjust_tokens`, `record_usage` (TPM delta and
+counter increments together) and `seed_usage` (set-if-absent counters).
+
 Redis URL forms understood by `connect_redis`:
 
 * `redis://[[user]:password@]host[:port][/db][?option=value...]` - one Redis server;
