@@ -16,8 +16,11 @@ ENVOY_CONFIGS = ("envoy.yaml", "deploy/compose/envoy.yaml", "deploy/k8s/base/env
 
 
 def validate(envoy: str, path: Path) -> subprocess.CompletedProcess[str]:
+    # From the repository root, like `make run`: envoy.yaml names its descriptor set relative
+    # to it (the derived configs embed theirs).
     return subprocess.run(
         [envoy, "--mode", "validate", "-c", str(path), "--log-level", "warn"],
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=60,

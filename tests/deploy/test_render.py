@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import shutil
 import subprocess
@@ -13,7 +14,17 @@ from typing import Any
 import pytest
 import yaml
 
-from deploy.render import COMPOSE, KUBERNETES, SOURCE, TARGETS, Target, main, render, stale
+from deploy.render import (
+    COMPOSE,
+    KUBERNETES,
+    SOURCE,
+    TARGETS,
+    TRANSCODER,
+    Target,
+    main,
+    render,
+    stale,
+)
 from tests.deploy.conftest import REPO, load_yaml
 
 Path_ = tuple[str | int, ...]
@@ -52,7 +63,32 @@ def allowed_differences(source: dict[str, Any], target: Target) -> set[Path_]:
                 (*endpoint, "address"),
                 (*endpoint, "port_value"),
             }
+    for at, _ in transcoders(source):
+        allowed |= {(*at, "proto_descriptor"), (*at, "proto_descriptor_bin")}
     return allowed
+
+
+def transcoders(config: dict[str, Any]) -> Iterator[tuple[Path_, dict[str, Any]]]:
+    """(path, typed_config) of every JSON transcoder in the config."""
+    for i, listener in enumerate(config["static_resources"]["listeners"]):
+        for c, chain in enumerate(listener["filter_chains"]):
+            for f, network in enumerate(chain["filters"]):
+                for h, http in enumerate(network["typed_config"].get("http_filters", [])):
+                    if http["name"] == TRANSCODER:
+                        at: Path_ = (
+                            "static_resources", "listeners", i, "filter_chains", c, "filters", f,
+                            "typed_config", "http_filters", h, "typed_config",
+                        )  # fmt: skip
+                        yield at, http["typed_config"]
+
+
+def embedded(source: dict[str, Any]) -> dict[str, Any]:
+    """The source with each transcoder descriptor file replaced by its bytes, as targets have."""
+    config = copy.deepcopy(source)
+    for _, typed in transcoders(config):
+        path = typed.pop("proto_descriptor")
+        typed["proto_descriptor_bin"] = base64.b64encode((REPO / path).read_bytes()).decode()
+    return config
 
 
 def ext_authz(config: dict[str, Any]) -> dict[str, Any]:
@@ -104,9 +140,9 @@ def test_filters_timeouts_ext_authz_and_health_checks_are_the_sources(
 ) -> None:
     generated = load_yaml(REPO / target.output)
     assert ext_authz(generated) == ext_authz(source)
-    src_hcm = source["static_resources"]["listeners"][0]["filter_chains"]
+    src_hcm = embedded(source)["static_resources"]["listeners"][0]["filter_chains"]
     gen_hcm = generated["static_resources"]["listeners"][0]["filter_chains"]
-    assert gen_hcm == src_hcm, "filters, routes and route timeouts must be identical"
+    assert gen_hcm == src_hcm, "filters, routes, timeouts and the descriptor must be identical"
     for src, gen in zip(
         source["static_resources"]["clusters"],
         generated["static_resources"]["clusters"],
@@ -138,7 +174,10 @@ def test_dns_targets_are_strict_dns() -> None:
 
 
 def _copy_tree(tmp_path: Path) -> Path:
-    for relative in [SOURCE, *(t.output for t in TARGETS)]:
+    descriptors = [
+        Path(typed["proto_descriptor"]) for _, typed in transcoders(load_yaml(REPO / SOURCE))
+    ]
+    for relative in [SOURCE, *descriptors, *(t.output for t in TARGETS)]:
         (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / relative, tmp_path / relative)
     return tmp_path

@@ -37,7 +37,7 @@ def envoy_binary() -> str:
 def render_envoy_config(
     path: Path, *, listen: int, admin: int, authz: int, upstream: int, source: Path | None = None
 ) -> Path:
-    """The top-level envoy.yaml with its ports (and nothing else) replaced."""
+    """The top-level envoy.yaml with its ports (and the descriptor's path) replaced."""
     config: dict[str, Any] = yaml.safe_load((source or ROOT / "envoy.yaml").read_text())
     config["admin"]["address"]["socket_address"]["port_value"] = admin
     config["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] = listen
@@ -49,6 +49,14 @@ def render_envoy_config(
                     endpoint["endpoint"]["address"]["socket_address"]["port_value"] = ports[
                         cluster["name"]
                     ]
+    # The JSON transcoder's descriptor set is named relative to the repository root (where
+    # `make run` starts Envoy); these Envoys start elsewhere.
+    for chain in config["static_resources"]["listeners"][0]["filter_chains"]:
+        for network_filter in chain["filters"]:
+            for http_filter in network_filter["typed_config"].get("http_filters", []):
+                typed = http_filter.get("typed_config", {})
+                if "proto_descriptor" in typed:
+                    typed["proto_descriptor"] = str(ROOT / typed["proto_descriptor"])
     path.write_text(yaml.safe_dump(config))
     return path
 
