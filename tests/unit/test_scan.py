@@ -287,3 +287,32 @@ def test_diff_reader_counts_new_file_lines_in_plain_and_combined_hunks() -> None
 def test_scan_git_outside_a_repository_raises(tmp_path: Path) -> None:
     with pytest.raises(ScanError, match="git log failed"):
         list(scan_git(tmp_path))
+
+
+def test_leak_response_scan_revoke_leaked_then_audit_shows_the_incident(
+    cli: Cli, keys: Keys, tmp_path: Path
+) -> None:
+    log = tmp_path / "ci.log"
+    log.write_text(f"export OPENAI_API_KEY={keys.live['secret']}\n")
+    assert cli.run("scan", str(log))[0] == 1
+    cli.json("key", "revoke", keys.live["id"], "--leaked")
+    assert cli.run("scan", str(log))[0] == 0
+
+    entries = cli.json("audit", "--workspace", keys.workspace_id)
+    incidents = [e for e in entries if e["incident"]]
+    assert [(e["action"], e["key_id"], e["detail"]) for e in incidents] == [
+        ("key.revoke", keys.live["id"], "leaked")
+    ]
+    ordinary = next(
+        e for e in entries if e["key_id"] == keys.revoked["id"] and e["action"] == "key.revoke"
+    )
+    assert ordinary["incident"] is False
+    assert (ordinary["actor_kind"], ordinary["actor_subject"]) == ("operator", "cli")
+
+    code, human, _ = cli.run("audit", "--workspace", keys.workspace_id)
+    assert code == 0
+    assert f"INCIDENT: {keys.live['id']} revoked as leaked at " in human
+    assert human.count("INCIDENT") == 2  # the table row and the summary line
+
+    code, _, err = cli.run("audit", "--workspace", "ws_missing")
+    assert (code, err) == (1, "authz: no workspace ws_missing\n")
