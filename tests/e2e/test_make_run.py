@@ -27,7 +27,10 @@ def test_make_run_prints_a_curl_that_works_and_stops_cleanly(tmp_path: Path) -> 
         [sys.executable, "-m", "authz.demo.run", "--envoy-config", str(ROOT / "envoy.yaml")],
         log_dir=tmp_path,
         name="make-run",
-        cwd=tmp_path,
+        # As `make run` does: from the repository root (envoy.yaml names files relative to
+        # it), but on a database of the test's own.
+        cwd=ROOT,
+        env={"AUTHZ_DATABASE_URL": f"sqlite:///{tmp_path / 'authz.db'}"},
     )
     try:
         wait_until(lambda: "Ctrl-C stops everything" in demo.read_log(), timeout=60, what="demo")
