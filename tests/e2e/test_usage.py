@@ -196,3 +196,26 @@ def test_restart_mid_traffic_loses_nothing_and_counts_nothing_twice(stack: Stack
     wait_until(lambda: ledger(stack, workspace_id)["requests"] == 9, timeout=5, what="ledger")
     report = ledger(stack, workspace_id)
     assert report["completion_tokens"] == 9 * 2
+
+
+def test_spend_cap_gives_insufficient_quota_and_the_ledger_shows_the_spend(stack: Stack) -> None:
+    # $1000 per 1M tokens: each token costs $0.001, so a $0.10 cap holds about 100 tokens.
+    authz_cli(
+        stack.database_url, "price", "set", "demo-model", "--input", "1000", "--output", "1000"
+    )
+    workspace_id, key = workspace_key(stack, "--monthly-spend-cap", "0.10")
+    statuses = []
+    for _ in range(4):
+        answer, body = chat(stack, key["secret"], completion=10, max_tokens=10)
+        statuses.append(answer.status)
+        if answer.status != 200:
+            break
+        reconciled(stack, len(statuses))
+    per_request = math.ceil(len(body) / 4) + 10
+    assert per_request * 3 > 100 >= per_request * 2  # the third request would pass the cap
+    assert statuses == [200, 200, 429]
+    error = answer.json()["error"]
+    assert (error["code"], error["type"]) == ("insufficient_quota", "insufficient_quota")
+    assert "monthly spend cap $0.10" in error["message"]
+    wait_until(lambda: ledger(stack, workspace_id)["requests"] == 2, timeout=5, what="ledger")
+    assert ledger(stack, workspace_id)["spend_usd"] == pytest.approx(2 * per_request / 1000)
