@@ -17,7 +17,12 @@ from google.rpc import code_pb2
 
 from tests.e2e.conftest import build_stack
 from tests.support.checks import bearer, check_request
-from tests.support.redis_servers import RedisServer, redis_url_for_tests, start_redis_server
+from tests.support.redis_servers import (
+    RedisServer,
+    redis_cluster,
+    redis_url_for_tests,
+    start_redis_server,
+)
 from tests.support.stack import Sidecar, Stack, authz_cli, start_sidecar, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -253,3 +258,19 @@ def _last_upstream_flags(sidecar: Sidecar, secret: str) -> str:
         stub = external_auth_pb2_grpc.AuthorizationStub(channel)
         response = stub.Check(check_request(headers=bearer(secret)), timeout=2)
     return " ".join(h.header.key for h in response.ok_response.headers)
+
+
+def test_sidecar_on_a_redis_cluster(tmp_path: Path) -> None:
+    with redis_cluster(3) as cluster:
+        (sidecar,) = _sidecars(tmp_path, cluster.url, 1)
+        try:
+            database = f"sqlite:///{tmp_path / 'authz.db'}"
+            # Several workspaces, so their buckets land on different masters.
+            for _ in range(3):
+                _, key = workspace_key(database, rpm=3, tpm=100_000)
+                codes = [
+                    asyncio.run(_fire([sidecar.grpc_addr], key["secret"], 1))[0] for _ in range(4)
+                ]
+                assert codes == [code_pb2.OK] * 3 + [code_pb2.PERMISSION_DENIED]
+        finally:
+            sidecar.process.stop()
