@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -378,7 +378,11 @@ class PostgresStore:
                 await conn.execute(
                     "UPDATE api_keys SET expires_at = $2 WHERE id = $1", key_id, deadline
                 )
-            until = "until revoked" if deadline is None else f"until {deadline.isoformat()}"
+            until = (
+                "until revoked"
+                if deadline is None
+                else f"until {deadline.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}"
+            )
             await _audit(
                 conn,
                 now,

@@ -391,7 +391,11 @@ class SqliteStore:
                 await db.execute(
                     "UPDATE api_keys SET expires_at = ? WHERE id = ?", (_ts(deadline), key_id)
                 )
-            until = "until revoked" if deadline is None else f"until {_ts(deadline)}"
+            until = (
+                "until revoked"
+                if deadline is None
+                else f"until {deadline.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}"
+            )
             await self._audit(
                 db,
                 now,

@@ -209,7 +209,7 @@ def test_rotation_grace_deadline_is_enforced(console: Console) -> None:
     rotated = console.call(
         "POST",
         f"{console.keys_path}/{old['key']['id']}:rotate",
-        {"grace_period": "2s"},
+        {"grace_period": "3s"},
         token=console.token(),
     )
     assert rotated.status == 200, rotated.body
@@ -218,7 +218,7 @@ def test_rotation_grace_deadline_is_enforced(console: Console) -> None:
     assert console.openai_status(old["secret"]) == 200
     assert console.openai_status(body["secret"]) == 200
     wait_until(
-        lambda: console.openai_status(old["secret"]) == 401, timeout=6, what="grace deadline"
+        lambda: console.openai_status(old["secret"]) == 401, timeout=8, what="grace deadline"
     )
     assert console.openai_status(body["secret"]) == 200
 

@@ -289,6 +289,11 @@ async def test_rotation_with_grace_sets_the_deadline_and_tells_every_replica(api
         resolved = await api.store.lookup_key(hash_key(old.secret))
         assert resolved is not None
         assert resolved[0].expires_at == deadline
+        entries = await api.store.list_audit(api.workspace_id)
+        rotate = next(e for e in entries if e.action == "key.rotate")
+        assert rotate.detail == (
+            f"replaced by {rotated.replacement.id}; valid until {deadline:%Y-%m-%dT%H:%M:%SZ}"
+        )
         wanted = Change(ChangeKind.KEY, hash_key(old.secret).hex())
         async with asyncio.timeout(5):
             while wanted not in seen:
