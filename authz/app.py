@@ -37,6 +37,7 @@ from authz.usage.accesslog import AccessLogServicer
 from authz.usage.accountant import UsageAccountant
 from authz.usage.pricing import PriceTable
 from authz.usage.seeding import QuotaSeeder
+from ratelimit.breaker import CircuitBreaker
 from ratelimit.limiter import RateLimiter
 from ratelimit.memory import InMemoryRateLimiter
 from ratelimit.redis_backend import RedisRateLimiter, connect_redis
@@ -64,7 +65,13 @@ def build_limiter(settings: Settings, metrics: Metrics) -> RateLimiter:
         client = connect_redis(settings.redis_url, timeout_seconds=timeout)
     except ValueError as error:
         raise SettingsError("AUTHZ_REDIS_URL", str(error)) from None
-    return RedisRateLimiter(client, timeout_seconds=timeout, metrics=metrics.limiter)
+    breaker = CircuitBreaker(
+        failure_threshold=settings.redis_breaker_failures,
+        cooldown_seconds=settings.redis_breaker_cooldown_ms / 1000,
+    )
+    return RedisRateLimiter(
+        client, timeout_seconds=timeout, breaker=breaker, metrics=metrics.limiter
+    )
 
 
 def _split_addr(addr: str) -> tuple[str, int]:

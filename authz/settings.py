@@ -36,6 +36,8 @@ class Settings:
     keep_authorization: bool = False
     db_timeout_ms: int = 150
     redis_timeout_ms: int = 50
+    redis_breaker_failures: int = 3
+    redis_breaker_cooldown_ms: int = 250
     db_pool_size: int = 10
     cache_size: int = 100_000
     cache_ttl_s: float = 60.0
@@ -67,6 +69,8 @@ _HELP: dict[str, str] = {
     "keep_authorization": "forward the client's Authorization header to the upstream",
     "db_timeout_ms": "timeout of every database call on the request path",
     "redis_timeout_ms": "timeout of every Redis call; keep far below Envoy's ext_authz timeout",
+    "redis_breaker_failures": "consecutive Redis failures that open the circuit breaker",
+    "redis_breaker_cooldown_ms": "open circuit: ms before one probe call is let through",
     "db_pool_size": "maximum PostgreSQL connections per process",
     "cache_size": "maximum cached known keys (LRU)",
     "cache_ttl_s": "seconds a cached key or workspace is trusted without a re-read",
@@ -174,6 +178,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "keep_authorization": _parse_bool,
     "db_timeout_ms": _parse_positive_int,
     "redis_timeout_ms": _parse_positive_int,
+    "redis_breaker_failures": _parse_positive_int,
+    "redis_breaker_cooldown_ms": _parse_positive_int,
     "db_pool_size": _parse_positive_int,
     "cache_size": _parse_positive_int,
     "cache_ttl_s": _parse_non_negative_float,

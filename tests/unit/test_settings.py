@@ -45,6 +45,11 @@ def test_flags_win_over_environment() -> None:
         ),
         ({"AUTHZ_REDIS_TIMEOUT_MS": "abc"}, "invalid setting AUTHZ_REDIS_TIMEOUT_MS"),
         ({"AUTHZ_CACHE_TTL_S": "nan"}, "invalid setting AUTHZ_CACHE_TTL_S"),
+        ({"AUTHZ_REDIS_BREAKER_FAILURES": "0"}, "invalid setting AUTHZ_REDIS_BREAKER_FAILURES"),
+        (
+            {"AUTHZ_LEDGER_FLUSH_S": "0"},
+            "invalid setting AUTHZ_LEDGER_FLUSH_S: expected a positive",
+        ),
         ({"AUTHZ_KEEP_AUTHORIZATION": "perhaps"}, "invalid setting AUTHZ_KEEP_AUTHORIZATION"),
         (
             {"AUTHZ_GRPC_ADDR": "127.0.0.1:1", "AUTHZ_METRICS_ADDR": "127.0.0.1:1"},
