@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from functools import lru_cache
 
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.service.auth.v3.external_auth_pb2 import (
@@ -42,11 +43,17 @@ def _set(key: str, value: str) -> HeaderValueOption:
     return HeaderValueOption(header=HeaderValue(key=key, value=value), append_action=OVERWRITE)
 
 
+@lru_cache(maxsize=4096)
+def _limit_header(kind: str, limit: int) -> HeaderValueOption:
+    # A workspace's limit rarely changes: build its header once, not per request.
+    return _set(f"x-ratelimit-limit-{kind}", str(limit))
+
+
 def _bucket_headers(kind: str, bucket: BucketState) -> Iterable[HeaderValueOption]:
     if bucket.limit <= 0:
         return ()
     return (
-        _set(f"x-ratelimit-limit-{kind}", str(bucket.limit)),
+        _limit_header(kind, bucket.limit),
         _set(f"x-ratelimit-remaining-{kind}", str(max(0, bucket.remaining))),
         _set(f"x-ratelimit-reset-{kind}", format_go_duration(bucket.reset_seconds)),
     )
@@ -89,10 +96,19 @@ def render_deny(deny: Deny) -> CheckResponse:
     )
 
 
+def _identity_headers(workspace_id: str, key_id: str) -> tuple[HeaderValueOption, ...]:
+    return (_set(WORKSPACE_HEADER, workspace_id), _set(KEY_ID_HEADER, key_id))
+
+
+_FAIL_OPEN = _set(FAIL_OPEN_HEADER, "true")
+
+
 class AllowRenderer:
     """Builds allow responses; the header removal list is fixed at start-up."""
 
-    def __init__(self, *, keep_authorization: bool) -> None:
+    def __init__(self, *, keep_authorization: bool, identity_cache_size: int = 100_000) -> None:
+        # The identity headers depend only on the key: built once per key, not per request.
+        self._identity = lru_cache(maxsize=identity_cache_size)(_identity_headers)
         # A client must never be able to claim fail-open on its own.
         self._remove = (
             [FAIL_OPEN_HEADER] if keep_authorization else ["authorization", FAIL_OPEN_HEADER]
@@ -100,13 +116,10 @@ class AllowRenderer:
         self._remove_fail_open = [h for h in self._remove if h != FAIL_OPEN_HEADER]
 
     def render(self, allow: Allow) -> CheckResponse:
-        upstream = [
-            _set(WORKSPACE_HEADER, allow.workspace.id),
-            _set(KEY_ID_HEADER, allow.grant.key_id),
-        ]
+        upstream = self._identity(allow.workspace.id, allow.grant.key_id)
         remove = self._remove
         if allow.fail_open:
-            upstream.append(_set(FAIL_OPEN_HEADER, "true"))
+            upstream = (*upstream, _FAIL_OPEN)
             remove = self._remove_fail_open
         return CheckResponse(
             status=_OK_STATUS,
