@@ -527,6 +527,8 @@ class SqliteStore:
     async def watch_changes(self, sink: ChangeSink) -> None:
         row = await self._fetchone("SELECT coalesce(max(seq), 0) FROM changes")
         last_seq = 0 if row is None else int(row[0])
+        # As after a PostgreSQL LISTEN: from here on nothing is missed, before it might be.
+        sink.on_reset()
         healthy = True
         while True:
             await asyncio.sleep(self._poll)

@@ -264,17 +264,20 @@ async def test_rotation_keeps_the_old_key_until_revoked(api: Api) -> None:
 async def test_rotation_with_grace_sets_the_deadline_and_tells_every_replica(api: Api) -> None:
     old = await api.create("etl")
     seen: list[Change] = []
+    listening = asyncio.Event()
 
     class Sink:
         def on_change(self, change: Change) -> None:
             seen.append(change)
 
         def on_reset(self) -> None:
-            return None
+            listening.set()
 
     watcher = asyncio.create_task(api.store.watch_changes(Sink()))
-    await asyncio.sleep(0.1)  # let the feed start listening (Postgres) / take its position
     try:
+        # Both stores reset their sink once they watch: nothing after that is missed.
+        async with asyncio.timeout(5):
+            await listening.wait()
         before = datetime.now(UTC)
         rotated = await api.stub.RotateKey(
             keys_pb2.RotateKeyRequest(
