@@ -28,13 +28,20 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
         context: grpc.aio.ServicerContext[StreamAccessLogsMessage, StreamAccessLogsResponse],
     ) -> StreamAccessLogsResponse:
         async for message in request_iterator:
+            recorded = 0
             for entry in message.http_logs.log_entry:
                 event = parse_entry(entry)
                 if event is None:
                     continue
                 try:
                     await self._accountant.record(event)
+                    recorded += 1
                 except StoreUnavailable as error:
                     # Only the workspace lookup can fail here; keep the stream alive.
                     log.warning("usage: entry for %s not reconciled: %s", event.workspace_id, error)
+            if recorded:
+                # Envoy batches entries (buffer_flush_interval), so one ledger write per batch
+                # is cheap, and a hard kill loses at most the batch in hand. The accountant's
+                # timer only retries what a failed write left behind.
+                await self._accountant.flush()
         return StreamAccessLogsResponse()

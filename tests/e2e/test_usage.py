@@ -219,3 +219,40 @@ def test_spend_cap_gives_insufficient_quota_and_the_ledger_shows_the_spend(stack
     assert "monthly spend cap $0.10" in error["message"]
     wait_until(lambda: ledger(stack, workspace_id)["requests"] == 2, timeout=5, what="ledger")
     assert ledger(stack, workspace_id)["spend_usd"] == pytest.approx(2 * per_request / 1000)
+
+
+@pytest.fixture
+def slow_retry_stack(tmp_path: Path) -> Iterator[Stack]:
+    # A 60 s retry timer: only the per-batch write can put rows in the ledger quickly.
+    yield from build_stack(
+        tmp_path, f"sqlite:///{tmp_path / 'authz.db'}", env={"AUTHZ_LEDGER_FLUSH_S": "60"}
+    )
+
+
+def test_ledger_is_written_per_access_log_batch_and_survives_a_hard_kill(
+    slow_retry_stack: Stack,
+) -> None:
+    stack = slow_retry_stack
+    workspace_id, key = workspace_key(stack)
+    for _ in range(4):
+        assert chat(stack, key["secret"], completion=2)[0].status == 200
+    wait_until(lambda: ledger(stack, workspace_id)["requests"] == 4, timeout=5, what="ledger")
+
+    old = stack.sidecar
+    old.process.send_signal(signal.SIGKILL)
+    old.process.wait(timeout=10)
+    stack.sidecar = start_sidecar(
+        Path(old.process.log_path).parent,
+        database_url=stack.database_url,
+        name="sidecar-after-kill",
+        env={"AUTHZ_LEDGER_FLUSH_S": "60"},
+        grpc_addr=old.grpc_addr,
+        metrics_addr=old.metrics_addr,
+    )
+    wait_until(
+        lambda: chat(stack, key["secret"], completion=2)[0].status == 200,
+        timeout=15,
+        what="traffic through the new sidecar",
+    )
+    wait_until(lambda: ledger(stack, workspace_id)["requests"] == 5, timeout=5, what="ledger")
+    assert ledger(stack, workspace_id)["completion_tokens"] == 5 * 2
