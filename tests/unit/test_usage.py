@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -12,9 +13,9 @@ from google.protobuf.struct_pb2 import Struct
 from prometheus_client import CollectorRegistry
 
 from authz.metrics import Metrics
-from authz.models import ModelPrice, UsageRow
+from authz.models import CLI_ACTOR, ModelPrice, UsageRow
 from authz.resolver import KeyResolver
-from authz.store.base import StoreUnavailable
+from authz.store.base import Change, ChangeKind, StoreUnavailable
 from authz.usage.accountant import UsageAccountant
 from authz.usage.events import UsageEvent, parse_entry
 from authz.usage.periods import period_bounds, period_of, seconds_until_next_period
@@ -116,7 +117,9 @@ class FlakyStore(FakeStore):
         return applied
 
 
-def accountant(store: FakeStore, limiter: InMemoryRateLimiter) -> UsageAccountant:
+def accountant(
+    store: FakeStore, limiter: InMemoryRateLimiter, prices: PriceTable | None = None
+) -> UsageAccountant:
     metrics = Metrics(CollectorRegistry())
     resolver = KeyResolver(
         store, metrics, size=10, ttl=60, negative_size=10, negative_ttl=10, stale_if_error=0
@@ -125,7 +128,7 @@ def accountant(store: FakeStore, limiter: InMemoryRateLimiter) -> UsageAccountan
         store=store,
         limiter=limiter,
         resolver=resolver,
-        prices=PriceTable([ModelPrice("*", 1.0, 3.0)]),
+        prices=prices or PriceTable([ModelPrice("*", 1.0, 3.0)]),
         metrics=metrics,
         flush_interval=60,
     )
@@ -171,3 +174,15 @@ async def test_lost_month_counters_are_restored_from_the_ledger_once() -> None:
     result = await limiter.acquire("ws_test", Limits(rpm=0, tpm=0), 0, quota=quota)
     assert result.quota is not None
     assert result.quota.tokens_used == 150 + 2 * 17
+
+
+async def test_a_price_change_on_the_feed_reloads_the_table() -> None:
+    store = FakeStore()
+    prices = PriceTable([ModelPrice("*", 1.0, 1.0)])
+    books = accountant(store, InMemoryRateLimiter(clock_ms=lambda: 0), prices)
+    await store.set_price(ModelPrice("gpt", 5.0, 5.0), actor=CLI_ACTOR)
+    assert prices.spend_micros("gpt", 1, 0) == 1  # still the old default ("*" at 1.0)
+    books.on_change(Change(ChangeKind.PRICE, "gpt"))
+    while books._tasks:
+        await asyncio.gather(*books._tasks)
+    assert prices.spend_micros("gpt", 1, 0) == 5
