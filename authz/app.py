@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-import sys
 from collections.abc import Coroutine
 from typing import Any
 
@@ -28,6 +27,7 @@ from authz.health import AUTHZ_SERVICE, Readiness
 from authz.identity import IdentityVerifier
 from authz.keyservice import KeyServicer
 from authz.lastused import LastUsedRecorder
+from authz.logs import configure_logging
 from authz.metrics import Metrics
 from authz.resolver import KeyResolver
 from authz.responses import AllowRenderer
@@ -47,14 +47,6 @@ log = logging.getLogger("authz")
 
 class StartupError(Exception):
     """The sidecar cannot start; the message says why in one line."""
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
 
 
 def build_limiter(settings: Settings, metrics: Metrics) -> RateLimiter:
@@ -219,7 +211,7 @@ async def _forever(job: Coroutine[Any, Any, None]) -> None:
 
 def run(settings: Settings) -> int:
     """Run `serve` on uvloop when available."""
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX

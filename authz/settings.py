@@ -51,6 +51,7 @@ class Settings:
     drain_delay_s: float = 1.0
     shutdown_grace_s: float = 5.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
     metrics_workspace_label: bool = True
     jwt_issuers: tuple[IssuerConfig, ...] = ()
     jwks_timeout_ms: int = 2000
@@ -84,6 +85,7 @@ _HELP: dict[str, str] = {
     "drain_delay_s": "on SIGTERM: seconds NOT_SERVING before the gRPC server stops accepting",
     "shutdown_grace_s": "on SIGTERM: seconds in-flight RPCs get to finish",
     "log_level": "debug, info, warning or error",
+    "log_format": "text, or json (one object per line)",
     "metrics_workspace_label": "label per-workspace metrics with the workspace id",
     "jwt_issuers": "sign-in providers for key management: a JSON file path or inline JSON",
     "jwks_timeout_ms": "timeout of each fetch of a sign-in provider's JWKS",
@@ -193,6 +195,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "drain_delay_s": _parse_non_negative_float,
     "shutdown_grace_s": _parse_non_negative_float,
     "log_level": _choice("debug", "info", "warning", "error"),
+    "log_format": _choice("text", "json"),
     "metrics_workspace_label": _parse_bool,
     "jwt_issuers": load_issuers,
     "jwks_timeout_ms": _parse_positive_int,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from collections.abc import Iterator
@@ -169,3 +170,16 @@ def test_postgres_outage_cached_keys_work_uncached_get_503(
         envoy.stop()
         sidecar.process.stop()
         upstream.stop()
+
+
+def test_json_logs_are_one_object_per_line(tmp_path: Path) -> None:
+    sidecar = start_sidecar(
+        tmp_path, database_url=f"sqlite:///{tmp_path / 'a.db'}", env={"AUTHZ_LOG_FORMAT": "json"}
+    )
+    sidecar.process.send_signal(signal.SIGTERM)
+    assert sidecar.process.wait(timeout=10) == 0
+    lines = [line for line in sidecar.process.read_log().splitlines() if line.strip()]
+    entries = [json.loads(line) for line in lines]
+    assert {"ts", "level", "logger", "message"} <= set(entries[0])
+    assert any(e["message"].startswith("serving ext_authz on") for e in entries)
+    assert entries[-1]["message"] == "stopped"
