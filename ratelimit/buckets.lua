@@ -220,10 +220,11 @@ end
 -- The quota comes first: a request it denies debits no bucket.
 if mode == 'acquire_quota' then
   local token_quota, spend_cap = tonumber(ARGV[8]), tonumber(ARGV[9])
-  if token_quota >= 0 and tokens_used + tonumber(ARGV[6]) > token_quota then
+  -- Used up already (even a request that adds nothing waits), or would not fit.
+  if token_quota >= 0 and (tokens_used >= token_quota or tokens_used + tonumber(ARGV[6]) > token_quota) then
     return reply(0, 0, 0, 0, 1)
   end
-  if spend_cap >= 0 and spend_used + tonumber(ARGV[7]) > spend_cap then
+  if spend_cap >= 0 and (spend_used >= spend_cap or spend_used + tonumber(ARGV[7]) > spend_cap) then
     return reply(0, 0, 0, 0, 2)
   end
 end

@@ -6,9 +6,11 @@ the real usage; `seed` restores them from the ledger when they are missing.
 
 Rules
 -----
-* A request is denied by the quota when `tokens_used + tokens > token_quota` (TOKENS), else when
-  `spend_used + spend > spend_cap` (SPEND): exactly at the quota is allowed. None means no limit
-  on that axis; zero is a real allowance (only free requests pass).
+* A request is denied by the quota (TOKENS) when the month's tokens are used up
+  (`tokens_used >= token_quota`, so even a request that adds nothing waits) or it would not fit
+  (`tokens_used + tokens > token_quota`); else by the same rule for spend (SPEND). A request
+  that lands exactly on the quota is allowed. None means no limit on that axis; zero allows
+  nothing.
 * The quota is checked before the buckets, and a quota denial debits no bucket. Its bucket
   reports are the buckets as they stand, `denied_by` is None and `retry_after` 0 (waiting for
   the next period is the caller's business).
@@ -113,12 +115,17 @@ class Counters:
 
 def exceeded(quota: Quota, counters: Counters, tokens: int, spend_micros: int) -> QuotaKind | None:
     """Which allowance this request would pass (tokens first), or None. Inputs normalised."""
-    if quota.token_quota is not None and (counters.tokens or 0) + tokens > quota.token_quota:
+    if quota.token_quota is not None and _passes(counters.tokens or 0, tokens, quota.token_quota):
         return QuotaKind.TOKENS
-    spent = (counters.spend_micros or 0) + spend_micros
-    if quota.spend_cap_micros is not None and spent > quota.spend_cap_micros:
+    spent = counters.spend_micros or 0
+    if quota.spend_cap_micros is not None and _passes(spent, spend_micros, quota.spend_cap_micros):
         return QuotaKind.SPEND
     return None
+
+
+def _passes(used: int, wanted: int, allowance: int) -> bool:
+    """Used up already (even a request that adds nothing waits), or would not fit."""
+    return used >= allowance or used + wanted > allowance
 
 
 def acquire(

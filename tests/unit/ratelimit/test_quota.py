@@ -71,19 +71,25 @@ def test_exactly_at_the_spend_cap_is_allowed_one_micro_over_is_denied() -> None:
     assert denied.denied_by is None
 
 
-def test_a_used_up_quota_still_admits_a_request_that_adds_nothing() -> None:
-    used = Counters(tokens=1000, spend_micros=5)
+def test_a_used_up_quota_denies_even_a_request_that_adds_nothing() -> None:
+    # CONTRACT §2: "quota ... for the period used up" is a 429, whatever the request costs.
+    used = Counters(tokens=1000, spend_micros=3)
     q = Quota(period=PERIOD, token_quota=1000, spend_cap_micros=5)
-    assert check(q, used).decision.allowed
+    assert check(q, used).decision.quota_exceeded is QuotaKind.TOKENS
     assert check(q, used, tokens=1).decision.quota_exceeded is QuotaKind.TOKENS
-    assert check(q, used, spend=1).decision.quota_exceeded is QuotaKind.SPEND
+    spent = Counters(tokens=0, spend_micros=5)
+    assert check(q, spent).decision.quota_exceeded is QuotaKind.SPEND
+    # One short of the quota: a free request, or one that lands exactly on it, still passes.
+    almost = Counters(tokens=999, spend_micros=4)
+    assert check(q, almost).decision.allowed
+    assert check(q, almost, tokens=1, spend=1).decision.allowed
 
 
 def test_zero_is_a_real_allowance_not_unlimited() -> None:
     empty = Counters()
-    assert check(tokens_quota(0), empty, tokens=0).decision.allowed
+    assert check(tokens_quota(0), empty, tokens=0).decision.quota_exceeded is QuotaKind.TOKENS
     assert check(tokens_quota(0), empty, tokens=1).decision.quota_exceeded is QuotaKind.TOKENS
-    assert check(spend_cap(0), empty, spend=1).decision.quota_exceeded is QuotaKind.SPEND
+    assert check(spend_cap(0), empty, spend=0).decision.quota_exceeded is QuotaKind.SPEND
 
 
 def test_none_axes_are_unlimited() -> None:
@@ -236,8 +242,14 @@ def test_quota_decisions_follow_the_formula_and_never_touch_buckets(
     q = Quota(PERIOD, token_quota, spend_cap_micros)
     token_bucket = BucketLevel(level=level, updated_ms=T0)
     outcome = check(q, counters, tokens=tokens, spend=spend, token_bucket=token_bucket)
-    over_tokens = token_quota is not None and (used[0] or 0) + tokens > token_quota
-    over_spend = spend_cap_micros is not None and (used[1] or 0) + spend > spend_cap_micros
+    used_tokens, used_spend = used[0] or 0, used[1] or 0
+    # Used up, or would not fit.
+    over_tokens = token_quota is not None and (
+        used_tokens >= token_quota or used_tokens + tokens > token_quota
+    )
+    over_spend = spend_cap_micros is not None and (
+        used_spend >= spend_cap_micros or used_spend + spend > spend_cap_micros
+    )
     expected = QuotaKind.TOKENS if over_tokens else QuotaKind.SPEND if over_spend else None
     assert outcome.decision.quota_exceeded is expected
     assert outcome.decision.quota == counters.state(PERIOD)
