@@ -33,7 +33,7 @@ class Limits:
 class Quota:
     """A workspace's monthly allowance for one period; None = no limit on that axis.
 
-    Unlike `Limits`, zero is a real allowance here: a quota of 0 admits only free requests.
+    Unlike `Limits`, zero is not "unlimited" here: a quota of 0 admits nothing.
     """
 
     period: str
@@ -102,7 +102,8 @@ class RateLimiter(Protocol):
         """Take one request and `tokens` tokens from the workspace's buckets, atomically.
 
         With a `quota`, first deny (`quota_exceeded` set, nothing debited) when the period's
-        counters plus `tokens` / `spend_micros` would pass the token quota or the spend cap.
+        token or spend allowance is used up, or the counters plus `tokens` / `spend_micros`
+        would pass it.
         The counters are read, never incremented, here.
         """
         ...
