@@ -1,0 +1,90 @@
+"""The production shape: two replicas on one PostgreSQL and one Redis, Envoy in front of one.
+
+Buckets are shared across replicas, and revocations and limit changes reach both within 1 s.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from envoy.service.auth.v3 import external_auth_pb2_grpc
+from google.rpc import code_pb2
+
+from tests.support.checks import bearer, check_request
+from tests.support.redis_servers import redis_url_for_tests
+from tests.support.stack import (
+    Sidecar,
+    Stack,
+    authz_cli,
+    start_envoy,
+    start_sidecar,
+    start_upstream,
+    wait_until,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+def decide(sidecar: Sidecar, secret: str) -> int:
+    """The HTTP status a replica decides for `secret` (200 on allow)."""
+    with grpc.insecure_channel(sidecar.grpc_addr) as channel:
+        stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+        response = stub.Check(check_request(headers=bearer(secret)), timeout=2)
+    return 200 if response.status.code == code_pb2.OK else response.denied_response.status.code
+
+
+@pytest.fixture
+def replicas(tmp_path: Path, pg_dsn: str) -> Iterator[tuple[Stack, Sidecar]]:
+    authz_cli(pg_dsn, "migrate")
+    with redis_url_for_tests() as redis_url:
+        env = {"AUTHZ_REDIS_URL": redis_url}
+        upstream, upstream_port = start_upstream(tmp_path)
+        first = start_sidecar(tmp_path, database_url=pg_dsn, name="replica-a", env=env)
+        second = start_sidecar(tmp_path, database_url=pg_dsn, name="replica-b", env=env)
+        envoy, port = start_envoy(
+            tmp_path, authz_port=int(first.grpc_addr.rsplit(":", 1)[1]), upstream_port=upstream_port
+        )
+        try:
+            stack = Stack(envoy, upstream, first, pg_dsn, port, upstream_port)
+            wait_until(lambda: stack.request("/v1/models").status == 401, timeout=20, what="up")
+            yield stack, second
+        finally:
+            envoy.stop()
+            first.process.stop()
+            second.process.stop()
+            upstream.stop()
+
+
+def test_two_replicas_share_buckets_and_see_changes_within_a_second(
+    replicas: tuple[Stack, Sidecar],
+) -> None:
+    stack, other = replicas
+    workspace = authz_cli(stack.database_url, "workspace", "create", "acme", "--rpm", "4")
+    key = authz_cli(
+        stack.database_url, "key", "create", "--workspace", workspace["id"], "--label", "prod"
+    )
+    auth = {"Authorization": f"Bearer {key['secret']}"}
+
+    # One bucket for the workspace, whichever replica answers.
+    assert [stack.request("/v1/models", headers=auth).status for _ in range(2)] == [200, 200]
+    assert [decide(other, key["secret"]) for _ in range(2)] == [200, 200]
+    denied = stack.request("/v1/models", headers=auth)
+    assert denied.status == 429
+    assert denied.headers["retry-after"] == "15"
+    assert decide(other, key["secret"]) == 429
+
+    authz_cli(stack.database_url, "workspace", "update", workspace["id"], "--rpm", "600")
+    started = time.monotonic()  # the change is committed once the command returns
+    wait_until(lambda: stack.request("/v1/models", headers=auth).status == 200, timeout=3, what="a")
+    wait_until(lambda: decide(other, key["secret"]) == 200, timeout=3, what="b")
+    assert time.monotonic() - started < 1.0
+
+    authz_cli(stack.database_url, "key", "revoke", key["id"])
+    started = time.monotonic()
+    wait_until(lambda: stack.request("/v1/models", headers=auth).status == 401, timeout=3, what="a")
+    wait_until(lambda: decide(other, key["secret"]) == 401, timeout=3, what="b")
+    assert time.monotonic() - started < 1.0
