@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-from authz.cli_usage import UsageError, add_usage_commands, price_command, usage_command
+from authz.cli_usage import UsageError, add_usage_commands, price_command, usage_command, usd
 from authz.keys import generate_key, hash_key, mask_key, new_key_id
 from authz.models import (
     CLI_ACTOR,
@@ -92,16 +92,6 @@ def _non_negative(raw: str) -> int:
     return value
 
 
-def _money(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an amount in USD, got {raw!r}") from None
-    if not 0 <= value < 1e12:
-        raise argparse.ArgumentTypeError(f"expected an amount >= 0, got {raw}")
-    return value
-
-
 def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rpm", type=_non_negative, help="requests per minute (0 = unlimited)")
     parser.add_argument("--tpm", type=_non_negative, help="tokens per minute (0 = unlimited)")
@@ -112,7 +102,7 @@ def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
         help="tokens reserved when a request names no max_tokens",
     )
     parser.add_argument("--monthly-token-quota", type=_non_negative, help="tokens per UTC month")
-    parser.add_argument("--monthly-spend-cap", type=_money, help="USD per UTC month")
+    parser.add_argument("--monthly-spend-cap", type=usd, help="USD per UTC month")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,13 +28,14 @@ def _month(raw: str) -> str:
     return raw
 
 
-def _price(raw: str) -> float:
+def usd(raw: str) -> float:
+    """An amount in USD for a command-line flag: finite, >= 0."""
     try:
         value = float(raw)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected USD per 1M tokens, got {raw!r}") from None
+        raise argparse.ArgumentTypeError(f"expected an amount in USD, got {raw!r}") from None
     if not 0 <= value < 1e9:
-        raise argparse.ArgumentTypeError(f"expected a price >= 0, got {raw}")
+        raise argparse.ArgumentTypeError(f"expected an amount in USD from 0 to 1e9, got {raw}")
     return value
 
 
@@ -55,8 +56,8 @@ def add_usage_commands(
     actions = price.add_subparsers(dest="action", required=True, parser_class=parser_class)
     set_price = actions.add_parser("set", parents=[common], help="set a model's prices")
     set_price.add_argument("model", help='model name; "*" is the default for unknown models')
-    set_price.add_argument("--input", type=_price, required=True, help="USD per 1M input tokens")
-    set_price.add_argument("--output", type=_price, required=True, help="USD per 1M output tokens")
+    set_price.add_argument("--input", type=usd, required=True, help="USD per 1M input tokens")
+    set_price.add_argument("--output", type=usd, required=True, help="USD per 1M output tokens")
     actions.add_parser("list", parents=[common], help="list prices")
 
 

@@ -78,6 +78,30 @@ def ledger(stack: Stack, workspace_id: str) -> dict[str, Any]:
     return report
 
 
+def restart_sidecar(stack: Stack, sig: signal.Signals, secret: str, *, flush_s: str) -> int:
+    """Stop the sidecar with `sig`, start a new one on the same ports, wait for one good request.
+
+    Returns the old process's exit code. The good request counts as one in the ledger.
+    """
+    old = stack.sidecar
+    old.process.send_signal(sig)
+    code = old.process.wait(timeout=15)
+    stack.sidecar = start_sidecar(
+        Path(old.process.log_path).parent,
+        database_url=stack.database_url,
+        name=f"sidecar-after-{sig.name.lower()}",
+        env={"AUTHZ_LEDGER_FLUSH_S": flush_s},
+        grpc_addr=old.grpc_addr,
+        metrics_addr=old.metrics_addr,
+    )
+    wait_until(
+        lambda: chat(stack, secret, completion=2)[0].status == 200,
+        timeout=15,
+        what="traffic through the new sidecar",
+    )
+    return code
+
+
 def test_json_and_sse_usage_reconcile_bucket_ledger_and_metrics(stack: Stack) -> None:
     authz_cli(stack.database_url, "price", "set", "demo-model", "--input", "2", "--output", "8")
     workspace_id, key = workspace_key(stack, "--rpm", "1000", "--tpm", "120")
@@ -174,22 +198,7 @@ def test_restart_mid_traffic_loses_nothing_and_counts_nothing_twice(stack: Stack
         assert chat(stack, key["secret"], completion=2)[0].status == 200
     reconciled(stack, 5)
 
-    old = stack.sidecar
-    old.process.send_signal(signal.SIGTERM)
-    assert old.process.wait(timeout=15) == 0
-    stack.sidecar = start_sidecar(
-        Path(old.process.log_path).parent,
-        database_url=stack.database_url,
-        name="sidecar-restarted",
-        env={"AUTHZ_LEDGER_FLUSH_S": "0.2"},
-        grpc_addr=old.grpc_addr,
-        metrics_addr=old.metrics_addr,
-    )
-    wait_until(
-        lambda: chat(stack, key["secret"], completion=2)[0].status == 200,
-        timeout=15,
-        what="traffic through the restarted sidecar",
-    )
+    assert restart_sidecar(stack, signal.SIGTERM, key["secret"], flush_s="0.2") == 0
     for _ in range(3):
         assert chat(stack, key["secret"], completion=2)[0].status == 200
     reconciled(stack, 4)
@@ -238,21 +247,6 @@ def test_ledger_is_written_per_access_log_batch_and_survives_a_hard_kill(
         assert chat(stack, key["secret"], completion=2)[0].status == 200
     wait_until(lambda: ledger(stack, workspace_id)["requests"] == 4, timeout=5, what="ledger")
 
-    old = stack.sidecar
-    old.process.send_signal(signal.SIGKILL)
-    old.process.wait(timeout=10)
-    stack.sidecar = start_sidecar(
-        Path(old.process.log_path).parent,
-        database_url=stack.database_url,
-        name="sidecar-after-kill",
-        env={"AUTHZ_LEDGER_FLUSH_S": "60"},
-        grpc_addr=old.grpc_addr,
-        metrics_addr=old.metrics_addr,
-    )
-    wait_until(
-        lambda: chat(stack, key["secret"], completion=2)[0].status == 200,
-        timeout=15,
-        what="traffic through the new sidecar",
-    )
+    assert restart_sidecar(stack, signal.SIGKILL, key["secret"], flush_s="60") == -signal.SIGKILL
     wait_until(lambda: ledger(stack, workspace_id)["requests"] == 5, timeout=5, what="ledger")
     assert ledger(stack, workspace_id)["completion_tokens"] == 5 * 2

@@ -29,13 +29,12 @@ import weakref
 from collections.abc import Callable, Coroutine, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import TracebackType
-from typing import Self, TypeVar
+from typing import TypeVar
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import asyncpg
 
-from tests.support.procs import ManagedProcess, child_identity, free_port
+from tests.support.procs import ClosesOnExit, ManagedProcess, child_identity, free_port
 
 DATABASE_URL_ENV = "AUTHZ_TEST_DATABASE_URL"
 _SERVER_BINARIES = ("initdb", "postgres")
@@ -92,7 +91,7 @@ def _version_key(bindir: Path) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", bindir.parent.name))
 
 
-class PostgresServer:
+class PostgresServer(ClosesOnExit):
     """A throwaway PostgreSQL server in a temporary directory, listening on 127.0.0.1 only.
 
     `stop()`/`kill()` and `start()` keep the port and data directory, so fault tests can take
@@ -249,17 +248,6 @@ class PostgresServer:
             self.kill()
         finally:
             self._finalizer()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _postmaster_ready(pid_file: Path, pid: int) -> bool:

@@ -24,6 +24,24 @@ from typing import IO, Self
 _POLL_INTERVAL = 0.02
 
 
+class ClosesOnExit:
+    """`with thing:` closes it at the end of the block, pass or fail."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
 def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that nothing listens on right now.
 
@@ -154,7 +172,7 @@ def _finalize(proc: subprocess.Popen[bytes], log_file: IO[bytes]) -> None:
         log_file.close()
 
 
-class ManagedProcess:
+class ManagedProcess(ClosesOnExit):
     """A child process in its own process group whose stdout and stderr go to a log file.
 
     Starts on construction, like `subprocess.Popen`. Use it as a context manager (or call
@@ -241,13 +259,5 @@ class ManagedProcess:
         finally:
             self._log_file.close()
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def close(self) -> None:
         self.stop()

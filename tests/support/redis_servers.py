@@ -26,8 +26,8 @@ import time
 import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Self
+
+from tests.support.procs import ClosesOnExit
 
 REDIS_URL_ENV = "AUTHZ_TEST_REDIS_URL"
 REDIS_SERVER_ENV = "AUTHZ_TEST_REDIS_SERVER"
@@ -99,7 +99,7 @@ def _complete(reply: bytes) -> bool:
     return length < 0 or len(body) >= length + 2
 
 
-class RedisServer:
+class RedisServer(ClosesOnExit):
     """One `redis-server` process on 127.0.0.1 that a test owns: start, kill, restart, close."""
 
     def __init__(
@@ -187,17 +187,6 @@ class RedisServer:
         self.stop()
         self._finalizer()
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def _signal(self, sig: int) -> None:
         if self._proc is None:
             return
@@ -258,7 +247,7 @@ def redis_url_for_tests() -> Iterator[str]:
         yield server.url
 
 
-class RedisClusterServers:
+class RedisClusterServers(ClosesOnExit):
     """A Redis Cluster of `n` masters (no replicas) on 127.0.0.1, each slot range on one node."""
 
     def __init__(self, nodes: Sequence[RedisServer]) -> None:
@@ -273,17 +262,6 @@ class RedisClusterServers:
         """Stop every node and delete their directories."""
         for node in self.nodes:
             node.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def start_redis_cluster(n: int = 3) -> RedisClusterServers:
