@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from authz.cli_usage import UsageError, add_usage_commands, price_command, usage_command, usd
-from authz.keys import generate_key, hash_key, mask_key, new_key_id
+from authz.keys import mint_key
 from authz.models import (
     CLI_ACTOR,
     ApiKey,
     AuditEntry,
-    NewKey,
     NewWorkspace,
     Workspace,
     WorkspaceUpdate,
@@ -230,17 +229,8 @@ async def _workspace(store: Store, args: argparse.Namespace, out: TextIO) -> int
 
 async def _key(store: Store, args: argparse.Namespace, out: TextIO) -> int:
     if args.action == "create":
-        secret = generate_key()
-        created = await store.create_key(
-            NewKey(
-                id=new_key_id(),
-                workspace_id=args.workspace,
-                label=args.label,
-                key_hash=hash_key(secret),
-                mask=mask_key(secret),
-            ),
-            actor=CLI_ACTOR,
-        )
+        secret, new = mint_key(args.workspace, args.label)
+        created = await store.create_key(new, actor=CLI_ACTOR)
         data = {
             "id": created.id,
             "workspace_id": created.workspace_id,

@@ -13,6 +13,8 @@ import secrets
 import string
 import zlib
 
+from authz.models import NewKey
+
 BASE62 = string.digits + string.ascii_uppercase + string.ascii_lowercase
 KEY_PREFIX = "sk-oais_"
 BODY_LENGTH = 40
@@ -79,6 +81,18 @@ def new_key_id() -> str:
 def new_workspace_id() -> str:
     """A public workspace id (`ws_` + 16 base62)."""
     return _random_id("ws_")
+
+
+def mint_key(workspace_id: str, label: str) -> tuple[str, NewKey]:
+    """A fresh secret and the record that stores it: hash, mask and id, never the secret."""
+    secret = generate_key()
+    return secret, NewKey(
+        id=new_key_id(),
+        workspace_id=workspace_id,
+        label=label,
+        key_hash=hash_key(secret),
+        mask=mask_key(secret),
+    )
 
 
 def find_keys(text: str) -> list[tuple[int, str]]:

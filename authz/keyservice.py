@@ -20,8 +20,8 @@ import grpc
 from authz.api.gen import keys_pb2, keys_pb2_grpc
 from authz.api.messages import is_live, key_message, usage_message, workspace_message
 from authz.identity import Forbidden, IdentityVerifier, SignInUnavailable, Unauthenticated
-from authz.keys import generate_key, hash_key, mask_key, new_key_id
-from authz.models import Actor, ApiKey, NewKey
+from authz.keys import mint_key
+from authz.models import Actor, ApiKey
 from authz.store.base import (
     Conflict,
     KeyLimitReached,
@@ -184,17 +184,8 @@ class KeyServicer(keys_pb2_grpc.KeyServiceServicer):  # type: ignore[misc]
         self, request: keys_pb2.CreateKeyRequest, context: Context
     ) -> keys_pb2.CreateKeyResponse:
         actor = await self._caller(context, request.workspace_id)
-        secret = generate_key()
-        created = await self._store.create_key(
-            NewKey(
-                id=new_key_id(),
-                workspace_id=request.workspace_id,
-                label=request.label,
-                key_hash=hash_key(secret),
-                mask=mask_key(secret),
-            ),
-            actor=actor,
-        )
+        secret, new = mint_key(request.workspace_id, request.label)
+        created = await self._store.create_key(new, actor=actor)
         log.info("key api: %s created %s in %s", actor.subject, created.id, created.workspace_id)
         return keys_pb2.CreateKeyResponse(
             key=key_message(created, now=self._clock()), secret=secret
@@ -230,16 +221,10 @@ class KeyServicer(keys_pb2_grpc.KeyServiceServicer):  # type: ignore[misc]
         old = await self._own_key(request.workspace_id, request.key_id)
         now = self._clock()
         deadline = _grace_deadline(request, now)
-        secret = generate_key()
+        secret, new = mint_key(old.workspace_id, request.label or rotation_label(old.label, now))
         previous, replacement = await self._store.rotate_key(
             old.id,
-            NewKey(
-                id=new_key_id(),
-                workspace_id=old.workspace_id,
-                label=request.label or rotation_label(old.label, now),
-                key_hash=hash_key(secret),
-                mask=mask_key(secret),
-            ),
+            new,
             actor=actor,
             old_expires_at=deadline,
         )

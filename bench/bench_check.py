@@ -20,10 +20,10 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from authz.check import AuthorizationServicer
-from authz.keys import generate_key, hash_key, mask_key, new_key_id
+from authz.keys import mint_key
 from authz.lastused import LastUsedRecorder
 from authz.metrics import Metrics
-from authz.models import CLI_ACTOR, NewKey, NewWorkspace
+from authz.models import CLI_ACTOR, NewWorkspace
 from authz.resolver import KeyResolver
 from authz.responses import AllowRenderer
 from authz.store.sqlite import SqliteStore
@@ -60,11 +60,8 @@ async def main() -> None:
     workspace = await store.create_workspace(
         NewWorkspace(name="bench", rpm=10**9, tpm=10**9), actor=CLI_ACTOR
     )
-    secret = generate_key()
-    await store.create_key(
-        NewKey(new_key_id(), workspace.id, "bench", hash_key(secret), mask_key(secret)),
-        actor=CLI_ACTOR,
-    )
+    secret, new = mint_key(workspace.id, "bench")
+    await store.create_key(new, actor=CLI_ACTOR)
     metrics = Metrics(CollectorRegistry())
     redis_url = os.environ.get("AUTHZ_BENCH_REDIS_URL")
     limiter: RateLimiter

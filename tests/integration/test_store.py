@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from authz.keys import generate_key, hash_key, mask_key, new_key_id
+from authz.keys import generate_key, hash_key, mask_key, mint_key
 from authz.models import CLI_ACTOR, Actor, NewKey, NewWorkspace, WorkspaceUpdate
 from authz.store.base import Change, ChangeKind, Conflict, KeyLimitReached, NotFound, Store
 from authz.store.common import InvalidInput
@@ -16,14 +16,7 @@ pytestmark = pytest.mark.integration
 
 
 def new_key(workspace_id: str, label: str = "app") -> tuple[str, NewKey]:
-    secret = generate_key()
-    return secret, NewKey(
-        id=new_key_id(),
-        workspace_id=workspace_id,
-        label=label,
-        key_hash=hash_key(secret),
-        mask=mask_key(secret),
-    )
+    return mint_key(workspace_id, label)
 
 
 async def test_migrate_is_idempotent(store: Store) -> None:
