@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime
+from typing import Any
 
-from authz.models import ModelPrice, NewWorkspace, Workspace, WorkspaceUpdate
+from authz.models import ModelPrice, NewWorkspace, UsageRow, Workspace, WorkspaceUpdate
 
 MAX_NAME_LENGTH = 128
 MAX_LABEL_LENGTH = 128
@@ -101,3 +103,57 @@ USAGE_COLUMNS = (
     "hour, workspace_id, key_id, model, requests, prompt_tokens, completion_tokens, "
     "errors_4xx, errors_5xx, spend_usd"
 )
+
+_ADDED_UP = (
+    "requests",
+    "prompt_tokens",
+    "completion_tokens",
+    "errors_4xx",
+    "errors_5xx",
+    "spend_usd",
+)
+USAGE_UPSERT = "ON CONFLICT (hour, workspace_id, key_id, model) DO UPDATE SET " + ", ".join(
+    f"{column} = usage_hourly.{column} + excluded.{column}" for column in _ADDED_UP
+)
+"""A flush adds to the hour's row; both dialects accept this upsert."""
+
+
+def usage_values(row: UsageRow, encode_time: Callable[[datetime], Any]) -> tuple[Any, ...]:
+    """A ledger row's values in USAGE_COLUMNS order."""
+    return (
+        encode_time(row.hour),
+        row.workspace_id,
+        row.key_id,
+        row.model,
+        row.requests,
+        row.prompt_tokens,
+        row.completion_tokens,
+        row.errors_4xx,
+        row.errors_5xx,
+        row.spend_usd,
+    )
+
+
+def usage_filters(
+    *,
+    workspace_id: str | None,
+    key_id: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    encode_time: Callable[[datetime], Any],
+    placeholder: Callable[[int], str],
+) -> tuple[str, list[Any]]:
+    """The WHERE clause (or "") and its parameters for a ledger report; `placeholder(n)` names
+    the n-th parameter in the dialect (`?` or `$n`)."""
+    clauses: list[str] = []
+    params: list[Any] = []
+    for column, op, value in (
+        ("workspace_id", "=", workspace_id),
+        ("key_id", "=", key_id),
+        ("hour", ">=", None if since is None else encode_time(since)),
+        ("hour", "<", None if until is None else encode_time(until)),
+    ):
+        if value is not None:
+            params.append(value)
+            clauses.append(f"{column} {op} {placeholder(len(params))}")
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), params

@@ -46,11 +46,14 @@ from authz.store.base import (
 )
 from authz.store.common import (
     USAGE_COLUMNS,
+    USAGE_UPSERT,
     InvalidInput,
     apply_update,
     check_label,
     check_new_workspace,
     check_price,
+    usage_filters,
+    usage_values,
 )
 from authz.store.rows import (
     AUDIT_COLUMNS,
@@ -438,18 +441,14 @@ class PostgresStore:
         since: datetime | None = None,
         until: datetime | None = None,
     ) -> list[UsageRow]:
-        clauses: list[str] = []
-        params: list[Any] = []
-        for column, op, value in (
-            ("workspace_id", "=", workspace_id),
-            ("key_id", "=", key_id),
-            ("hour", ">=", since),
-            ("hour", "<", until),
-        ):
-            if value is not None:
-                params.append(value)
-                clauses.append(f"{column} {op} ${len(params)}")
-        where = " WHERE " + " AND ".join(clauses) if clauses else ""
+        where, params = usage_filters(
+            workspace_id=workspace_id,
+            key_id=key_id,
+            since=since,
+            until=until,
+            encode_time=_same,
+            placeholder=lambda n: f"${n}",
+        )
         async with self._conn(_WRITE_TIMEOUT) as conn:
             rows = await conn.fetch(
                 f"SELECT {USAGE_COLUMNS} FROM usage_hourly{where} "
@@ -470,29 +469,8 @@ class PostgresStore:
                 return False
             await conn.executemany(
                 f"INSERT INTO usage_hourly ({USAGE_COLUMNS}) "
-                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) "
-                "ON CONFLICT (hour, workspace_id, key_id, model) DO UPDATE SET "
-                "requests = usage_hourly.requests + excluded.requests, "
-                "prompt_tokens = usage_hourly.prompt_tokens + excluded.prompt_tokens, "
-                "completion_tokens = usage_hourly.completion_tokens + excluded.completion_tokens, "
-                "errors_4xx = usage_hourly.errors_4xx + excluded.errors_4xx, "
-                "errors_5xx = usage_hourly.errors_5xx + excluded.errors_5xx, "
-                "spend_usd = usage_hourly.spend_usd + excluded.spend_usd",
-                [
-                    (
-                        r.hour,
-                        r.workspace_id,
-                        r.key_id,
-                        r.model,
-                        r.requests,
-                        r.prompt_tokens,
-                        r.completion_tokens,
-                        r.errors_4xx,
-                        r.errors_5xx,
-                        r.spend_usd,
-                    )
-                    for r in rows
-                ],
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) " + USAGE_UPSERT,
+                [usage_values(r, _same) for r in rows],
             )
         return True
 

@@ -44,11 +44,14 @@ from authz.store.base import (
 )
 from authz.store.common import (
     USAGE_COLUMNS,
+    USAGE_UPSERT,
     InvalidInput,
     apply_update,
     check_label,
     check_new_workspace,
     check_price,
+    usage_filters,
+    usage_values,
 )
 from authz.store.rows import (
     AUDIT_COLUMNS,
@@ -447,11 +450,18 @@ class SqliteStore:
         since: datetime | None = None,
         until: datetime | None = None,
     ) -> list[UsageRow]:
-        clauses, params = _usage_filters(workspace_id, key_id, since, until)
+        where, params = usage_filters(
+            workspace_id=workspace_id,
+            key_id=key_id,
+            since=since,
+            until=until,
+            encode_time=_ts,
+            placeholder=lambda _n: "?",
+        )
         rows = await self._fetchall(
-            f"SELECT {USAGE_COLUMNS} FROM usage_hourly{clauses} "
+            f"SELECT {USAGE_COLUMNS} FROM usage_hourly{where} "
             "ORDER BY hour, workspace_id, key_id, model",
-            params,
+            tuple(params),
         )
         return [usage_from_row(row, _parse_ts) for row in rows]
 
@@ -467,28 +477,8 @@ class SqliteStore:
                 return False
             await db.executemany(
                 f"INSERT INTO usage_hourly ({USAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (hour, workspace_id, key_id, model) DO UPDATE SET "
-                "requests = requests + excluded.requests, "
-                "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
-                "completion_tokens = completion_tokens + excluded.completion_tokens, "
-                "errors_4xx = errors_4xx + excluded.errors_4xx, "
-                "errors_5xx = errors_5xx + excluded.errors_5xx, "
-                "spend_usd = spend_usd + excluded.spend_usd",
-                [
-                    (
-                        _ts(r.hour),
-                        r.workspace_id,
-                        r.key_id,
-                        r.model,
-                        r.requests,
-                        r.prompt_tokens,
-                        r.completion_tokens,
-                        r.errors_4xx,
-                        r.errors_5xx,
-                        r.spend_usd,
-                    )
-                    for r in rows
-                ],
+                + USAGE_UPSERT,
+                [usage_values(r, _ts) for r in rows],
             )
         return True
 
@@ -584,20 +574,3 @@ class SqliteStore:
 
 def _only_comments(statement: str) -> bool:
     return all(not line.strip() or line.strip().startswith("--") for line in statement.splitlines())
-
-
-def _usage_filters(
-    workspace_id: str | None, key_id: str | None, since: datetime | None, until: datetime | None
-) -> tuple[str, tuple[Any, ...]]:
-    clauses: list[str] = []
-    params: list[Any] = []
-    for column, op, value in (
-        ("workspace_id", "=", workspace_id),
-        ("key_id", "=", key_id),
-        ("hour", ">=", None if since is None else _ts(since)),
-        ("hour", "<", None if until is None else _ts(until)),
-    ):
-        if value is not None:
-            clauses.append(f"{column} {op} ?")
-            params.append(value)
-    return (" WHERE " + " AND ".join(clauses) if clauses else ""), tuple(params)
