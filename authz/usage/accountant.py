@@ -22,8 +22,9 @@ from authz.models import UsageRow
 from authz.resolver import KeyResolver
 from authz.store.base import Change, ChangeKind, Store, StoreUnavailable
 from authz.usage.events import UsageEvent
-from authz.usage.periods import hour_of, period_bounds, period_of
+from authz.usage.periods import hour_of, period_of
 from authz.usage.pricing import PriceTable
+from authz.usage.seeding import month_from_ledger
 from ratelimit.limiter import Limits, RateLimiter, RateLimitUnavailable
 
 log = logging.getLogger(__name__)
@@ -104,22 +105,21 @@ class UsageAccountant:
         the ledger already holds. Only the replica whose increment created them gets here, and
         the Check path's seeding only fills counters that are absent, so nothing counts twice.
         """
-        start, end = period_bounds(period)
         try:
-            tokens, spend_usd = await self._store.period_totals(workspace_id, start, end)
+            tokens, spend_micros = await month_from_ledger(self._store, workspace_id, period)
         except StoreUnavailable as error:
             log.warning(
                 "usage: cannot restore %s %s from the ledger: %s", workspace_id, period, error
             )
             return
-        if tokens or spend_usd:
+        if tokens or spend_micros:
             await self._limiter.record_usage(
                 workspace_id,
                 limits,
                 period=period,
                 tpm_delta=0,
                 tokens=tokens,
-                spend_micros=round(spend_usd * 1e6),
+                spend_micros=spend_micros,
             )
 
     def _tally(self, event: UsageEvent, spend_micros: int) -> None:

@@ -34,11 +34,17 @@ class QuotaSeeder:
         task.add_done_callback(lambda _task: self._inflight.pop(key, None))
 
     async def seed(self, workspace_id: str, period: str) -> None:
-        start, end = period_bounds(period)
         try:
-            tokens, spend_usd = await self._store.period_totals(workspace_id, start, end)
+            tokens, spend_micros = await month_from_ledger(self._store, workspace_id, period)
             await self._limiter.seed_usage(
-                workspace_id, period=period, tokens=tokens, spend_micros=round(spend_usd * 1e6)
+                workspace_id, period=period, tokens=tokens, spend_micros=spend_micros
             )
         except (StoreUnavailable, RateLimitUnavailable) as error:
             log.warning("quota: cannot seed %s %s yet: %s", workspace_id, period, error)
+
+
+async def month_from_ledger(store: Store, workspace_id: str, period: str) -> tuple[int, int]:
+    """(tokens, micro-USD) the ledger holds for a workspace in a `YYYY-MM` period."""
+    start, end = period_bounds(period)
+    tokens, spend_usd = await store.period_totals(workspace_id, start, end)
+    return tokens, round(spend_usd * 1e6)
