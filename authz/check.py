@@ -17,7 +17,7 @@ import grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from envoy.service.auth.v3.external_auth_pb2 import CheckRequest, CheckResponse
 
-from authz.decision import Allow, Deny, check_grant, decide, invalid_key, screen_request
+from authz.decision import Allow, Deny, check_grant, invalid_key, screen_request, verdict
 from authz.keys import hash_key
 from authz.lastused import LastUsedRecorder
 from authz.metrics import Metrics
@@ -143,8 +143,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
                 fail_open = True
             else:
                 self._count_rate(workspace.id, rate)
-        return decide(
-            screened,
+        return verdict(
             grant,
             workspace,
             requested_tokens=tokens,

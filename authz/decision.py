@@ -197,20 +197,33 @@ def decide(
     expired = check_grant(presented, grant, now_ts)
     if expired is not None:
         return expired
+    return verdict(
+        grant,
+        workspace,
+        requested_tokens=requested_tokens,
+        rate=rate,
+        now_ts=now_ts,
+        fail_open=fail_open,
+    )
+
+
+def verdict(
+    grant: KeyGrant,
+    workspace: Workspace,
+    *,
+    requested_tokens: int,
+    rate: LimitResult | None,
+    now_ts: float,
+    fail_open: bool = False,
+) -> Decision:
+    """`decide` for a key whose grace deadline was already checked."""
     if rate is not None and not rate.allowed:
         if rate.quota_exceeded is not None:
             denial = quota_exhausted(workspace, requested_tokens, rate, now_ts=now_ts)
         else:
             denial = rate_limited(workspace, requested_tokens, rate)
-        return Deny(
-            status=denial.status,
-            code=denial.code,
-            type=denial.type,
-            message=denial.message,
-            rate=rate,
-            workspace_id=workspace.id,
-            key_id=grant.key_id,
-        )
+        # The denial keeps its own rate view: a quota's retry-after runs to the next month.
+        return replace(denial, key_id=grant.key_id)
     return Allow(
         grant=grant,
         workspace=workspace,

@@ -9,7 +9,8 @@ import pytest
 from authz.decision import Allow, Deny, decide, screen_request
 from authz.keys import generate_key
 from authz.models import KeyGrant
-from ratelimit.limiter import BucketState, LimitKind, LimitResult
+from authz.usage.periods import seconds_until_next_period
+from ratelimit.limiter import BucketState, LimitKind, LimitResult, QuotaKind, QuotaState
 from tests.support.fakes import workspace
 
 KEY = generate_key()
@@ -105,3 +106,26 @@ def test_grace_deadline() -> None:
     late = decide(KEY, grant, workspace(), requested_tokens=1, rate=None, now_ts=100)
     assert isinstance(late, Deny)
     assert late.code == "invalid_api_key"
+
+
+def test_quota_denial_retries_when_the_month_turns() -> None:
+    now_ts = datetime(2026, 11, 27, 12, tzinfo=UTC).timestamp()
+    rate = LimitResult(
+        allowed=False,
+        requests=BucketState(limit=5, remaining=3, reset_seconds=0),
+        tokens=BucketState(limit=1000, remaining=900, reset_seconds=0),
+        quota_exceeded=QuotaKind.TOKENS,
+        quota=QuotaState("2026-11", tokens_used=100, spend_used_micros=0, known=True),
+    )
+    ws = workspace()
+    decision = decide(KEY, GRANT, ws, requested_tokens=10, rate=rate, now_ts=now_ts)
+    assert isinstance(decision, Deny)
+    assert (decision.status, decision.code, decision.type) == (
+        429,
+        "insufficient_quota",
+        "insufficient_quota",
+    )
+    assert decision.key_id == "key_1"
+    assert decision.rate is not None
+    assert decision.rate.retry_after_seconds == seconds_until_next_period(now_ts)
+    assert decision.rate.retry_after_seconds == 3.5 * 86400
