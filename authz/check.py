@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc
@@ -25,7 +24,6 @@ from authz.models import Workspace
 from authz.resolver import KeyResolver
 from authz.responses import AllowRenderer, render_deny
 from authz.store.base import StoreUnavailable
-from authz.usage.periods import period_of
 from authz.usage.pricing import PriceTable, model_in_body
 from authz.usage.seeding import QuotaSeeder
 from ratelimit.estimate import estimate_tokens
@@ -38,6 +36,7 @@ from ratelimit.limiter import (
     RateLimiter,
     RateLimitUnavailable,
 )
+from ratelimit.quota import month_period
 
 log = logging.getLogger(__name__)
 
@@ -166,9 +165,8 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             price = self._prices.price_for(model_in_body(body))
             if price is not None:
                 spend = round(tokens * max(price.input_per_1m_usd, price.output_per_1m_usd))
-        period = period_of(datetime.fromtimestamp(now_ts, UTC))
         quota = Quota(
-            period=period,
+            period=month_period(now_ts),
             token_quota=workspace.monthly_token_quota,
             spend_cap_micros=None if cap is None else round(cap * 1e6),
         )

@@ -5,11 +5,13 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 
+from ratelimit.quota import month_period
+
 _PERIOD = re.compile(r"[0-9]{4}-(0[1-9]|1[0-2])")
 
 
 def period_of(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m")
+    return month_period(moment.timestamp())
 
 
 def period_bounds(period: str) -> tuple[datetime, datetime]:
