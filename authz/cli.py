@@ -17,7 +17,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-from authz.cli_usage import UsageError, add_usage_commands, price_command, usage_command, usd
+from authz.cli_usage import (
+    UsageError,
+    add_usage_commands,
+    iso_utc,
+    price_command,
+    usage_command,
+    usd,
+)
 from authz.keys import mint_key
 from authz.models import (
     CLI_ACTOR,
@@ -46,7 +53,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, datetime):
-        return value.isoformat().replace("+00:00", "Z")
+        return iso_utc(value)
     if isinstance(value, dict):
         return {k: _jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

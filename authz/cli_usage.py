@@ -76,7 +76,8 @@ def _grouped(rows: list[UsageRow], field: str) -> list[dict[str, Any]]:
     return [{field: name, **_sum(group)} for name, group in sorted(groups.items())]
 
 
-def _iso(moment: datetime) -> str:
+def iso_utc(moment: datetime) -> str:
+    """`2026-11-27T09:13:06.654980Z`: how every command prints a time."""
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
@@ -106,10 +107,10 @@ async def usage_report(store: Store, args: argparse.Namespace) -> dict[str, Any]
         "workspace_id": key.workspace_id,
         "mask": key.mask,
         "active": key.active,
-        "last_used_at": None if key.last_used_at is None else _iso(key.last_used_at),
+        "last_used_at": None if key.last_used_at is None else iso_utc(key.last_used_at),
         "month": month,
         **_sum(rows),
-        "hours": [{"hour": _iso(hour), **_sum(group)} for hour, group in sorted(hours.items())],
+        "hours": [{"hour": iso_utc(hour), **_sum(group)} for hour, group in sorted(hours.items())],
     }
 
 
@@ -141,7 +142,7 @@ def _price_dict(price: ModelPrice) -> dict[str, Any]:
         "model": price.model,
         "input_per_1m_usd": price.input_per_1m_usd,
         "output_per_1m_usd": price.output_per_1m_usd,
-        "updated_at": None if price.updated_at is None else _iso(price.updated_at),
+        "updated_at": None if price.updated_at is None else iso_utc(price.updated_at),
     }
 
 
