@@ -28,6 +28,10 @@ from typing import Any
 
 import yaml
 
+if not __package__:  # run as `python deploy/render.py`: make the `deploy` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from deploy import render_mesh  # after the path fix above
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SOURCE = Path("envoy.yaml")
 TRANSCODER = "envoy.filters.http.grpc_json_transcoder"
@@ -236,7 +240,11 @@ def render_text(
 def rendered(root: Path = REPO_ROOT) -> dict[Path, str]:
     """Every generated file's expected text, keyed by its path under `root`."""
     source_text = (root / SOURCE).read_text(encoding="utf-8")
-    return {root / t.output: render_text(source_text, t, root=root) for t in TARGETS}
+    files = {root / t.output: render_text(source_text, t, root=root) for t in TARGETS}
+    mesh = render_mesh.rendered(
+        _http_filters(yaml.safe_load(source_text)), root, source_name=str(SOURCE)
+    )
+    return files | mesh
 
 
 def stale(root: Path = REPO_ROOT) -> list[Path]:
@@ -269,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"wrote {path.relative_to(root)}")
             else:
                 print(f"up to date {path.relative_to(root)}")
-    except (RenderError, OSError, yaml.YAMLError) as error:
+    except (RenderError, render_mesh.MeshRenderError, OSError, yaml.YAMLError) as error:
         sys.stderr.write(f"render: {error}\n")
         return 2
     return 0

@@ -55,7 +55,7 @@ def policy() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def provider() -> dict[str, Any]:
     values = load_yaml(ISTIO / "istiod-values.yaml")
-    (found,) = values["meshConfig"]["extensionProviders"]
+    (found,) = [p for p in values["meshConfig"]["extensionProviders"] if "envoyExtAuthzGrpc" in p]
     result: dict[str, Any] = found
     return result
 

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
+from deploy import render_mesh
 from deploy.render import (
     COMPOSE,
     KUBERNETES,
@@ -177,7 +178,7 @@ def _copy_tree(tmp_path: Path) -> Path:
     descriptors = [
         Path(typed["proto_descriptor"]) for _, typed in transcoders(load_yaml(REPO / SOURCE))
     ]
-    for relative in [SOURCE, *descriptors, *(t.output for t in TARGETS)]:
+    for relative in [SOURCE, *descriptors, *(t.output for t in TARGETS), *render_mesh.OUTPUTS]:
         (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / relative, tmp_path / relative)
     return tmp_path
