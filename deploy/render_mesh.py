@@ -21,6 +21,10 @@ import yaml
 USAGE_FILTERS = ("envoy.filters.http.json_to_metadata", "envoy.filters.http.sse_to_metadata")
 HCM = "envoy.filters.network.http_connection_manager"
 ROUTER = "envoy.filters.http.router"
+EXT_AUTHZ = "envoy.filters.http.ext_authz"
+# SecurityPolicy.extAuth.bodyToExtAuth has only maxRequestBytes; without these two, Envoy answers
+# 413 to a body over the limit instead of sending the first part (envoy.yaml's behaviour).
+BODY_FLAGS = ("allow_partial_message", "pack_as_bytes")
 PART_OF = {"app.kubernetes.io/part-of": "oais-authz"}
 
 
@@ -39,15 +43,23 @@ class ApiWorkload:
 
 @dataclass(frozen=True, slots=True)
 class GatewayListener:
-    """The Envoy Gateway listener to patch: Envoy Gateway names it namespace/gateway/section."""
+    """The Envoy Gateway listener to patch and the SecurityPolicy on it: the names in
+    deploy/envoy-gateway/gateway.yaml and securitypolicy.yaml (a test keeps them equal)."""
 
     namespace: str = "llm"
     gateway: str = "eg"
     section: str = "http"
+    security_policy: str = "oais-authz"
 
     @property
     def xds_name(self) -> str:
+        """Envoy Gateway names a listener namespace/gateway/section."""
         return f"{self.namespace}/{self.gateway}/{self.section}"
+
+    @property
+    def ext_authz_filter(self) -> str:
+        """... and the ext_authz filter a SecurityPolicy adds, after the policy."""
+        return f"{EXT_AUTHZ}/securitypolicy/{self.namespace}/{self.security_policy}"
 
 
 ISTIO_OUTPUT = Path("deploy/istio/usage-envoyfilter.yaml")
@@ -96,19 +108,42 @@ def istio_envoy_filter(
     }
 
 
+def body_flags(http_filters: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """envoy.yaml's ext_authz with_request_body flags that Envoy Gateway cannot express."""
+    found = [f for f in http_filters if f.get("name") == EXT_AUTHZ]
+    if len(found) != 1:
+        raise MeshRenderError(f"envoy.yaml must have one {EXT_AUTHZ} filter, has {len(found)}")
+    body = (found[0].get("typed_config") or {}).get("with_request_body") or {}
+    return {flag: body[flag] for flag in BODY_FLAGS if flag in body}
+
+
 def gateway_patch_policy(
     filters: Iterable[Mapping[str, Any]], listener: GatewayListener
 ) -> dict[str, Any]:
-    """An EnvoyPatchPolicy adding the usage filters to an Envoy Gateway HTTP listener."""
+    """An EnvoyPatchPolicy adding the usage filters to an Envoy Gateway HTTP listener, and
+    envoy.yaml's request-body flags to the SecurityPolicy's ext_authz filter."""
+    filters = list(filters)
+    listener_type = "type.googleapis.com/envoy.config.listener.v3.Listener"
     path = "/default_filter_chain/filters/0/typed_config/http_filters/0"
     # Each op inserts at the head, so the last filter goes in first to keep envoy.yaml's order.
     patches = [
         {
-            "type": "type.googleapis.com/envoy.config.listener.v3.Listener",
+            "type": listener_type,
             "name": listener.xds_name,
             "operation": {"op": "add", "path": path, "value": usage_filter},
         }
         for usage_filter in reversed(usage_filters(filters))
+    ]
+    body = (
+        f"..http_filters[?(@.name=='{listener.ext_authz_filter}')].typed_config.with_request_body"
+    )
+    patches += [
+        {
+            "type": listener_type,
+            "name": listener.xds_name,
+            "operation": {"op": "add", "jsonPath": body, "path": f"/{flag}", "value": value},
+        }
+        for flag, value in body_flags(filters).items()
     ]
     return {
         "apiVersion": "gateway.envoyproxy.io/v1alpha1",
@@ -156,8 +191,9 @@ def rendered(
             source_name,
             [
                 "Needs extensionApis.enableEnvoyPatchPolicy: true in Envoy Gateway's config.",
-                f"Patches the listener {listener.xds_name} (namespace/gateway/section); edit the",
-                "names in deploy/render_mesh.py for your Gateway (see docs/deploy.md).",
+                f"Patches the listener {listener.xds_name} (namespace/gateway/section) and the",
+                f"ext_authz filter of SecurityPolicy {listener.security_policy}; for other names",
+                "edit GatewayListener in deploy/render_mesh.py (see docs/deploy.md).",
             ],
         ),
     }
