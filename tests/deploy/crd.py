@@ -59,4 +59,6 @@ def crd(file_stem: str) -> tuple[str, str, jsonschema.protocols.Validator]:
 def crd_errors(file_stem: str, instance: Any) -> list[str]:
     """Every schema violation of `instance`, as `path: message` lines (empty when valid)."""
     _, _, validator = crd(file_stem)
-    return [f"{e.json_path}: {e.message}" for e in validator.iter_errors(instance)]
+    # As kubectl sends it: YAML's integer map keys (portLevelMtls: {9464: ...}) become strings.
+    as_json = json.loads(json.dumps(instance))
+    return [f"{e.json_path}: {e.message}" for e in validator.iter_errors(as_json)]
