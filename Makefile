@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint fmt bench clean deploy-configs protos
+.PHONY: install run test lint fmt bench clean deploy-configs protos ci-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +13,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# What CI installs besides `make install` (as root, Debian/Ubuntu): promtool, from Debian's
+# `prometheus` package, runs the alert rules' unit tests; under CI=true the tests fail
+# without it instead of skipping.
+ci-deps:
+	apt-get update
+	apt-get install -y --no-install-recommends prometheus
 
 run: $(STAMP)
 	$(BIN)/python -m authz.demo.run --envoy-config envoy.yaml

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 from ratelimit.metrics import RateLimitMetrics
 
@@ -14,6 +22,9 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry, *, workspace_label: bool = True) -> None:
         self.registry = registry
+        # The process_*, python_info and python_gc_* series the default registry would have.
+        for standard in (ProcessCollector, PlatformCollector, GCCollector):
+            standard(registry=registry)
         self._workspace_label = workspace_label
         self.checks = Counter(
             "authz_checks",

@@ -31,6 +31,10 @@ def _strict(node: Any) -> Any:
         schema["type"] = ["integer", "string"]
     if schema.pop("nullable", False) and isinstance(schema.get("type"), str):
         schema["type"] = [schema["type"], "null"]
+    pattern = schema.get("pattern")
+    if isinstance(pattern, str) and "(?i)" in pattern[1:]:
+        # Go's RE2 takes `^(?i)...`; Python wants global flags first.
+        schema["pattern"] = "(?i)" + pattern.replace("(?i)", "")
     preserve = schema.get("x-kubernetes-preserve-unknown-fields", False)
     if "properties" in schema and "additionalProperties" not in schema and not preserve:
         schema["additionalProperties"] = False

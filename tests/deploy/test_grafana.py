@@ -119,7 +119,8 @@ def exported_labels() -> dict[str, frozenset[str]]:
     exported: dict[str, frozenset[str]] = {}
     for family in metrics.registry.collect():
         assert family.type in SUFFIXES, f"{family.name}: unexpected type {family.type}"
-        labels = labels_by_family[family.name] | TARGET_LABELS
+        sampled = frozenset(k for sample in family.samples for k in sample.labels)  # process_*
+        labels = labels_by_family.get(family.name, sampled) | TARGET_LABELS
         for suffix in SUFFIXES[family.type]:
             exported[family.name + suffix] = labels | {"le"} if suffix == "_bucket" else labels
     return exported
