@@ -15,13 +15,14 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/authz
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY authz ./authz
 COPY ratelimit ./ratelimit
 # Every dependency ships manylinux wheels, so no compiler is needed. pip compiles the
-# bytecode at install time, so the read-only runtime never has to.
+# bytecode at install time, so the read-only runtime never has to. Versions are the ones
+# constraints.txt pins (`make lock`), the same as `make install`'s.
 RUN /opt/authz/bin/pip wheel --no-deps --wheel-dir /wheels . \
-    && /opt/authz/bin/pip install /wheels/*.whl \
+    && /opt/authz/bin/pip install --constraint constraints.txt /wheels/*.whl \
     && /opt/authz/bin/authz --help > /dev/null
 
 FROM ${PYTHON_IMAGE} AS runtime
