@@ -22,8 +22,9 @@ USAGE_FILTERS = ("envoy.filters.http.json_to_metadata", "envoy.filters.http.sse_
 HCM = "envoy.filters.network.http_connection_manager"
 ROUTER = "envoy.filters.http.router"
 EXT_AUTHZ = "envoy.filters.http.ext_authz"
-# SecurityPolicy.extAuth.bodyToExtAuth has only maxRequestBytes; without these two, Envoy answers
-# 413 to a body over the limit instead of sending the first part (envoy.yaml's behaviour).
+# SecurityPolicy.extAuth.bodyToExtAuth has only maxRequestBytes. Without allow_partial_message
+# Envoy answers 413 to a body over the limit instead of sending its first part; pack_as_bytes
+# sends the body as raw bytes. Both as envoy.yaml has them.
 BODY_FLAGS = ("allow_partial_message", "pack_as_bytes")
 PART_OF = {"app.kubernetes.io/part-of": "oais-authz"}
 
