@@ -205,6 +205,11 @@ def test_rotation_overlap_then_revoke(console: Console) -> None:
 
 
 def test_rotation_grace_deadline_is_enforced(console: Console) -> None:
+    # The deadline is what is under test, not the workspace's rate limit: the polling below
+    # sends a request every 20 ms, which drains the default 60 RPM bucket (and, over 8 s, the
+    # TPM one) and turned the final 200 into a 429. So this workspace is unmetered.
+    unmetered = ("--rpm", "0", "--tpm", "0")
+    authz_cli(console.stack.database_url, "workspace", "update", console.workspace_id, *unmetered)
     old = console.create("batch")
     rotated = console.call(
         "POST",
