@@ -1,0 +1,60 @@
+"""The argument parser: one-line usage errors, and the flags several commands share."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from typing import Any, NoReturn, TypeAlias, TypeVar
+
+from authz.settings import add_setting_flags
+
+N = TypeVar("N", int, float)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with usage errors printed as one line instead of the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"authz: error: {message}\n")
+
+
+def common_flags() -> argparse.ArgumentParser:
+    """`--json` and `--database-url`: every data command takes them."""
+    common = Parser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print JSON")
+    add_setting_flags(common, only=("database_url",))
+    return common
+
+
+def _number(raw: str, kind: type[N], what: str, *, ceiling: float, bounds: str) -> N:
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {raw!r}") from None
+    if not 0 <= value < ceiling:
+        raise argparse.ArgumentTypeError(f"expected {bounds}, got {raw}")
+    return value
+
+
+def non_negative(raw: str) -> int:
+    """A count for a command-line flag: a whole number >= 0."""
+    return _number(raw, int, "a whole number", ceiling=math.inf, bounds="a number >= 0")
+
+
+def usd(raw: str) -> float:
+    """An amount in USD for a command-line flag: finite, >= 0."""
+    return _number(
+        raw, float, "an amount in USD", ceiling=1e9, bounds="an amount in USD from 0 to 1e9"
+    )
+
+
+Commands: TypeAlias = "argparse._SubParsersAction[Any]"
+
+
+def action_group(commands: Commands, name: str, help_text: str) -> Commands:
+    """A command with sub-actions (`authz key create|list|...`), parsed into `args.action`."""
+    parent = commands.add_parser(name, help=help_text)
+    actions: Commands = parent.add_subparsers(dest="action", required=True, parser_class=Parser)
+    return actions
