@@ -15,7 +15,7 @@ from typing import TextIO
 
 from authz.cli import audit, keys, scan, usage, workspaces
 from authz.cli.output import CliError, emit
-from authz.cli.parser import Commands, Parser, common_flags
+from authz.cli.parser import Commands, Parser, UsageProblem, common_flags, usage_line
 from authz.settings import Settings, SettingsError, add_setting_flags, load_settings
 from authz.store import open_store
 from authz.store.base import Store, StoreError
@@ -95,7 +95,12 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
     if args.command == "serve":
         return _serve(settings)
     try:
+        # Checks argparse cannot express run before anything opens the database.
+        getattr(args, "validate", lambda _: None)(args)
         return asyncio.run(_with_store(settings, _HANDLERS[args.command], args, out))
+    except UsageProblem as error:
+        sys.stderr.write(usage_line(str(error), error.command))
+        return 2
     except (CliError, StoreError, InvalidInput) as error:
         sys.stderr.write(f"authz: {error}\n")
         return 1

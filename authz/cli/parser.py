@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
+from collections.abc import Sequence
 from typing import Any, NoReturn, TypeAlias, TypeVar
 
 from authz.settings import add_setting_flags
@@ -12,12 +12,35 @@ from authz.settings import add_setting_flags
 N = TypeVar("N", int, float)
 
 
+class UsageProblem(Exception):
+    """A command line that cannot run as given: one line naming the command's help, exit 2."""
+
+    def __init__(self, message: str, *, command: str) -> None:
+        super().__init__(message)
+        self.command = command
+
+
+def usage_line(message: str, command: str) -> str:
+    """CONTRACT §5: `authz: error: <what> (see authz <command> --help)`, never the usage block."""
+    return f"authz: error: {message} (see {command} --help)\n"
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, with usage errors printed as one line instead of the usage block."""
 
     def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(2, f"authz: error: {message}\n")
+        self.exit(2, usage_line(message, self.prog))
+
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: None = None
+    ) -> argparse.Namespace:
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            # argparse reports these at the top level; point at the command they were given to.
+            chosen = (getattr(parsed, "command", None), getattr(parsed, "action", None))
+            command = " ".join([self.prog, *(c for c in chosen if c)])
+            self.exit(2, usage_line(f"unrecognized arguments: {' '.join(extras)}", command))
+        return parsed
 
 
 def common_flags() -> argparse.ArgumentParser:

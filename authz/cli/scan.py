@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 from pathlib import Path
 from typing import Any, TextIO
 
 from authz.cli.output import CliError, emit, table
-from authz.cli.parser import Commands
+from authz.cli.parser import Commands, UsageProblem
 from authz.scan import ScanError, Sighting, identify, scan_git, scan_paths
 from authz.store.base import Store, utc_now
 
@@ -24,13 +23,15 @@ def add_commands(commands: Commands, common: argparse.ArgumentParser) -> None:
     scan.add_argument(
         "--git", type=Path, action="append", default=[], metavar="REPO", help="every commit"
     )
+    scan.set_defaults(validate=_require_targets)
+
+
+def _require_targets(args: argparse.Namespace) -> None:
+    if not args.paths and not args.git:
+        raise UsageProblem("name a PATH to scan, or --git REPO", command="authz scan")
 
 
 async def scan_command(store: Store, args: argparse.Namespace, out: TextIO) -> int:
-    if not args.paths and not args.git:
-        sys.stderr.write("authz: error: name a PATH to scan, or --git REPO\n")
-        return 2
-
     def collect() -> list[Sighting]:
         found = list(scan_paths(args.paths))
         for repo in args.git:
