@@ -10,7 +10,6 @@ codes, once, here at the edge. Envoy's JSON transcoder maps those codes to HTTP 
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -22,6 +21,7 @@ from authz.api.messages import is_live, key_message, usage_message, workspace_me
 from authz.identity import Forbidden, IdentityVerifier, SignInUnavailable, Unauthenticated
 from authz.keys import mint_key
 from authz.models import Actor, ApiKey
+from authz.rotation import grace_deadline, rotate_key
 from authz.store.base import (
     Conflict,
     KeyLimitReached,
@@ -30,17 +30,12 @@ from authz.store.base import (
     StoreUnavailable,
     utc_now,
 )
-from authz.store.common import MAX_LABEL_LENGTH, InvalidInput
+from authz.store.common import InvalidInput
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Context = grpc.aio.ServicerContext[Any, Any]
-
-MAX_GRACE = timedelta(days=30)
-"""Longest a rotated key may keep working on a deadline; longer overlaps should revoke by hand."""
-
-_ROTATED_SUFFIX = re.compile(r" \(rotated \d{4}-\d{2}-\d{2}\)$")
 
 # Which typed failure becomes which status. The key limit is FAILED_PRECONDITION (HTTP 400),
 # not RESOURCE_EXHAUSTED (429): waiting does not help, revoking a key does.
@@ -55,13 +50,6 @@ _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
 )
 _HANDLED = tuple(kind for kind, _ in _STATUS)
-
-
-def rotation_label(old_label: str, day: datetime) -> str:
-    """`<workload> (rotated YYYY-MM-DD)`: the workload is the old label minus an earlier suffix."""
-    suffix = f" (rotated {day:%Y-%m-%d})"
-    workload = _ROTATED_SUFFIX.sub("", old_label)
-    return workload[: MAX_LABEL_LENGTH - len(suffix)].rstrip() + suffix
 
 
 def client_address(metadata: Mapping[str, str], peer: str) -> str:
@@ -86,13 +74,8 @@ def _metadata(context: Context) -> dict[str, str]:
     return found
 
 
-def _grace_deadline(request: keys_pb2.RotateKeyRequest, now: datetime) -> datetime | None:
-    if not request.HasField("grace_period"):
-        return None
-    grace = request.grace_period.ToTimedelta()
-    if not timedelta(0) < grace <= MAX_GRACE:
-        raise InvalidInput(f"grace_period must be more than 0 s and at most {MAX_GRACE.days} days")
-    return now + grace
+def _grace(request: keys_pb2.RotateKeyRequest) -> timedelta | None:
+    return request.grace_period.ToTimedelta() if request.HasField("grace_period") else None
 
 
 class KeyServicer(keys_pb2_grpc.KeyServiceServicer):  # type: ignore[misc]
@@ -220,18 +203,19 @@ class KeyServicer(keys_pb2_grpc.KeyServiceServicer):  # type: ignore[misc]
         actor = await self._caller(context, request.workspace_id)
         old = await self._own_key(request.workspace_id, request.key_id)
         now = self._clock()
-        deadline = _grace_deadline(request, now)
-        secret, new = mint_key(old.workspace_id, request.label or rotation_label(old.label, now))
-        previous, replacement = await self._store.rotate_key(
-            old.id,
-            new,
+        rotation = await rotate_key(
+            self._store,
+            old,
+            label=request.label or None,
+            deadline=grace_deadline(_grace(request), now, name="grace_period"),
             actor=actor,
-            old_expires_at=deadline,
+            now=now,
         )
+        previous, replacement = rotation.previous, rotation.replacement
         log.info("key api: %s rotated %s to %s", actor.subject, previous.id, replacement.id)
         return keys_pb2.RotateKeyResponse(
             replacement=key_message(replacement, now=now),
-            secret=secret,
+            secret=rotation.secret,
             previous=key_message(previous, now=now),
         )
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any, NoReturn, TypeAlias, TypeVar
 
 from authz.settings import add_setting_flags
@@ -71,6 +73,18 @@ def usd(raw: str) -> float:
     return _number(
         raw, float, "an amount in USD", ceiling=1e9, bounds="an amount in USD from 0 to 1e9"
     )
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(raw: str) -> timedelta:
+    """A Go-style duration for a flag: `90s`, `15m`, `1h30m`, `7d`."""
+    parts = _DURATION_PART.findall(raw)
+    if not parts or "".join(n + u for n, u in parts) != raw.strip():
+        raise argparse.ArgumentTypeError(f"expected a duration such as 30m, 12h or 7d, got {raw!r}")
+    return timedelta(seconds=sum(float(n) * _UNITS[u] for n, u in parts))
 
 
 Commands: TypeAlias = "argparse._SubParsersAction[Any]"

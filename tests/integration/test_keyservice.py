@@ -17,8 +17,9 @@ from google.protobuf.json_format import MessageToDict
 from authz.api.gen import keys_pb2, keys_pb2_grpc
 from authz.identity import IdentityVerifier, load_issuers
 from authz.keys import generate_key, hash_key, is_well_formed
-from authz.keyservice import KeyServicer, client_address, rotation_label
+from authz.keyservice import KeyServicer, client_address
 from authz.models import CLI_ACTOR, NewWorkspace, UsageRow
+from authz.rotation import rotation_label
 from authz.store.base import Change, ChangeKind, Store
 from tests.support.idp import TestIdp, new_ec_key
 

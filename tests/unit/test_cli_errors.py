@@ -78,6 +78,11 @@ def test_an_unknown_flag_is_one_line_naming_the_command(
             "authz: error: unrecognized arguments: --bogus (see authz key list --help)\n",
         ),
         (
+            ["key", "rotate", "key_x", "--grace", "soon"],
+            "authz: error: argument --grace: expected a duration such as 30m, 12h or 7d, "
+            "got 'soon' (see authz key rotate --help)\n",
+        ),
+        (
             ["scan"],
             "authz: error: name a PATH to scan, or --git REPO (see authz scan --help)\n",
         ),
