@@ -78,6 +78,9 @@ class TestIdp:
             "workspace_claim": WORKSPACE_CLAIM,
             "permission_claim": PERMISSION_CLAIM,
             "manage_permission": MANAGE,
+            # One issuer in most tests: a single-tenant deployment. Tests of several issuers
+            # bind each to its workspaces.
+            "workspaces": "*",
         }
         entry.update(overrides)
         return entry
