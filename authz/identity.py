@@ -11,8 +11,9 @@ issuer is bound, so one tenant's IdP admin cannot mint access to another tenant.
 unverified `iss` only picks which issuer's keys to try; the signature is then verified with
 those keys and `iss` checked exactly, so an identity always comes from the issuer that signed.
 
-JWKS documents are fetched by PyJWT's caching `PyJWKClient`, on a worker thread and under a
-timeout, so a slow provider never blocks the event loop. Tokens are never logged.
+JWKS documents are fetched and cached by authz/jwks.py (a removed key stops verifying within
+one refresh), on a worker thread and under a timeout, so a slow provider never blocks the event
+loop. Tokens are never logged.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,14 +31,13 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from authz.jwks import JwksKeys, JwksUnavailable, UnknownSigningKey
 from authz.keys import KEY_PREFIX
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_ALGORITHMS = ("RS256", "ES256")
 DEFAULT_LEEWAY_S = 30.0
-JWKS_CACHE_S = 300.0
-"""How long a fetched JWKS document is trusted before PyJWKClient fetches it again."""
 
 
 class IssuerConfigError(ValueError):
@@ -265,13 +266,17 @@ def bearer_token(authorization: str | None) -> str:
 class IdentityVerifier:
     """Verifies sign-in tokens against the configured issuers; one per process."""
 
-    def __init__(self, issuers: Sequence[IssuerConfig], *, jwks_timeout_s: float) -> None:
+    def __init__(
+        self,
+        issuers: Sequence[IssuerConfig],
+        *,
+        jwks_timeout_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._issuers = {i.issuer: i for i in issuers}
         self._timeout = jwks_timeout_s
         self._jwks = {
-            i.issuer: jwt.PyJWKClient(
-                i.jwks_url, cache_keys=True, lifespan=JWKS_CACHE_S, timeout=jwks_timeout_s
-            )
+            i.issuer: JwksKeys(i.jwks_url, timeout_s=jwks_timeout_s, clock=clock)
             for i in issuers
             if i.jwks_url is not None
         }
@@ -317,18 +322,21 @@ class IdentityVerifier:
             if not found:
                 raise Unauthenticated("the sign-in token was signed by an unknown key")
             return found
+        kid = header.get("kid")
         try:
             async with asyncio.timeout(self._timeout):
-                key = await asyncio.to_thread(client.get_signing_key_from_jwt, token)
+                key = await asyncio.to_thread(
+                    client.signing_key, kid if isinstance(kid, str) else None
+                )
         except TimeoutError:
             log.warning("sign-in: JWKS of %s timed out", issuer.issuer)
             raise SignInUnavailable("the sign-in provider's keys could not be fetched") from None
-        except (jwt.PyJWKClientConnectionError, jwt.PyJWKSetError, OSError, ValueError) as error:
+        except JwksUnavailable as error:
             # Unreachable, or answering with something that is not a JWKS: not the caller's
             # fault, so never a 401.
             log.warning("sign-in: cannot use the JWKS of %s: %s", issuer.issuer, error)
             raise SignInUnavailable("the sign-in provider's keys could not be fetched") from None
-        except jwt.PyJWKClientError:
+        except UnknownSigningKey:
             raise Unauthenticated("the sign-in token was signed by an unknown key") from None
         return [key]
 
