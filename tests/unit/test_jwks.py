@@ -25,16 +25,10 @@ class Clock:
         return self.now
 
 
-@pytest.fixture(scope="module")
-def keys_idp() -> TestIdp:
-    return TestIdp()
-
-
 @pytest.fixture
-def idp(keys_idp: TestIdp) -> Iterator[TestIdp]:
-    fresh = TestIdp(rsa_key=keys_idp.rsa_key, ec_key=keys_idp.ec_key)
-    with fresh.serve():
-        yield fresh
+def idp() -> Iterator[TestIdp]:
+    with TestIdp().serve() as serving:
+        yield serving
 
 
 @pytest.fixture
