@@ -10,6 +10,7 @@ from authz.cli.output import CliError, emit, jsonable, table
 from authz.cli.parser import Commands
 from authz.models import AuditEntry
 from authz.store.base import Store
+from authz.textsafe import printable
 
 
 def add_commands(commands: Commands, common: argparse.ArgumentParser) -> None:
@@ -44,7 +45,8 @@ def _report(rows: list[dict[str, Any]]) -> str:
     ]
     found = table(shown, ("at", "action", "key_id", "actor", "address", "detail"))
     incidents = [
-        f"INCIDENT: {r['key_id']} revoked as leaked at {r['at']} by {r['actor']}"
+        f"INCIDENT: {printable(r['key_id'])} revoked as leaked at {r['at']} "
+        f"by {printable(r['actor'])}"
         for r in shown
         if r["incident"]
     ]

@@ -12,6 +12,7 @@ from authz.keys import mint_key
 from authz.models import CLI_ACTOR
 from authz.rotation import Rotation, grace_deadline, rotate_key
 from authz.store.base import Store, utc_now
+from authz.textsafe import printable
 
 _COLUMNS = ("id", "label", "mask", "created_at", "revoked_at", "last_used_at")
 _SHOWN_ONCE = "secret (shown once, store it now)"
@@ -59,7 +60,7 @@ async def _create(store: Store, args: argparse.Namespace, out: TextIO) -> None:
         args.json,
         data,
         lambda: (
-            f"key {created.id} ({created.label}) in workspace {created.workspace_id}\n"
+            f"key {created.id} ({printable(created.label)}) in workspace {created.workspace_id}\n"
             f"{_SHOWN_ONCE}: {secret}"
         ),
     )
@@ -112,7 +113,8 @@ def _rotated(rotation: Rotation) -> str:
         else f"until you revoke it: authz key revoke {old.id}"
     )
     return (
-        f"key {new.id} ({new.label}) in workspace {new.workspace_id} replaces {old.id}\n"
+        f"key {new.id} ({printable(new.label)}) in workspace {new.workspace_id} "
+        f"replaces {old.id}\n"
         f"{old.id} ({old.mask}) keeps working {until}\n"
         f"{_SHOWN_ONCE}: {rotation.secret}"
     )

@@ -20,6 +20,7 @@ from authz.settings import Settings, SettingsError, add_setting_flags, load_sett
 from authz.store import open_store
 from authz.store.base import Store, StoreError
 from authz.store.common import InvalidInput
+from authz.textsafe import printable
 
 Handler = Callable[[Store, argparse.Namespace, TextIO], Awaitable[int]]
 
@@ -71,16 +72,21 @@ async def _with_store(
         await store.close()
 
 
+def _fail(error: Exception) -> None:
+    """One line on stderr; messages may quote names and labels, so they are escaped too."""
+    sys.stderr.write(f"authz: {printable(error)}\n")
+
+
 def _serve(settings: Settings) -> int:
     from authz.app import StartupError, run
 
     try:
         return run(settings)
     except SettingsError as error:
-        sys.stderr.write(f"authz: {error}\n")
+        _fail(error)
         return 2
     except (StartupError, StoreError) as error:
-        sys.stderr.write(f"authz: {error}\n")
+        _fail(error)
         return 1
 
 
@@ -90,7 +96,7 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
     try:
         settings = load_settings(os.environ, args)
     except SettingsError as error:
-        sys.stderr.write(f"authz: {error}\n")
+        _fail(error)
         return 2
     if args.command == "serve":
         return _serve(settings)
@@ -102,5 +108,5 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
         sys.stderr.write(usage_line(str(error), error.command))
         return 2
     except (CliError, StoreError, InvalidInput) as error:
-        sys.stderr.write(f"authz: {error}\n")
+        _fail(error)
         return 1

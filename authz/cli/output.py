@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from authz.models import ApiKey, Workspace
+from authz.textsafe import printable
 
 
 class CliError(Exception):
@@ -50,10 +51,11 @@ def emit(out: TextIO, as_json: bool, data: Any, human: Callable[[], str]) -> Non
 
 
 def table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
-    """Rows as aligned columns under upper-case headers; `(none)` when empty."""
+    """Rows as aligned columns under upper-case headers; `(none)` when empty. Every cell is
+    escaped for the terminal (`printable`): names, labels and file names are untrusted."""
     if not rows:
         return "(none)"
-    cells = [[("-" if row.get(c) is None else str(row.get(c))) for c in columns] for row in rows]
+    cells = [[("-" if row.get(c) is None else printable(row[c])) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]

@@ -11,6 +11,7 @@ from authz.cli.output import CliError, emit, table
 from authz.cli.parser import Commands, UsageProblem
 from authz.scan import ScanError, Sighting, identify, scan_git, scan_paths
 from authz.store.base import Store, utc_now
+from authz.textsafe import printable
 
 
 def add_commands(commands: Commands, common: argparse.ArgumentParser) -> None:
@@ -58,5 +59,5 @@ def _report(rows: list[dict[str, Any]], live: list[str]) -> str:
         return f"{found}\nno active keys among them"
     return (
         f"{found}\n{len(live)} key(s) still active: revoke now, then roll out replacements: "
-        + "; ".join(f"authz key revoke {key_id} --leaked" for key_id in live)
+        + "; ".join(f"authz key revoke {printable(key_id)} --leaked" for key_id in live)
     )

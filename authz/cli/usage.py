@@ -13,6 +13,7 @@ from authz.cli.output import CliError, iso_utc
 from authz.cli.parser import Commands, action_group, usd
 from authz.models import CLI_ACTOR, ModelPrice, UsageRow
 from authz.store.base import Store
+from authz.textsafe import printable
 from authz.usage.periods import period_bounds, period_of
 
 _TOTALS = ("requests", "prompt_tokens", "completion_tokens", "errors_4xx", "errors_5xx")
@@ -92,7 +93,7 @@ async def usage_report(store: Store, args: argparse.Namespace) -> dict[str, Any]
 
 
 def _human_usage(report: dict[str, Any]) -> str:
-    head = report.get("workspace_id") if "by_model" in report else report["key_id"]
+    head = printable(report["workspace_id"] if "by_model" in report else report["key_id"])
     lines = [
         f"{head} in {report['month']}: {report['requests']} requests, "
         f"{report['total_tokens']} tokens ({report['prompt_tokens']} prompt, "
@@ -102,8 +103,8 @@ def _human_usage(report: dict[str, Any]) -> str:
     for group, field in (("by_model", "model"), ("by_key", "key_id"), ("hours", "hour")):
         for item in report.get(group, []):
             lines.append(
-                f"  {item[field]}: {item['requests']} requests, {item['total_tokens']} tokens, "
-                f"${item['spend_usd']:.6f}"
+                f"  {printable(item[field])}: {item['requests']} requests, "
+                f"{item['total_tokens']} tokens, ${item['spend_usd']:.6f}"
             )
     return "\n".join(lines)
 
@@ -123,23 +124,25 @@ def _price_dict(price: ModelPrice) -> dict[str, Any]:
     }
 
 
+def _price_line(price: ModelPrice) -> str:
+    return (
+        f"{printable(price.model)}: ${price.input_per_1m_usd} in, "
+        f"${price.output_per_1m_usd} out per 1M"
+    )
+
+
 async def price_command(store: Store, args: argparse.Namespace, out: TextIO) -> int:
     if args.action == "set":
         saved = await store.set_price(
             ModelPrice(args.model, args.input, args.output), actor=CLI_ACTOR
         )
         data: Any = _price_dict(saved)
-        human = (
-            f"{saved.model}: ${saved.input_per_1m_usd} in, ${saved.output_per_1m_usd} out per 1M"
-        )
+        human = _price_line(saved)
     else:
         prices = await store.list_prices()
         data = [_price_dict(p) for p in prices]
         human = (
-            "\n".join(
-                f"{p.model}: ${p.input_per_1m_usd} in, ${p.output_per_1m_usd} out per 1M"
-                for p in prices
-            )
+            "\n".join(_price_line(p) for p in prices)
             or "(no prices: spend counts as 0; set a default with `authz price set '*' ...`)"
         )
     out.write((json.dumps(data, indent=2) if args.json else human) + "\n")

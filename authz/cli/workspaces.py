@@ -9,6 +9,7 @@ from authz.cli.output import CliError, emit, table, workspace_dict
 from authz.cli.parser import Commands, action_group, non_negative, usd
 from authz.models import CLI_ACTOR, NewWorkspace, Workspace, WorkspaceUpdate
 from authz.store.base import Store
+from authz.textsafe import printable
 
 _COLUMNS = ("id", "name", "rpm", "tpm", "key_limit", "monthly_token_quota")
 
@@ -56,7 +57,7 @@ def _limits(args: argparse.Namespace) -> dict[str, Any]:
 
 def _show(workspace: Workspace) -> str:
     return "\n".join(
-        f"{k}: {'-' if v is None else v}" for k, v in workspace_dict(workspace).items()
+        f"{k}: {'-' if v is None else printable(v)}" for k, v in workspace_dict(workspace).items()
     )
 
 
