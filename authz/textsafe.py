@@ -8,6 +8,8 @@ goes through `printable()` on its way to a terminal or a text log.
 
 from __future__ import annotations
 
+import logging
+
 
 def _escape(ch: str) -> str:
     code = ord(ch)
@@ -26,3 +28,16 @@ def printable(value: object) -> str:
     if text.isprintable():
         return text
     return "".join(ch if ch.isprintable() else _escape(ch) for ch in text)
+
+
+class InertTextFormatter(logging.Formatter):
+    """A text log formatter whose message cannot hold a control character: a key id or model
+    carrying `%0A` (decoded) or ESC cannot forge a log line. Tracebacks keep their lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        original = record.msg, record.args
+        record.msg, record.args = printable(record.getMessage()), None
+        try:
+            return super().format(record)
+        finally:
+            record.msg, record.args = original
