@@ -13,7 +13,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TextIO
 
-from authz.cli import audit, keys, scan, usage, workspaces
+from authz.cli import audit, devissuer, keys, scan, usage, workspaces
 from authz.cli.output import CliError, emit
 from authz.cli.parser import Commands, Parser, UsageProblem, common_flags, usage_line
 from authz.settings import Settings, SettingsError, add_setting_flags, load_settings
@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_commands(commands, common)
     audit.add_commands(commands, common)
     usage.add_commands(commands, common)
+    devissuer.add_commands(commands, common)
     return parser
 
 
@@ -101,6 +102,8 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
     if args.command == "serve":
         return _serve(settings)
     try:
+        if args.command == "dev-issuer":
+            return devissuer.dev_issuer_command(settings, args, out)
         # Checks argparse cannot express run before anything opens the database.
         getattr(args, "validate", lambda _: None)(args)
         return asyncio.run(_with_store(settings, _HANDLERS[args.command], args, out))
