@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from authz.api.body import apply_json_body
 from authz.api.gen import keys_pb2, keys_pb2_grpc
 from authz.api.messages import is_live, key_message, usage_message, workspace_message
 from authz.identity import Forbidden, IdentityVerifier, SignInUnavailable, Unauthenticated
@@ -31,6 +32,7 @@ from authz.store.base import (
     utc_now,
 )
 from authz.store.common import InvalidInput
+from authz.textsafe import printable
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +55,18 @@ _HANDLED = tuple(kind for kind, _ in _STATUS)
 
 
 def client_address(metadata: Mapping[str, str], peer: str) -> str:
-    """Where a call came from, for the audit log.
+    """Where a call came from, for the audit log: Envoy's view of the client.
 
-    Through Envoy (use_remote_address) the last x-forwarded-for hop is the client Envoy saw;
-    earlier hops are the client's own claims and are ignored. The gRPC peer is kept next to it,
-    so a forwarded address is never recorded without the hop that vouched for it.
+    Through Envoy (use_remote_address on the public listener) that is `x-envoy-external-address`:
+    the source address of the client's connection, which Envoy sets itself and never takes from
+    the client. The client's own x-forwarded-for claims are ignored. The gRPC peer (Envoy) is
+    kept next to it, so a forwarded address is never recorded without the hop that vouched for
+    it; a direct gRPC caller is recorded by its peer address alone.
     """
     kind, _, address = peer.partition(":")
     direct = address if kind in {"ipv4", "ipv6"} else peer
-    hop = metadata.get("x-forwarded-for", "").split(",")[-1].strip()
-    hop = "".join(ch for ch in hop if ch.isprintable())[:64]
-    return f"{hop} via {direct}" if hop else direct
+    client = printable(metadata.get("x-envoy-external-address", "").strip())[:64]
+    return f"{client} via {direct}" if client else direct
 
 
 def _metadata(context: Context) -> dict[str, str]:
@@ -167,6 +170,7 @@ class KeyServicer(keys_pb2_grpc.KeyServiceServicer):  # type: ignore[misc]
         self, request: keys_pb2.CreateKeyRequest, context: Context
     ) -> keys_pb2.CreateKeyResponse:
         actor = await self._caller(context, request.workspace_id)
+        request = apply_json_body(request)
         secret, new = mint_key(request.workspace_id, request.label)
         created = await self._store.create_key(new, actor=actor)
         log.info("key api: %s created %s in %s", actor.subject, created.id, created.workspace_id)
@@ -191,6 +195,7 @@ class KeyServicer(keys_pb2_grpc.KeyServiceServicer):  # type: ignore[misc]
 
     async def _revoke(self, request: keys_pb2.RevokeKeyRequest, context: Context) -> keys_pb2.Key:
         actor = await self._caller(context, request.workspace_id)
+        request = apply_json_body(request)
         await self._own_key(request.workspace_id, request.key_id)
         reason = "leaked" if request.leaked else "revoked"
         revoked = await self._store.revoke_key(request.key_id, actor=actor, reason=reason)
@@ -201,6 +206,7 @@ class KeyServicer(keys_pb2_grpc.KeyServiceServicer):  # type: ignore[misc]
         self, request: keys_pb2.RotateKeyRequest, context: Context
     ) -> keys_pb2.RotateKeyResponse:
         actor = await self._caller(context, request.workspace_id)
+        request = apply_json_body(request)
         old = await self._own_key(request.workspace_id, request.key_id)
         now = self._clock()
         rotation = await rotate_key(

@@ -225,7 +225,11 @@ async def test_another_workspaces_key_is_not_found(api: Api) -> None:
 
 async def test_revoke_as_leaked_is_audited_with_who_and_where(api: Api, idp: TestIdp) -> None:
     created = await api.create("ci")
-    metadata = (*api.auth(subject="bob@example.com"), ("x-forwarded-for", "10.9.9.9, 203.0.113.7"))
+    metadata = (
+        *api.auth(subject="bob@example.com"),
+        ("x-forwarded-for", "10.9.9.9, 192.0.2.2"),  # claims: ignored
+        ("x-envoy-external-address", "203.0.113.7"),  # what Envoy saw, as it sends it
+    )
     revoked = await api.stub.RevokeKey(
         keys_pb2.RevokeKeyRequest(
             workspace_id=api.workspace_id, key_id=created.key.id, leaked=True
@@ -429,11 +433,17 @@ def test_rotation_label_keeps_the_workload_and_dates_it() -> None:
     assert long.endswith(" (rotated 2026-11-27)")
 
 
-def test_client_address_trusts_only_the_last_forwarded_hop() -> None:
+def test_client_address_is_envoys_view_of_the_client() -> None:
     assert client_address({}, "ipv4:127.0.0.1:5000") == "127.0.0.1:5000"
-    forwarded = {"x-forwarded-for": "6.6.6.6, 198.51.100.4"}
-    assert client_address(forwarded, "ipv4:10.0.0.2:5000") == "198.51.100.4 via 10.0.0.2:5000"
+    through_envoy = {
+        "x-envoy-external-address": "198.51.100.4",
+        "x-forwarded-for": "6.6.6.6, 192.0.2.2",  # the client's claims: never recorded
+    }
+    assert client_address(through_envoy, "ipv4:10.0.0.2:5000") == "198.51.100.4 via 10.0.0.2:5000"
+    assert client_address({"x-forwarded-for": "6.6.6.6"}, "ipv4:10.0.0.2:5000") == "10.0.0.2:5000"
     assert client_address({}, "ipv6:[::1]:5000") == "[::1]:5000"
+    forged = {"x-envoy-external-address": "1.2.3.4\nINCIDENT"}
+    assert client_address(forged, "ipv4:10.0.0.2:5000") == "1.2.3.4\\x0aINCIDENT via 10.0.0.2:5000"
 
 
 async def test_an_issuer_manages_only_the_workspaces_it_is_bound_to(
