@@ -5,8 +5,15 @@ JSON inline). Each issuer has a JWKS URL or static public keys, an audience, and
 that carry the caller's workspaces and the permission to manage keys. Only RS256 and ES256
 are accepted: asymmetric, so the sidecar never holds a secret that could mint tokens.
 
-JWKS documents are fetched by PyJWT's caching `PyJWKClient`, on a worker thread and under a
-timeout, so a slow provider never blocks the event loop. Tokens are never logged.
+Each issuer is bound to the workspaces it may grant (`workspaces`: a list of ids, or `"*"` in a
+single-tenant deployment with one issuer): a token's workspace claim counts only where its
+issuer is bound, so one tenant's IdP admin cannot mint access to another tenant. The token's
+unverified `iss` only picks which issuer's keys to try; the signature is then verified with
+those keys and `iss` checked exactly, so an identity always comes from the issuer that signed.
+
+JWKS documents are fetched and cached by authz/jwks.py (a removed key stops verifying within
+one refresh), on a worker thread and under a timeout, so a slow provider never blocks the event
+loop. Tokens are never logged.
 """
 
 from __future__ import annotations
@@ -14,7 +21,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,14 +31,13 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from authz.jwks import JwksKeys, JwksUnavailable, UnknownSigningKey
 from authz.keys import KEY_PREFIX
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_ALGORITHMS = ("RS256", "ES256")
 DEFAULT_LEEWAY_S = 30.0
-JWKS_CACHE_S = 300.0
-"""How long a fetched JWKS document is trusted before PyJWKClient fetches it again."""
 
 
 class IssuerConfigError(ValueError):
@@ -62,6 +69,13 @@ class IssuerConfig:
     keys: tuple[jwt.PyJWK, ...] = ()
     algorithms: tuple[str, ...] = SUPPORTED_ALGORITHMS
     leeway_s: float = DEFAULT_LEEWAY_S
+    workspaces: frozenset[str] = frozenset()
+    """The workspaces this issuer may grant; empty when `all_workspaces` (single tenant)."""
+    all_workspaces: bool = False
+
+    def grantable(self, claimed: frozenset[str]) -> frozenset[str]:
+        """The claimed workspaces this issuer is bound to; the rest do not count."""
+        return claimed if self.all_workspaces else claimed & self.workspaces
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +99,9 @@ class Identity:
 
 
 _REQUIRED = ("issuer", "audience", "workspace_claim", "permission_claim", "manage_permission")
-_KNOWN = {*_REQUIRED, "jwks_url", "keys", "algorithms", "leeway_s"}
+_KNOWN = {*_REQUIRED, "workspaces", "jwks_url", "keys", "algorithms", "leeway_s"}
+ANY_WORKSPACE = "*"
+"""`"workspaces": "*"`: the one issuer of a single-tenant deployment may grant any workspace."""
 
 
 def load_issuers(raw: str) -> tuple[IssuerConfig, ...]:
@@ -111,6 +127,12 @@ def load_issuers(raw: str) -> tuple[IssuerConfig, ...]:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise IssuerConfigError(f"issuer {duplicates[0]!r} is listed twice")
+    wildcard = [i.issuer for i in issuers if i.all_workspaces]
+    if wildcard and len(issuers) > 1:
+        raise IssuerConfigError(
+            f'issuer {wildcard[0]!r}: "workspaces": "*" is only for a single issuer; '
+            "with several, list each issuer's workspace ids"
+        )
     return issuers
 
 
@@ -145,6 +167,7 @@ def _issuer(entry: Any, index: int) -> IssuerConfig:
     leeway = entry.get("leeway_s", DEFAULT_LEEWAY_S)
     if isinstance(leeway, bool) or not isinstance(leeway, int | float) or not 0 <= leeway <= 300:
         raise IssuerConfigError(f"{where}: 'leeway_s' must be a number of seconds from 0 to 300")
+    bound = _bound_workspaces(entry.get("workspaces"), where)
     return IssuerConfig(
         issuer=entry["issuer"],
         audience=entry["audience"],
@@ -155,7 +178,25 @@ def _issuer(entry: Any, index: int) -> IssuerConfig:
         keys=() if raw_keys is None else _static_keys(raw_keys, where),
         algorithms=tuple(algorithms),
         leeway_s=float(leeway),
+        workspaces=frozenset() if bound is None else bound,
+        all_workspaces=bound is None,
     )
+
+
+def _bound_workspaces(raw: Any, where: str) -> frozenset[str] | None:
+    """The ids an issuer may grant, or None for `"*"` (any workspace)."""
+    if raw == ANY_WORKSPACE:
+        return None
+    if (
+        not isinstance(raw, list)
+        or not raw
+        or any(not isinstance(w, str) or not w.strip() or w == ANY_WORKSPACE for w in raw)
+    ):
+        raise IssuerConfigError(
+            f"{where}: 'workspaces' must be a non-empty list of the workspace ids this issuer "
+            'may grant (or "*" when it is the only issuer)'
+        )
+    return frozenset(raw)
 
 
 def _static_keys(raw: Any, where: str) -> tuple[jwt.PyJWK, ...]:
@@ -225,13 +266,17 @@ def bearer_token(authorization: str | None) -> str:
 class IdentityVerifier:
     """Verifies sign-in tokens against the configured issuers; one per process."""
 
-    def __init__(self, issuers: Sequence[IssuerConfig], *, jwks_timeout_s: float) -> None:
+    def __init__(
+        self,
+        issuers: Sequence[IssuerConfig],
+        *,
+        jwks_timeout_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._issuers = {i.issuer: i for i in issuers}
         self._timeout = jwks_timeout_s
         self._jwks = {
-            i.issuer: jwt.PyJWKClient(
-                i.jwks_url, cache_keys=True, lifespan=JWKS_CACHE_S, timeout=jwks_timeout_s
-            )
+            i.issuer: JwksKeys(i.jwks_url, timeout_s=jwks_timeout_s, clock=clock)
             for i in issuers
             if i.jwks_url is not None
         }
@@ -261,7 +306,7 @@ class IdentityVerifier:
         return Identity(
             subject=subject,
             issuer=issuer.issuer,
-            workspaces=_as_set(claims.get(issuer.workspace_claim), split=False),
+            workspaces=issuer.grantable(_as_set(claims.get(issuer.workspace_claim), split=False)),
             may_manage_keys=issuer.manage_permission
             in _as_set(claims.get(issuer.permission_claim), split=True),
         )
@@ -277,18 +322,21 @@ class IdentityVerifier:
             if not found:
                 raise Unauthenticated("the sign-in token was signed by an unknown key")
             return found
+        kid = header.get("kid")
         try:
             async with asyncio.timeout(self._timeout):
-                key = await asyncio.to_thread(client.get_signing_key_from_jwt, token)
+                key = await asyncio.to_thread(
+                    client.signing_key, kid if isinstance(kid, str) else None
+                )
         except TimeoutError:
             log.warning("sign-in: JWKS of %s timed out", issuer.issuer)
             raise SignInUnavailable("the sign-in provider's keys could not be fetched") from None
-        except (jwt.PyJWKClientConnectionError, jwt.PyJWKSetError, OSError, ValueError) as error:
+        except JwksUnavailable as error:
             # Unreachable, or answering with something that is not a JWKS: not the caller's
             # fault, so never a 401.
             log.warning("sign-in: cannot use the JWKS of %s: %s", issuer.issuer, error)
             raise SignInUnavailable("the sign-in provider's keys could not be fetched") from None
-        except jwt.PyJWKClientError:
+        except UnknownSigningKey:
             raise Unauthenticated("the sign-in token was signed by an unknown key") from None
         return [key]
 

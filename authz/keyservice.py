@@ -10,18 +10,19 @@ codes, once, here at the edge. Envoy's JSON transcoder maps those codes to HTTP 
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import grpc
 
+from authz.api.body import apply_json_body
 from authz.api.gen import keys_pb2, keys_pb2_grpc
 from authz.api.messages import is_live, key_message, usage_message, workspace_message
 from authz.identity import Forbidden, IdentityVerifier, SignInUnavailable, Unauthenticated
 from authz.keys import mint_key
 from authz.models import Actor, ApiKey
+from authz.rotation import grace_deadline, rotate_key
 from authz.store.base import (
     Conflict,
     KeyLimitReached,
@@ -30,17 +31,13 @@ from authz.store.base import (
     StoreUnavailable,
     utc_now,
 )
-from authz.store.common import MAX_LABEL_LENGTH, InvalidInput
+from authz.store.common import InvalidInput
+from authz.textsafe import printable
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Context = grpc.aio.ServicerContext[Any, Any]
-
-MAX_GRACE = timedelta(days=30)
-"""Longest a rotated key may keep working on a deadline; longer overlaps should revoke by hand."""
-
-_ROTATED_SUFFIX = re.compile(r" \(rotated \d{4}-\d{2}-\d{2}\)$")
 
 # Which typed failure becomes which status. The key limit is FAILED_PRECONDITION (HTTP 400),
 # not RESOURCE_EXHAUSTED (429): waiting does not help, revoking a key does.
@@ -57,25 +54,19 @@ _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
 _HANDLED = tuple(kind for kind, _ in _STATUS)
 
 
-def rotation_label(old_label: str, day: datetime) -> str:
-    """`<workload> (rotated YYYY-MM-DD)`: the workload is the old label minus an earlier suffix."""
-    suffix = f" (rotated {day:%Y-%m-%d})"
-    workload = _ROTATED_SUFFIX.sub("", old_label)
-    return workload[: MAX_LABEL_LENGTH - len(suffix)].rstrip() + suffix
-
-
 def client_address(metadata: Mapping[str, str], peer: str) -> str:
-    """Where a call came from, for the audit log.
+    """Where a call came from, for the audit log: Envoy's view of the client.
 
-    Through Envoy (use_remote_address) the last x-forwarded-for hop is the client Envoy saw;
-    earlier hops are the client's own claims and are ignored. The gRPC peer is kept next to it,
-    so a forwarded address is never recorded without the hop that vouched for it.
+    Through Envoy (use_remote_address on the public listener) that is `x-envoy-external-address`:
+    the source address of the client's connection, which Envoy sets itself and never takes from
+    the client. The client's own x-forwarded-for claims are ignored. The gRPC peer (Envoy) is
+    kept next to it, so a forwarded address is never recorded without the hop that vouched for
+    it; a direct gRPC caller is recorded by its peer address alone.
     """
     kind, _, address = peer.partition(":")
     direct = address if kind in {"ipv4", "ipv6"} else peer
-    hop = metadata.get("x-forwarded-for", "").split(",")[-1].strip()
-    hop = "".join(ch for ch in hop if ch.isprintable())[:64]
-    return f"{hop} via {direct}" if hop else direct
+    client = printable(metadata.get("x-envoy-external-address", "").strip())[:64]
+    return f"{client} via {direct}" if client else direct
 
 
 def _metadata(context: Context) -> dict[str, str]:
@@ -86,13 +77,8 @@ def _metadata(context: Context) -> dict[str, str]:
     return found
 
 
-def _grace_deadline(request: keys_pb2.RotateKeyRequest, now: datetime) -> datetime | None:
-    if not request.HasField("grace_period"):
-        return None
-    grace = request.grace_period.ToTimedelta()
-    if not timedelta(0) < grace <= MAX_GRACE:
-        raise InvalidInput(f"grace_period must be more than 0 s and at most {MAX_GRACE.days} days")
-    return now + grace
+def _grace(request: keys_pb2.RotateKeyRequest) -> timedelta | None:
+    return request.grace_period.ToTimedelta() if request.HasField("grace_period") else None
 
 
 class KeyServicer(keys_pb2_grpc.KeyServiceServicer):  # type: ignore[misc]
@@ -184,6 +170,7 @@ class KeyServicer(keys_pb2_grpc.KeyServiceServicer):  # type: ignore[misc]
         self, request: keys_pb2.CreateKeyRequest, context: Context
     ) -> keys_pb2.CreateKeyResponse:
         actor = await self._caller(context, request.workspace_id)
+        request = apply_json_body(request)
         secret, new = mint_key(request.workspace_id, request.label)
         created = await self._store.create_key(new, actor=actor)
         log.info("key api: %s created %s in %s", actor.subject, created.id, created.workspace_id)
@@ -208,6 +195,7 @@ class KeyServicer(keys_pb2_grpc.KeyServiceServicer):  # type: ignore[misc]
 
     async def _revoke(self, request: keys_pb2.RevokeKeyRequest, context: Context) -> keys_pb2.Key:
         actor = await self._caller(context, request.workspace_id)
+        request = apply_json_body(request)
         await self._own_key(request.workspace_id, request.key_id)
         reason = "leaked" if request.leaked else "revoked"
         revoked = await self._store.revoke_key(request.key_id, actor=actor, reason=reason)
@@ -218,20 +206,22 @@ class KeyServicer(keys_pb2_grpc.KeyServiceServicer):  # type: ignore[misc]
         self, request: keys_pb2.RotateKeyRequest, context: Context
     ) -> keys_pb2.RotateKeyResponse:
         actor = await self._caller(context, request.workspace_id)
+        request = apply_json_body(request)
         old = await self._own_key(request.workspace_id, request.key_id)
         now = self._clock()
-        deadline = _grace_deadline(request, now)
-        secret, new = mint_key(old.workspace_id, request.label or rotation_label(old.label, now))
-        previous, replacement = await self._store.rotate_key(
-            old.id,
-            new,
+        rotation = await rotate_key(
+            self._store,
+            old,
+            label=request.label or None,
+            deadline=grace_deadline(_grace(request), now, name="grace_period"),
             actor=actor,
-            old_expires_at=deadline,
+            now=now,
         )
+        previous, replacement = rotation.previous, rotation.replacement
         log.info("key api: %s rotated %s to %s", actor.subject, previous.id, replacement.id)
         return keys_pb2.RotateKeyResponse(
             replacement=key_message(replacement, now=now),
-            secret=secret,
+            secret=rotation.secret,
             previous=key_message(previous, now=now),
         )
 

@@ -7,6 +7,8 @@ import logging
 import sys
 from datetime import UTC, datetime
 
+from authz.textsafe import InertTextFormatter
+
 
 class JsonFormatter(logging.Formatter):
     """`{"ts", "level", "logger", "message"[, "exc"]}`; messages already hold masks only."""
@@ -28,7 +30,7 @@ def configure_logging(level: str, log_format: str) -> None:
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(InertTextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

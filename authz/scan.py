@@ -24,14 +24,34 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
-from authz.keys import find_keys, hash_key, mask_key
+from authz.keys import KEY_LENGTH, find_keys, hash_key, mask_key
 from authz.models import ApiKey
 from authz.store.base import Store
 
 _HUNK = re.compile(r"^(@{2,}) (.*?) \1")
-_GIT_LOG = (
-    "-c",
+
+# The repository is untrusted (it may be the leaked material itself): its own config must not
+# make git run anything. Command-line `-c` settings win over every config file, so each setting
+# that could name a program, or make git verify signatures (gpg.program), is pinned here. Diffs
+# use no external diff and no textconv, whatever .gitattributes says; nothing runs a pager.
+_SAFE_CONFIG = (
     "core.quotePath=false",
+    "log.showSignature=false",
+    "core.pager=cat",
+    "pager.log=false",
+    "core.fsmonitor=false",
+    "core.hooksPath=/dev/null",
+    "core.attributesFile=/dev/null",
+    "diff.external=",
+    "gpg.program=false",
+    "gpg.ssh.program=false",
+    "gpg.x509.program=false",
+    "log.mailmap=false",
+    "protocol.allow=never",
+)
+_GIT_LOG = (
+    "--no-pager",
+    *(arg for setting in _SAFE_CONFIG for arg in ("-c", setting)),
     "log",
     "--all",
     "--reflog",
@@ -42,12 +62,17 @@ _GIT_LOG = (
     "--no-color",
     "--no-ext-diff",
     "--no-textconv",
+    "--no-show-signature",
     "--no-renames",
     "--src-prefix=a/",
     "--dst-prefix=b/",
     "--format=commit %H",
 )
 _SKIPPED_DIRS = frozenset({".git"})
+MAX_PIECE = 1 << 20
+"""Bytes read at a time: a 300 MB line (a minified bundle, a log without newlines) is scanned
+in pieces of this size, so memory stays bounded whatever the input."""
+_OVERLAP = KEY_LENGTH - 1
 
 
 class ScanError(Exception):
@@ -88,6 +113,20 @@ def _sightings(text: str, location: str) -> Iterator[Sighting]:
         yield Sighting(hash_key(key), mask_key(key), location)
 
 
+def _pieces(stream: IO[bytes], encoding: str) -> Iterator[tuple[bool, str]]:
+    """Each line in pieces of at most MAX_PIECE bytes: (starts_a_line, text).
+
+    A continuation piece begins with the previous piece's last KEY_LENGTH - 1 characters, so a
+    key split between two pieces is still seen whole (a key seen twice is reported once).
+    """
+    starts, tail = True, ""
+    while chunk := stream.readline(MAX_PIECE):
+        text = chunk.decode(encoding, "replace")
+        yield starts, text if starts else tail + text
+        tail = text[-_OVERLAP:]
+        starts = chunk.endswith(b"\n")
+
+
 # Files and logs
 
 
@@ -113,8 +152,10 @@ def scan_paths(paths: Iterable[Path]) -> Iterator[Sighting]:
                 with path.open("rb") as handle:
                     # latin-1 maps every byte to one character: binary files and logs in any
                     # encoding read without errors, and keys are ASCII either way.
-                    for number, line in enumerate(handle, start=1):
-                        yield from _sightings(line.decode("latin-1"), f"{path}:{number}")
+                    number = 0
+                    for starts, text in _pieces(handle, "latin-1"):
+                        number += starts
+                        yield from _sightings(text, f"{path}:{number}")
             except OSError as error:
                 raise ScanError(f"cannot read {path}: {error.strerror}") from None
 
@@ -147,8 +188,10 @@ class _DiffReader:
         self.in_hunk = False
         self.parents = 1
         self.line = 0
+        self.adding: str | None = None  # where the added line being read is, if it is one
 
     def feed(self, line: str) -> Iterator[Sighting]:
+        self.adding = None
         if line.startswith("commit "):
             self.commit, self.path, self.in_hunk = line[7:].strip(), None, False
         elif line.startswith("diff "):
@@ -177,7 +220,29 @@ class _DiffReader:
         number = self.line
         self.line += 1
         if "+" in marks and self.path is not None:
-            yield from _sightings(text, f"{self.commit[:12]}:{self.path}:{number}")
+            self.adding = f"{self.commit[:12]}:{self.path}:{number}"
+            yield from _sightings(text, self.adding)
+
+    def more(self, piece: str) -> Iterator[Sighting]:
+        """The rest of a line too long to read at once (see `_pieces`)."""
+        if self.adding is not None:
+            yield from _sightings(piece, self.adding)
+
+
+def _git_env(home: str) -> dict[str, str]:
+    """No inherited GIT_* variables, no system or user config, an empty HOME, no prompts."""
+    return {
+        "PATH": os.environ.get("PATH", os.defpath),
+        "HOME": home,
+        "XDG_CONFIG_HOME": home,
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_CONFIG_GLOBAL": os.devnull,
+        "GIT_ATTR_NOSYSTEM": "1",
+        "GIT_TERMINAL_PROMPT": "0",
+        "GIT_OPTIONAL_LOCKS": "0",
+        "GIT_NO_REPLACE_OBJECTS": "1",
+        "LC_ALL": "C",
+    }
 
 
 def scan_git(repo: Path) -> Iterator[Sighting]:
@@ -188,12 +253,14 @@ def scan_git(repo: Path) -> Iterator[Sighting]:
     if not repo.is_dir():
         raise ScanError(f"no such folder: {repo}")
     with (
+        tempfile.TemporaryDirectory(prefix="authz-scan-home-") as home,
         tempfile.TemporaryFile() as errors,
         subprocess.Popen(  # noqa: S603 - git from PATH, arguments we build
             [git, "-C", str(repo), *_GIT_LOG],
             stdout=subprocess.PIPE,
             stderr=errors,
             stdin=subprocess.DEVNULL,
+            env=_git_env(home),
         ) as process,
     ):
         try:
@@ -211,8 +278,8 @@ def scan_git(repo: Path) -> Iterator[Sighting]:
 def _read_log(stream: IO[bytes] | None) -> Iterator[Sighting]:
     assert stream is not None
     reader = _DiffReader()
-    for raw in stream:
-        yield from reader.feed(raw.decode("utf-8", "replace").rstrip("\n"))
+    for starts, text in _pieces(stream, "utf-8"):
+        yield from (reader.feed if starts else reader.more)(text.rstrip("\n"))
 
 
 # Identification

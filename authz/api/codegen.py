@@ -39,9 +39,10 @@ class CodegenError(RuntimeError):
 
 
 def _google_api_descriptors() -> bytes:
-    """google/api/{http,annotations}.proto as a FileDescriptorSet, from the installed modules."""
+    """google/api/{http,annotations,httpbody}.proto as a FileDescriptorSet, from the installed
+    modules (httpbody's own import, google/protobuf/any.proto, comes with grpcio-tools)."""
     files = descriptor_pb2.FileDescriptorSet()
-    for name in ("google.api.http_pb2", "google.api.annotations_pb2"):
+    for name in ("google.api.http_pb2", "google.api.annotations_pb2", "google.api.httpbody_pb2"):
         module = importlib.import_module(name)
         files.file.add().MergeFromString(module.DESCRIPTOR.serialized_pb)
     return files.SerializeToString(deterministic=True)

@@ -205,6 +205,11 @@ def test_rotation_overlap_then_revoke(console: Console) -> None:
 
 
 def test_rotation_grace_deadline_is_enforced(console: Console) -> None:
+    # The deadline is what is under test, not the workspace's rate limit: the polling below
+    # sends a request every 20 ms, which drains the default 60 RPM bucket (and, over 8 s, the
+    # TPM one) and turned the final 200 into a 429. So this workspace is unmetered.
+    unmetered = ("--rpm", "0", "--tpm", "0")
+    authz_cli(console.stack.database_url, "workspace", "update", console.workspace_id, *unmetered)
     old = console.create("batch")
     rotated = console.call(
         "POST",
@@ -232,17 +237,17 @@ def test_audit_names_the_signed_in_user_and_the_client_address(
         f"{console.keys_path}/{created['key']['id']}:revoke",
         {"leaked": True},
         token=console.token(subject="carol@example.com"),
-        headers={"X-Forwarded-For": "198.51.100.23"},
+        headers={"X-Forwarded-For": "198.51.100.23", "X-Envoy-External-Address": "203.0.113.9"},
     )
     entries = authz_cli(console.stack.database_url, "audit", "--workspace", console.workspace_id)
     revoke = next(e for e in entries if e["action"] == "key.revoke")
     assert revoke["incident"] is True
     assert (revoke["actor_subject"], revoke["actor_issuer"]) == ("carol@example.com", idp.issuer)
-    # Envoy appends the address it saw (use_remote_address); the client's own claim is not
-    # what gets recorded, and the hop that vouched for it (Envoy, on loopback) is kept.
+    # Envoy's view of the client (use_remote_address: the test's loopback connection) is
+    # recorded; the client's own claims are not, and the hop that vouched for it (Envoy, on
+    # loopback) is kept.
     hop, via, peer = revoke["actor_address"].partition(" via ")
-    assert hop
-    assert hop != "198.51.100.23"
+    assert hop == "127.0.0.1"
     assert via
     assert peer.startswith("127.0.0.1:")
     create = next(e for e in entries if e["action"] == "key.create")
@@ -275,3 +280,33 @@ def test_an_api_key_never_reaches_key_management_even_if_valid(console: Console)
         assert console.call(method, path, body, token=secret).status == 401, path
         assert console.call(method, path, body, token=generate_key()).status == 401, path
     assert console.openai_status(secret) == 200
+
+
+def test_unknown_body_fields_are_a_400_naming_the_field(console: Console) -> None:
+    key_id = console.create("strict")["key"]["id"]
+    keys = console.keys_path
+    for path, body, field, expected in (
+        (keys, {"lable": "x"}, "lable", "label"),
+        (f"{keys}/{key_id}:rotate", {"grace": "60s"}, "grace", "label, grace_period"),
+        (f"{keys}/{key_id}:revoke", {"leaked": True, "why": "x"}, "why", "leaked"),
+        (keys, {"label": "x", "workspace_id": "ws_other"}, "workspace_id", "label"),
+    ):
+        answer = console.call("POST", path, body, token=console.token())
+        assert answer.status == 400, (path, answer.body)
+        assert answer.json()["message"] == (
+            f"unknown field {field!r} in the request body; expected: {expected}"
+        )
+    assert len(console.call("GET", keys, token=console.token()).json()["keys"]) == 1
+    assert console.openai_status(console.create("still fine")["secret"]) == 200
+    # The proto3 JSON names work too, and a body that is not JSON is a 400 as well.
+    rotated = console.call(
+        "POST", f"{keys}/{key_id}:rotate", {"gracePeriod": "60s"}, token=console.token()
+    )
+    assert rotated.status == 200, rotated.body
+    assert rotated.json()["previous"]["expires_at"]
+    broken = console.stack.request(
+        keys,
+        headers={"Authorization": f"Bearer {console.token()}", "Content-Type": "application/json"},
+        body=b"{not json",
+    )
+    assert broken.status == 400

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -94,3 +95,66 @@ def test_usage_errors_exit_2(cli: Cli) -> None:
 def test_bad_database_url_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["workspace", "list", "--database-url", "mysql://x"]) == 2
     assert capsys.readouterr().err.startswith("authz: invalid setting --database-url:")
+
+
+LIMIT_LINE = "authz: key limit reached: revoke an unused key before generating a replacement\n"
+
+
+def test_key_rotate_replaces_in_the_same_workspace_and_audits(cli: Cli) -> None:
+    workspace = cli("workspace", "create", "acme")
+    old = cli("key", "create", "--workspace", workspace["id"], "--label", "payments")
+    rotated = cli("key", "rotate", old["id"])
+    assert set(rotated) == {"replacement", "secret", "previous"}
+    new = rotated["replacement"]
+    assert is_well_formed(rotated["secret"])
+    assert rotated["secret"] != old["secret"]
+    assert new["workspace_id"] == workspace["id"]
+    assert new["label"].startswith("payments (rotated ")
+    assert new["mask"] == rotated["secret"][:5] + "*" * 10 + rotated["secret"][-4:]
+    # Without --grace the old key keeps working until someone revokes it.
+    assert rotated["previous"]["active"] is True
+    assert rotated["previous"]["expires_at"] is None
+    listed = cli("key", "list", "--workspace", workspace["id"])
+    assert rotated["secret"] not in json.dumps(listed)
+    assert {k["id"] for k in listed} == {old["id"], new["id"]}
+    audit = cli("audit", "--workspace", workspace["id"])
+    actions = {(e["action"], e["key_id"], e["actor_subject"]) for e in audit}
+    assert ("key.rotate", old["id"], "cli") in actions
+    assert ("key.create", new["id"], "cli") in actions
+
+
+def test_key_rotate_with_grace_and_label(cli: Cli) -> None:
+    workspace = cli("workspace", "create", "acme")
+    old = cli("key", "create", "--workspace", workspace["id"], "--label", "batch")
+    rotated = cli("key", "rotate", old["id"], "--grace", "1h30m", "--label", "batch v2")
+    assert rotated["replacement"]["label"] == "batch v2"
+    created = datetime.fromisoformat(rotated["replacement"]["created_at"])
+    deadline = datetime.fromisoformat(rotated["previous"]["expires_at"])
+    assert timedelta(hours=1, minutes=29) < deadline - created <= timedelta(hours=1, minutes=31)
+    assert cli("key", "rotate", old["id"], "--grace", "31d", code=1) == (
+        "authz: --grace must be more than 0 s and at most 30 days\n"
+    )
+
+
+def test_key_rotate_at_the_limit_works_as_the_api_does(cli: Cli) -> None:
+    """The same store rule as the key API's RotateKey: the key being replaced does not count,
+    so one rotation at the limit succeeds, and nothing goes further over."""
+    workspace = cli("workspace", "create", "acme", "--key-limit", "2")
+    keys = [
+        cli("key", "create", "--workspace", workspace["id"], "--label", f"k{i}") for i in (1, 2)
+    ]
+    first = cli("key", "rotate", keys[0]["id"])
+    assert cli("key", "rotate", keys[1]["id"], code=1) == LIMIT_LINE
+    assert cli("key", "rotate", first["replacement"]["id"], code=1) == LIMIT_LINE
+    cli("key", "revoke", keys[0]["id"])
+    cli("key", "rotate", keys[1]["id"])
+    active = [k for k in cli("key", "list", "--workspace", workspace["id"]) if k["active"]]
+    assert len(active) == 3
+
+
+def test_key_rotate_refusals(cli: Cli) -> None:
+    assert cli("key", "rotate", "key_nope", code=1) == "authz: no key key_nope\n"
+    workspace = cli("workspace", "create", "acme")
+    old = cli("key", "create", "--workspace", workspace["id"], "--label", "x")
+    cli("key", "revoke", old["id"])
+    assert cli("key", "rotate", old["id"], code=1).startswith("authz: ")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -17,8 +18,9 @@ from google.protobuf.json_format import MessageToDict
 from authz.api.gen import keys_pb2, keys_pb2_grpc
 from authz.identity import IdentityVerifier, load_issuers
 from authz.keys import generate_key, hash_key, is_well_formed
-from authz.keyservice import KeyServicer, client_address, rotation_label
+from authz.keyservice import KeyServicer, client_address
 from authz.models import CLI_ACTOR, NewWorkspace, UsageRow
+from authz.rotation import rotation_label
 from authz.store.base import Change, ChangeKind, Store
 from tests.support.idp import TestIdp, new_ec_key
 
@@ -58,21 +60,30 @@ class Api:
         return answer
 
 
-@pytest.fixture
-async def api(store: Store, idp: TestIdp) -> AsyncIterator[Api]:
-    verifier = IdentityVerifier(load_issuers(json.dumps([idp.config()])), jwks_timeout_s=2)
+@asynccontextmanager
+async def key_service(store: Store, *issuers: dict[str, Any]) -> AsyncIterator[Any]:
+    """The KeyService on a loopback port, trusting `issuers`; yields a stub."""
+    verifier = IdentityVerifier(load_issuers(json.dumps(list(issuers))), jwks_timeout_s=2)
     server = grpc.aio.server()
     keys_pb2_grpc.add_KeyServiceServicer_to_server(
         KeyServicer(store=store, verifier=verifier), server
     )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield keys_pb2_grpc.KeyServiceStub(channel)
+    finally:
+        await server.stop(0)
+
+
+@pytest.fixture
+async def api(store: Store, idp: TestIdp) -> AsyncIterator[Api]:
     workspace = await store.create_workspace(
         NewWorkspace(name="acme", key_limit=3), actor=CLI_ACTOR
     )
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        yield Api(keys_pb2_grpc.KeyServiceStub(channel), idp, store, workspace.id)
-    await server.stop(0)
+    async with key_service(store, idp.config()) as stub:
+        yield Api(stub, idp, store, workspace.id)
 
 
 async def rpc_error(call: Any) -> grpc.aio.AioRpcError:
@@ -214,7 +225,11 @@ async def test_another_workspaces_key_is_not_found(api: Api) -> None:
 
 async def test_revoke_as_leaked_is_audited_with_who_and_where(api: Api, idp: TestIdp) -> None:
     created = await api.create("ci")
-    metadata = (*api.auth(subject="bob@example.com"), ("x-forwarded-for", "10.9.9.9, 203.0.113.7"))
+    metadata = (
+        *api.auth(subject="bob@example.com"),
+        ("x-forwarded-for", "10.9.9.9, 192.0.2.2"),  # claims: ignored
+        ("x-envoy-external-address", "203.0.113.7"),  # what Envoy saw, as it sends it
+    )
     revoked = await api.stub.RevokeKey(
         keys_pb2.RevokeKeyRequest(
             workspace_id=api.workspace_id, key_id=created.key.id, leaked=True
@@ -418,8 +433,47 @@ def test_rotation_label_keeps_the_workload_and_dates_it() -> None:
     assert long.endswith(" (rotated 2026-11-27)")
 
 
-def test_client_address_trusts_only_the_last_forwarded_hop() -> None:
+def test_client_address_is_envoys_view_of_the_client() -> None:
     assert client_address({}, "ipv4:127.0.0.1:5000") == "127.0.0.1:5000"
-    forwarded = {"x-forwarded-for": "6.6.6.6, 198.51.100.4"}
-    assert client_address(forwarded, "ipv4:10.0.0.2:5000") == "198.51.100.4 via 10.0.0.2:5000"
+    through_envoy = {
+        "x-envoy-external-address": "198.51.100.4",
+        "x-forwarded-for": "6.6.6.6, 192.0.2.2",  # the client's claims: never recorded
+    }
+    assert client_address(through_envoy, "ipv4:10.0.0.2:5000") == "198.51.100.4 via 10.0.0.2:5000"
+    assert client_address({"x-forwarded-for": "6.6.6.6"}, "ipv4:10.0.0.2:5000") == "10.0.0.2:5000"
     assert client_address({}, "ipv6:[::1]:5000") == "[::1]:5000"
+    forged = {"x-envoy-external-address": "1.2.3.4\nINCIDENT"}
+    assert client_address(forged, "ipv4:10.0.0.2:5000") == "1.2.3.4\\x0aINCIDENT via 10.0.0.2:5000"
+
+
+async def test_an_issuer_manages_only_the_workspaces_it_is_bound_to(
+    store: Store, idp: TestIdp
+) -> None:
+    """Two tenants, two IdPs: tenant A's IdP admin mints a token naming tenant B's workspace."""
+    tenant_a = await store.create_workspace(NewWorkspace(name="a"), actor=CLI_ACTOR)
+    tenant_b = await store.create_workspace(NewWorkspace(name="b"), actor=CLI_ACTOR)
+    with TestIdp(issuer="https://idp.tenant-b.example").serve() as idp_b:
+        async with key_service(
+            store, idp.config(workspaces=[tenant_a.id]), idp_b.config(workspaces=[tenant_b.id])
+        ) as stub:
+            greedy = idp.token(workspaces=[tenant_a.id, tenant_b.id])
+            auth = (("authorization", f"Bearer {greedy}"),)
+            for call in (
+                stub.ListKeys(keys_pb2.ListKeysRequest(workspace_id=tenant_b.id), metadata=auth),
+                stub.CreateKey(
+                    keys_pb2.CreateKeyRequest(workspace_id=tenant_b.id, label="x"), metadata=auth
+                ),
+            ):
+                error = await rpc_error(call)
+                assert error.code() is grpc.StatusCode.PERMISSION_DENIED
+                assert error.details() == (
+                    f"your sign-in gives you no access to workspace {tenant_b.id}"
+                )
+            assert await store.list_keys(tenant_b.id) == []
+            # The same token still manages A, and B's own IdP still manages B.
+            await stub.ListKeys(keys_pb2.ListKeysRequest(workspace_id=tenant_a.id), metadata=auth)
+            own = idp_b.token(workspaces=[tenant_b.id])
+            await stub.ListKeys(
+                keys_pb2.ListKeysRequest(workspace_id=tenant_b.id),
+                metadata=(("authorization", f"Bearer {own}"),),
+            )

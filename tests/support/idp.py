@@ -61,13 +61,19 @@ class TestIdp:
     hang: threading.Event = field(default_factory=threading.Event)
     released: threading.Event = field(default_factory=threading.Event)
     port: int = 0
+    published: dict[str, PrivateKey] | None = None
+    """What the JWKS serves, by kid; None: the RSA key as `rsa-1` and the EC key as `ec-1`.
+    Tests change it to remove or rotate keys while the server runs."""
 
     @property
     def jwks_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/.well-known/jwks.json"
 
     def jwks(self) -> dict[str, Any]:
-        return {"keys": [public_jwk(self.rsa_key, "rsa-1"), public_jwk(self.ec_key, "ec-1")]}
+        published = self.published
+        if published is None:
+            published = {"rsa-1": self.rsa_key, "ec-1": self.ec_key}
+        return {"keys": [public_jwk(key, kid) for kid, key in published.items()]}
 
     def config(self, **overrides: Any) -> dict[str, Any]:
         """This provider's entry for AUTHZ_JWT_ISSUERS."""
@@ -78,6 +84,9 @@ class TestIdp:
             "workspace_claim": WORKSPACE_CLAIM,
             "permission_claim": PERMISSION_CLAIM,
             "manage_permission": MANAGE,
+            # One issuer in most tests: a single-tenant deployment. Tests of several issuers
+            # bind each to its workspaces.
+            "workspaces": "*",
         }
         entry.update(overrides)
         return entry

@@ -270,7 +270,9 @@ GOOD = {
     "workspace_claim": "workspaces",
     "permission_claim": "permissions",
     "manage_permission": MANAGE,
+    "workspaces": [WS],
 }
+SECOND = {**GOOD, "issuer": "https://second.example", "workspaces": ["ws_beta"]}
 
 
 @pytest.mark.parametrize(
@@ -290,6 +292,17 @@ GOOD = {
         (json.dumps([{**GOOD, "leeway_s": 3600}]), "'leeway_s' must be a number"),
         (json.dumps([{**GOOD, "audiences": "x"}]), "unknown field 'audiences'"),
         (json.dumps([GOOD, GOOD]), "listed twice"),
+        (
+            json.dumps([{k: v for k, v in GOOD.items() if k != "workspaces"}]),
+            "'workspaces' must be a non-empty list of the workspace ids this issuer may grant",
+        ),
+        (json.dumps([{**GOOD, "workspaces": []}]), "'workspaces' must be a non-empty list"),
+        (json.dumps([{**GOOD, "workspaces": ["ws_a", ""]}]), "'workspaces' must be"),
+        (json.dumps([{**GOOD, "workspaces": ["*"]}]), "'workspaces' must be"),
+        (
+            json.dumps([{**GOOD, "workspaces": "*"}, SECOND]),
+            "is only for a single issuer; with several, list each issuer's workspace ids",
+        ),
         (
             json.dumps([{**{k: v for k, v in GOOD.items() if k != "jwks_url"}, "keys": ["x"]}]),
             "key #1 is unusable",
@@ -346,3 +359,49 @@ def test_serve_with_a_bad_issuer_file_exits_2_with_one_line(
         "authz: invalid setting AUTHZ_JWT_ISSUERS: issuer 'https://idp.example': 'algorithms' "
         f"must be a non-empty subset of RS256, ES256 (got {str(bad)!r})"
     ]
+
+
+# Issuers bound to workspaces
+
+
+def _two_issuers(a: TestIdp, b: TestIdp) -> IdentityVerifier:
+    return verifier_for(a.config(workspaces=[WS]), b.config(workspaces=["ws_beta"]))
+
+
+@pytest.fixture
+def other_idp() -> Iterator[TestIdp]:
+    other = TestIdp(issuer="https://idp.other-tenant.example")
+    with other.serve():
+        yield other
+
+
+async def test_a_token_from_issuer_a_naming_workspace_b_is_forbidden(
+    idp: TestIdp, other_idp: TestIdp
+) -> None:
+    verifier = _two_issuers(idp, other_idp)
+    # Issuer A (bound to ws_alpha) signs a token that claims ws_beta, which belongs to B.
+    greedy = await verifier.verify(bearer(idp.token(workspaces=[WS, "ws_beta"])))
+    assert greedy.workspaces == {WS}
+    greedy.require_manager(WS)
+    with pytest.raises(Forbidden, match="no access to workspace ws_beta"):
+        greedy.require_manager("ws_beta")
+    # B's own tokens still manage B.
+    own = await verifier.verify(bearer(other_idp.token(workspaces=["ws_beta"])))
+    own.require_manager("ws_beta")
+
+
+async def test_a_token_claiming_another_issuer_is_checked_with_that_issuers_keys(
+    idp: TestIdp, other_idp: TestIdp
+) -> None:
+    """A's admin writes B's `iss` into a token signed with A's key: B's keys reject it."""
+    verifier = _two_issuers(idp, other_idp)
+    forged = idp.token(workspaces=["ws_beta"], issuer=other_idp.issuer, kid="rsa-1")
+    with pytest.raises(Unauthenticated, match="signature is invalid"):
+        await verifier.verify(bearer(forged))
+
+
+def test_the_wildcard_binds_the_single_issuer_to_every_workspace(keys_idp: TestIdp) -> None:
+    (single,) = load_issuers(json.dumps([keys_idp.config(workspaces="*")]))
+    assert single.grantable(frozenset({WS, "ws_any"})) == {WS, "ws_any"}
+    (bound,) = load_issuers(json.dumps([keys_idp.config(workspaces=[WS])]))
+    assert bound.grantable(frozenset({WS, "ws_any"})) == {WS}

@@ -23,11 +23,12 @@ _sym_db = _symbol_database.Default()
 
 
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
+from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ftokenfactory/keys/v1/keys.proto\x12\x14tokenfactory.keys.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x96\x02\n\x03Key\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0cworkspace_id\x18\x02 \x01(\t\x12\r\n\x05label\x18\x03 \x01(\t\x12\x0c\n\x04mask\x18\x04 \x01(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0clast_used_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x61\x63tive\x18\t \x01(\x08\"7\n\x10\x43reateKeyRequest\x12\x14\n\x0cworkspace_id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\"K\n\x11\x43reateKeyResponse\x12&\n\x03key\x18\x01 \x01(\x0b\x32\x19.tokenfactory.keys.v1.Key\x12\x0e\n\x06secret\x18\x02 \x01(\t\"\'\n\x0fListKeysRequest\x12\x14\n\x0cworkspace_id\x18\x01 \x01(\t\";\n\x10ListKeysResponse\x12\'\n\x04keys\x18\x01 \x03(\x0b\x32\x19.tokenfactory.keys.v1.Key\"5\n\rGetKeyRequest\x12\x14\n\x0cworkspace_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\"H\n\x10RevokeKeyRequest\x12\x14\n\x0cworkspace_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0e\n\x06leaked\x18\x03 \x01(\x08\"x\n\x10RotateKeyRequest\x12\x14\n\x0cworkspace_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\r\n\x05label\x18\x03 \x01(\t\x12/\n\x0cgrace_period\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x80\x01\n\x11RotateKeyResponse\x12.\n\x0breplacement\x18\x01 \x01(\x0b\x32\x19.tokenfactory.keys.v1.Key\x12\x0e\n\x06secret\x18\x02 \x01(\t\x12+\n\x08previous\x18\x03 \x01(\x0b\x32\x19.tokenfactory.keys.v1.Key\"+\n\x13GetWorkspaceRequest\x12\x14\n\x0cworkspace_id\x18\x01 \x01(\t\"\xe2\x02\n\tWorkspace\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0b\n\x03rpm\x18\x03 \x01(\x03\x12\x0b\n\x03tpm\x18\x04 \x01(\x03\x12\x11\n\tkey_limit\x18\x05 \x01(\x03\x12!\n\x19\x64\x65\x66\x61ult_completion_tokens\x18\x06 \x01(\x03\x12 \n\x13monthly_token_quota\x18\x07 \x01(\x03H\x00\x88\x01\x01\x12\"\n\x15monthly_spend_cap_usd\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12\x13\n\x0b\x61\x63tive_keys\x18\t \x01(\x03\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x16\n\x14_monthly_token_quotaB\x18\n\x16_monthly_spend_cap_usd\"\x8d\x01\n\x0fGetUsageRequest\x12\x14\n\x0cworkspace_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12)\n\x05since\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd2\x01\n\x08UsageRow\x12(\n\x04hour\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x10\n\x08requests\x18\x04 \x01(\x03\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\x03\x12\x12\n\nerrors_4xx\x18\x07 \x01(\x03\x12\x12\n\nerrors_5xx\x18\x08 \x01(\x03\x12\x11\n\tspend_usd\x18\t \x01(\x01\"@\n\x10GetUsageResponse\x12,\n\x04rows\x18\x01 \x03(\x0b\x32\x1e.tokenfactory.keys.v1.UsageRow2\x80\x08\n\nKeyService\x12\x90\x01\n\tCreateKey\x12&.tokenfactory.keys.v1.CreateKeyRequest\x1a\'.tokenfactory.keys.v1.CreateKeyResponse\"2\x82\xd3\xe4\x93\x02,\"\'/keys/v1/workspaces/{workspace_id}/keys:\x01*\x12\x8a\x01\n\x08ListKeys\x12%.tokenfactory.keys.v1.ListKeysRequest\x1a&.tokenfactory.keys.v1.ListKeysResponse\"/\x82\xd3\xe4\x93\x02)\x12\'/keys/v1/workspaces/{workspace_id}/keys\x12\x82\x01\n\x06GetKey\x12#.tokenfactory.keys.v1.GetKeyRequest\x1a\x19.tokenfactory.keys.v1.Key\"8\x82\xd3\xe4\x93\x02\x32\x12\x30/keys/v1/workspaces/{workspace_id}/keys/{key_id}\x12\x92\x01\n\tRevokeKey\x12&.tokenfactory.keys.v1.RevokeKeyRequest\x1a\x19.tokenfactory.keys.v1.Key\"B\x82\xd3\xe4\x93\x02<\"7/keys/v1/workspaces/{workspace_id}/keys/{key_id}:revoke:\x01*\x12\xa0\x01\n\tRotateKey\x12&.tokenfactory.keys.v1.RotateKeyRequest\x1a\'.tokenfactory.keys.v1.RotateKeyResponse\"B\x82\xd3\xe4\x93\x02<\"7/keys/v1/workspaces/{workspace_id}/keys/{key_id}:rotate:\x01*\x12\x86\x01\n\x0cGetWorkspace\x12).tokenfactory.keys.v1.GetWorkspaceRequest\x1a\x1f.tokenfactory.keys.v1.Workspace\"*\x82\xd3\xe4\x93\x02$\x12\"/keys/v1/workspaces/{workspace_id}\x12\x8b\x01\n\x08GetUsage\x12%.tokenfactory.keys.v1.GetUsageRequest\x1a&.tokenfactory.keys.v1.GetUsageResponse\"0\x82\xd3\xe4\x93\x02*\x12(/keys/v1/workspaces/{workspace_id}/usageb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ftokenfactory/keys/v1/keys.proto\x12\x14tokenfactory.keys.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x96\x02\n\x03Key\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0cworkspace_id\x18\x02 \x01(\t\x12\r\n\x05label\x18\x03 \x01(\t\x12\x0c\n\x04mask\x18\x04 \x01(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0clast_used_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x61\x63tive\x18\t \x01(\x08\"`\n\x10\x43reateKeyRequest\x12\x14\n\x0cworkspace_id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\'\n\tjson_body\x18\x0f \x01(\x0b\x32\x14.google.api.HttpBody\"K\n\x11\x43reateKeyResponse\x12&\n\x03key\x18\x01 \x01(\x0b\x32\x19.tokenfactory.keys.v1.Key\x12\x0e\n\x06secret\x18\x02 \x01(\t\"\'\n\x0fListKeysRequest\x12\x14\n\x0cworkspace_id\x18\x01 \x01(\t\";\n\x10ListKeysResponse\x12\'\n\x04keys\x18\x01 \x03(\x0b\x32\x19.tokenfactory.keys.v1.Key\"5\n\rGetKeyRequest\x12\x14\n\x0cworkspace_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\"q\n\x10RevokeKeyRequest\x12\x14\n\x0cworkspace_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0e\n\x06leaked\x18\x03 \x01(\x08\x12\'\n\tjson_body\x18\x0f \x01(\x0b\x32\x14.google.api.HttpBody\"\xa1\x01\n\x10RotateKeyRequest\x12\x14\n\x0cworkspace_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\r\n\x05label\x18\x03 \x01(\t\x12/\n\x0cgrace_period\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\tjson_body\x18\x0f \x01(\x0b\x32\x14.google.api.HttpBody\"\x80\x01\n\x11RotateKeyResponse\x12.\n\x0breplacement\x18\x01 \x01(\x0b\x32\x19.tokenfactory.keys.v1.Key\x12\x0e\n\x06secret\x18\x02 \x01(\t\x12+\n\x08previous\x18\x03 \x01(\x0b\x32\x19.tokenfactory.keys.v1.Key\"+\n\x13GetWorkspaceRequest\x12\x14\n\x0cworkspace_id\x18\x01 \x01(\t\"\xe2\x02\n\tWorkspace\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0b\n\x03rpm\x18\x03 \x01(\x03\x12\x0b\n\x03tpm\x18\x04 \x01(\x03\x12\x11\n\tkey_limit\x18\x05 \x01(\x03\x12!\n\x19\x64\x65\x66\x61ult_completion_tokens\x18\x06 \x01(\x03\x12 \n\x13monthly_token_quota\x18\x07 \x01(\x03H\x00\x88\x01\x01\x12\"\n\x15monthly_spend_cap_usd\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12\x13\n\x0b\x61\x63tive_keys\x18\t \x01(\x03\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x16\n\x14_monthly_token_quotaB\x18\n\x16_monthly_spend_cap_usd\"\x8d\x01\n\x0fGetUsageRequest\x12\x14\n\x0cworkspace_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12)\n\x05since\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd2\x01\n\x08UsageRow\x12(\n\x04hour\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x10\n\x08requests\x18\x04 \x01(\x03\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\x03\x12\x12\n\nerrors_4xx\x18\x07 \x01(\x03\x12\x12\n\nerrors_5xx\x18\x08 \x01(\x03\x12\x11\n\tspend_usd\x18\t \x01(\x01\"@\n\x10GetUsageResponse\x12,\n\x04rows\x18\x01 \x03(\x0b\x32\x1e.tokenfactory.keys.v1.UsageRow2\x98\x08\n\nKeyService\x12\x98\x01\n\tCreateKey\x12&.tokenfactory.keys.v1.CreateKeyRequest\x1a\'.tokenfactory.keys.v1.CreateKeyResponse\":\x82\xd3\xe4\x93\x02\x34\"\'/keys/v1/workspaces/{workspace_id}/keys:\tjson_body\x12\x8a\x01\n\x08ListKeys\x12%.tokenfactory.keys.v1.ListKeysRequest\x1a&.tokenfactory.keys.v1.ListKeysResponse\"/\x82\xd3\xe4\x93\x02)\x12\'/keys/v1/workspaces/{workspace_id}/keys\x12\x82\x01\n\x06GetKey\x12#.tokenfactory.keys.v1.GetKeyRequest\x1a\x19.tokenfactory.keys.v1.Key\"8\x82\xd3\xe4\x93\x02\x32\x12\x30/keys/v1/workspaces/{workspace_id}/keys/{key_id}\x12\x9a\x01\n\tRevokeKey\x12&.tokenfactory.keys.v1.RevokeKeyRequest\x1a\x19.tokenfactory.keys.v1.Key\"J\x82\xd3\xe4\x93\x02\x44\"7/keys/v1/workspaces/{workspace_id}/keys/{key_id}:revoke:\tjson_body\x12\xa8\x01\n\tRotateKey\x12&.tokenfactory.keys.v1.RotateKeyRequest\x1a\'.tokenfactory.keys.v1.RotateKeyResponse\"J\x82\xd3\xe4\x93\x02\x44\"7/keys/v1/workspaces/{workspace_id}/keys/{key_id}:rotate:\tjson_body\x12\x86\x01\n\x0cGetWorkspace\x12).tokenfactory.keys.v1.GetWorkspaceRequest\x1a\x1f.tokenfactory.keys.v1.Workspace\"*\x82\xd3\xe4\x93\x02$\x12\"/keys/v1/workspaces/{workspace_id}\x12\x8b\x01\n\x08GetUsage\x12%.tokenfactory.keys.v1.GetUsageRequest\x1a&.tokenfactory.keys.v1.GetUsageResponse\"0\x82\xd3\xe4\x93\x02*\x12(/keys/v1/workspaces/{workspace_id}/usageb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,47 +36,47 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tokenfactory.keys.v1.keys_p
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_KEYSERVICE'].methods_by_name['CreateKey']._loaded_options = None
-  _globals['_KEYSERVICE'].methods_by_name['CreateKey']._serialized_options = b'\202\323\344\223\002,\"\'/keys/v1/workspaces/{workspace_id}/keys:\001*'
+  _globals['_KEYSERVICE'].methods_by_name['CreateKey']._serialized_options = b'\202\323\344\223\0024\"\'/keys/v1/workspaces/{workspace_id}/keys:\tjson_body'
   _globals['_KEYSERVICE'].methods_by_name['ListKeys']._loaded_options = None
   _globals['_KEYSERVICE'].methods_by_name['ListKeys']._serialized_options = b'\202\323\344\223\002)\022\'/keys/v1/workspaces/{workspace_id}/keys'
   _globals['_KEYSERVICE'].methods_by_name['GetKey']._loaded_options = None
   _globals['_KEYSERVICE'].methods_by_name['GetKey']._serialized_options = b'\202\323\344\223\0022\0220/keys/v1/workspaces/{workspace_id}/keys/{key_id}'
   _globals['_KEYSERVICE'].methods_by_name['RevokeKey']._loaded_options = None
-  _globals['_KEYSERVICE'].methods_by_name['RevokeKey']._serialized_options = b'\202\323\344\223\002<\"7/keys/v1/workspaces/{workspace_id}/keys/{key_id}:revoke:\001*'
+  _globals['_KEYSERVICE'].methods_by_name['RevokeKey']._serialized_options = b'\202\323\344\223\002D\"7/keys/v1/workspaces/{workspace_id}/keys/{key_id}:revoke:\tjson_body'
   _globals['_KEYSERVICE'].methods_by_name['RotateKey']._loaded_options = None
-  _globals['_KEYSERVICE'].methods_by_name['RotateKey']._serialized_options = b'\202\323\344\223\002<\"7/keys/v1/workspaces/{workspace_id}/keys/{key_id}:rotate:\001*'
+  _globals['_KEYSERVICE'].methods_by_name['RotateKey']._serialized_options = b'\202\323\344\223\002D\"7/keys/v1/workspaces/{workspace_id}/keys/{key_id}:rotate:\tjson_body'
   _globals['_KEYSERVICE'].methods_by_name['GetWorkspace']._loaded_options = None
   _globals['_KEYSERVICE'].methods_by_name['GetWorkspace']._serialized_options = b'\202\323\344\223\002$\022\"/keys/v1/workspaces/{workspace_id}'
   _globals['_KEYSERVICE'].methods_by_name['GetUsage']._loaded_options = None
   _globals['_KEYSERVICE'].methods_by_name['GetUsage']._serialized_options = b'\202\323\344\223\002*\022(/keys/v1/workspaces/{workspace_id}/usage'
-  _globals['_KEY']._serialized_start=153
-  _globals['_KEY']._serialized_end=431
-  _globals['_CREATEKEYREQUEST']._serialized_start=433
-  _globals['_CREATEKEYREQUEST']._serialized_end=488
-  _globals['_CREATEKEYRESPONSE']._serialized_start=490
-  _globals['_CREATEKEYRESPONSE']._serialized_end=565
-  _globals['_LISTKEYSREQUEST']._serialized_start=567
-  _globals['_LISTKEYSREQUEST']._serialized_end=606
-  _globals['_LISTKEYSRESPONSE']._serialized_start=608
-  _globals['_LISTKEYSRESPONSE']._serialized_end=667
-  _globals['_GETKEYREQUEST']._serialized_start=669
-  _globals['_GETKEYREQUEST']._serialized_end=722
-  _globals['_REVOKEKEYREQUEST']._serialized_start=724
-  _globals['_REVOKEKEYREQUEST']._serialized_end=796
-  _globals['_ROTATEKEYREQUEST']._serialized_start=798
-  _globals['_ROTATEKEYREQUEST']._serialized_end=918
-  _globals['_ROTATEKEYRESPONSE']._serialized_start=921
-  _globals['_ROTATEKEYRESPONSE']._serialized_end=1049
-  _globals['_GETWORKSPACEREQUEST']._serialized_start=1051
-  _globals['_GETWORKSPACEREQUEST']._serialized_end=1094
-  _globals['_WORKSPACE']._serialized_start=1097
-  _globals['_WORKSPACE']._serialized_end=1451
-  _globals['_GETUSAGEREQUEST']._serialized_start=1454
-  _globals['_GETUSAGEREQUEST']._serialized_end=1595
-  _globals['_USAGEROW']._serialized_start=1598
-  _globals['_USAGEROW']._serialized_end=1808
-  _globals['_GETUSAGERESPONSE']._serialized_start=1810
-  _globals['_GETUSAGERESPONSE']._serialized_end=1874
-  _globals['_KEYSERVICE']._serialized_start=1877
-  _globals['_KEYSERVICE']._serialized_end=2901
+  _globals['_KEY']._serialized_start=180
+  _globals['_KEY']._serialized_end=458
+  _globals['_CREATEKEYREQUEST']._serialized_start=460
+  _globals['_CREATEKEYREQUEST']._serialized_end=556
+  _globals['_CREATEKEYRESPONSE']._serialized_start=558
+  _globals['_CREATEKEYRESPONSE']._serialized_end=633
+  _globals['_LISTKEYSREQUEST']._serialized_start=635
+  _globals['_LISTKEYSREQUEST']._serialized_end=674
+  _globals['_LISTKEYSRESPONSE']._serialized_start=676
+  _globals['_LISTKEYSRESPONSE']._serialized_end=735
+  _globals['_GETKEYREQUEST']._serialized_start=737
+  _globals['_GETKEYREQUEST']._serialized_end=790
+  _globals['_REVOKEKEYREQUEST']._serialized_start=792
+  _globals['_REVOKEKEYREQUEST']._serialized_end=905
+  _globals['_ROTATEKEYREQUEST']._serialized_start=908
+  _globals['_ROTATEKEYREQUEST']._serialized_end=1069
+  _globals['_ROTATEKEYRESPONSE']._serialized_start=1072
+  _globals['_ROTATEKEYRESPONSE']._serialized_end=1200
+  _globals['_GETWORKSPACEREQUEST']._serialized_start=1202
+  _globals['_GETWORKSPACEREQUEST']._serialized_end=1245
+  _globals['_WORKSPACE']._serialized_start=1248
+  _globals['_WORKSPACE']._serialized_end=1602
+  _globals['_GETUSAGEREQUEST']._serialized_start=1605
+  _globals['_GETUSAGEREQUEST']._serialized_end=1746
+  _globals['_USAGEROW']._serialized_start=1749
+  _globals['_USAGEROW']._serialized_end=1959
+  _globals['_GETUSAGERESPONSE']._serialized_start=1961
+  _globals['_GETUSAGERESPONSE']._serialized_end=2025
+  _globals['_KEYSERVICE']._serialized_start=2028
+  _globals['_KEYSERVICE']._serialized_end=3076
 # @@protoc_insertion_point(module_scope)

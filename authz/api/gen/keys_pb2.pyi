@@ -1,6 +1,7 @@
 import datetime
 
 from google.api import annotations_pb2 as _annotations_pb2
+from google.api import httpbody_pb2 as _httpbody_pb2
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -34,12 +35,14 @@ class Key(_message.Message):
     def __init__(self, id: _Optional[str] = ..., workspace_id: _Optional[str] = ..., label: _Optional[str] = ..., mask: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., active: _Optional[bool] = ...) -> None: ...
 
 class CreateKeyRequest(_message.Message):
-    __slots__ = ("workspace_id", "label")
+    __slots__ = ("workspace_id", "label", "json_body")
     WORKSPACE_ID_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
+    JSON_BODY_FIELD_NUMBER: _ClassVar[int]
     workspace_id: str
     label: str
-    def __init__(self, workspace_id: _Optional[str] = ..., label: _Optional[str] = ...) -> None: ...
+    json_body: _httpbody_pb2.HttpBody
+    def __init__(self, workspace_id: _Optional[str] = ..., label: _Optional[str] = ..., json_body: _Optional[_Union[_httpbody_pb2.HttpBody, _Mapping]] = ...) -> None: ...
 
 class CreateKeyResponse(_message.Message):
     __slots__ = ("key", "secret")
@@ -70,26 +73,30 @@ class GetKeyRequest(_message.Message):
     def __init__(self, workspace_id: _Optional[str] = ..., key_id: _Optional[str] = ...) -> None: ...
 
 class RevokeKeyRequest(_message.Message):
-    __slots__ = ("workspace_id", "key_id", "leaked")
+    __slots__ = ("workspace_id", "key_id", "leaked", "json_body")
     WORKSPACE_ID_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     LEAKED_FIELD_NUMBER: _ClassVar[int]
+    JSON_BODY_FIELD_NUMBER: _ClassVar[int]
     workspace_id: str
     key_id: str
     leaked: bool
-    def __init__(self, workspace_id: _Optional[str] = ..., key_id: _Optional[str] = ..., leaked: _Optional[bool] = ...) -> None: ...
+    json_body: _httpbody_pb2.HttpBody
+    def __init__(self, workspace_id: _Optional[str] = ..., key_id: _Optional[str] = ..., leaked: _Optional[bool] = ..., json_body: _Optional[_Union[_httpbody_pb2.HttpBody, _Mapping]] = ...) -> None: ...
 
 class RotateKeyRequest(_message.Message):
-    __slots__ = ("workspace_id", "key_id", "label", "grace_period")
+    __slots__ = ("workspace_id", "key_id", "label", "grace_period", "json_body")
     WORKSPACE_ID_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     GRACE_PERIOD_FIELD_NUMBER: _ClassVar[int]
+    JSON_BODY_FIELD_NUMBER: _ClassVar[int]
     workspace_id: str
     key_id: str
     label: str
     grace_period: _duration_pb2.Duration
-    def __init__(self, workspace_id: _Optional[str] = ..., key_id: _Optional[str] = ..., label: _Optional[str] = ..., grace_period: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    json_body: _httpbody_pb2.HttpBody
+    def __init__(self, workspace_id: _Optional[str] = ..., key_id: _Optional[str] = ..., label: _Optional[str] = ..., grace_period: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., json_body: _Optional[_Union[_httpbody_pb2.HttpBody, _Mapping]] = ...) -> None: ...
 
 class RotateKeyResponse(_message.Message):
     __slots__ = ("replacement", "secret", "previous")

@@ -26,7 +26,10 @@ if _version_not_supported:
 
 
 class KeyServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Over HTTP, a request's JSON body reaches the service untouched in `json_body` (a transcoder
+    would drop fields it does not know), so a misspelt field is a 400 that names it, never
+    silently ignored. gRPC callers set the typed fields and leave `json_body` unset.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -72,7 +75,10 @@ class KeyServiceStub:
 
 
 class KeyServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Over HTTP, a request's JSON body reaches the service untouched in `json_body` (a transcoder
+    would drop fields it does not know), so a misspelt field is a 400 that names it, never
+    silently ignored. gRPC callers set the typed fields and leave `json_body` unset.
+    """
 
     def CreateKey(self, request, context):
         """Create a key. The response is the only place its secret ever appears.
@@ -170,7 +176,10 @@ def add_KeyServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class KeyService:
-    """Missing associated documentation comment in .proto file."""
+    """Over HTTP, a request's JSON body reaches the service untouched in `json_body` (a transcoder
+    would drop fields it does not know), so a misspelt field is a 400 that names it, never
+    silently ignored. gRPC callers set the typed fields and leave `json_body` unset.
+    """
 
     @staticmethod
     def CreateKey(request,

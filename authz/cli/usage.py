@@ -9,15 +9,14 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from authz.cli.output import CliError, iso_utc
+from authz.cli.parser import Commands, action_group, usd
 from authz.models import CLI_ACTOR, ModelPrice, UsageRow
 from authz.store.base import Store
+from authz.textsafe import printable
 from authz.usage.periods import period_bounds, period_of
 
 _TOTALS = ("requests", "prompt_tokens", "completion_tokens", "errors_4xx", "errors_5xx")
-
-
-class UsageError(Exception):
-    """A bad request for a report; one line for the user."""
 
 
 def _month(raw: str) -> str:
@@ -28,22 +27,7 @@ def _month(raw: str) -> str:
     return raw
 
 
-def usd(raw: str) -> float:
-    """An amount in USD for a command-line flag: finite, >= 0."""
-    try:
-        value = float(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an amount in USD, got {raw!r}") from None
-    if not 0 <= value < 1e9:
-        raise argparse.ArgumentTypeError(f"expected an amount in USD from 0 to 1e9, got {raw}")
-    return value
-
-
-def add_usage_commands(
-    commands: argparse._SubParsersAction[Any],
-    common: argparse.ArgumentParser,
-    parser_class: type[argparse.ArgumentParser],
-) -> None:
+def add_commands(commands: Commands, common: argparse.ArgumentParser) -> None:
     usage = commands.add_parser(
         "usage", parents=[common], help="a workspace's or a key's ledger for a month"
     )
@@ -52,8 +36,7 @@ def add_usage_commands(
     target.add_argument("--key", help="key id: its traffic hour by hour")
     usage.add_argument("--month", type=_month, help="YYYY-MM (UTC), default: this month")
 
-    price = commands.add_parser("price", help="model prices (USD per 1M tokens)")
-    actions = price.add_subparsers(dest="action", required=True, parser_class=parser_class)
+    actions = action_group(commands, "price", "model prices (USD per 1M tokens)")
     set_price = actions.add_parser("set", parents=[common], help="set a model's prices")
     set_price.add_argument("model", help='model name; "*" is the default for unknown models')
     set_price.add_argument("--input", type=usd, required=True, help="USD per 1M input tokens")
@@ -76,17 +59,12 @@ def _grouped(rows: list[UsageRow], field: str) -> list[dict[str, Any]]:
     return [{field: name, **_sum(group)} for name, group in sorted(groups.items())]
 
 
-def iso_utc(moment: datetime) -> str:
-    """`2026-11-27T09:13:06.654980Z`: how every command prints a time."""
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
 async def usage_report(store: Store, args: argparse.Namespace) -> dict[str, Any]:
     month = args.month or period_of(datetime.now(UTC))
     since, until = period_bounds(month)
     if args.workspace is not None:
         if await store.get_workspace(args.workspace) is None:
-            raise UsageError(f"no workspace {args.workspace}")
+            raise CliError(f"no workspace {args.workspace}")
         rows = await store.usage_report(workspace_id=args.workspace, since=since, until=until)
         return {
             "workspace_id": args.workspace,
@@ -97,7 +75,7 @@ async def usage_report(store: Store, args: argparse.Namespace) -> dict[str, Any]
         }
     key = await store.get_key(args.key)
     if key is None:
-        raise UsageError(f"no key {args.key}")
+        raise CliError(f"no key {args.key}")
     rows = await store.usage_report(key_id=args.key, since=since, until=until)
     hours: dict[datetime, list[UsageRow]] = defaultdict(list)
     for row in rows:
@@ -115,7 +93,7 @@ async def usage_report(store: Store, args: argparse.Namespace) -> dict[str, Any]
 
 
 def _human_usage(report: dict[str, Any]) -> str:
-    head = report.get("workspace_id") if "by_model" in report else report["key_id"]
+    head = printable(report["workspace_id"] if "by_model" in report else report["key_id"])
     lines = [
         f"{head} in {report['month']}: {report['requests']} requests, "
         f"{report['total_tokens']} tokens ({report['prompt_tokens']} prompt, "
@@ -125,8 +103,8 @@ def _human_usage(report: dict[str, Any]) -> str:
     for group, field in (("by_model", "model"), ("by_key", "key_id"), ("hours", "hour")):
         for item in report.get(group, []):
             lines.append(
-                f"  {item[field]}: {item['requests']} requests, {item['total_tokens']} tokens, "
-                f"${item['spend_usd']:.6f}"
+                f"  {printable(item[field])}: {item['requests']} requests, "
+                f"{item['total_tokens']} tokens, ${item['spend_usd']:.6f}"
             )
     return "\n".join(lines)
 
@@ -146,23 +124,25 @@ def _price_dict(price: ModelPrice) -> dict[str, Any]:
     }
 
 
+def _price_line(price: ModelPrice) -> str:
+    return (
+        f"{printable(price.model)}: ${price.input_per_1m_usd} in, "
+        f"${price.output_per_1m_usd} out per 1M"
+    )
+
+
 async def price_command(store: Store, args: argparse.Namespace, out: TextIO) -> int:
     if args.action == "set":
         saved = await store.set_price(
             ModelPrice(args.model, args.input, args.output), actor=CLI_ACTOR
         )
         data: Any = _price_dict(saved)
-        human = (
-            f"{saved.model}: ${saved.input_per_1m_usd} in, ${saved.output_per_1m_usd} out per 1M"
-        )
+        human = _price_line(saved)
     else:
         prices = await store.list_prices()
         data = [_price_dict(p) for p in prices]
         human = (
-            "\n".join(
-                f"{p.model}: ${p.input_per_1m_usd} in, ${p.output_per_1m_usd} out per 1M"
-                for p in prices
-            )
+            "\n".join(_price_line(p) for p in prices)
             or "(no prices: spend counts as 0; set a default with `authz price set '*' ...`)"
         )
     out.write((json.dumps(data, indent=2) if args.json else human) + "\n")
