@@ -63,7 +63,7 @@ const provider = new Provider(issuer, {
       clientId: ctx.oidc.client.clientId,
       accountId: ctx.oidc.session.accountId,
     });
-    grant.addOIDCScope('openid');
+    grant.addOIDCScope([...ctx.oidc.requestParamOIDCScopes].join(' '));
     grant.addResourceScope(resource, 'keys');
     await grant.save();
     return grant;
