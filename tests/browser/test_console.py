@@ -28,11 +28,9 @@ def sign_in(page: Any, stack: ConsoleStack, user: str = "member") -> None:
     page.goto(stack.console)
     page.wait_for_url(re.compile(r"/console/signin"))
     page.get_by_role("link", name=f"Sign in with {PROVIDER_NAME}").click()
-    # oidc-provider's own development sign-in page, on the provider's origin.
+    # The development provider's one-click sign-in page, on the provider's origin.
     page.wait_for_url(re.compile(re.escape(stack.issuer)))
-    page.locator("input[name=login]").fill(user)
-    page.locator("input[name=password]").fill("any")
-    page.locator("button[type=submit]").click()
+    page.get_by_role("button", name=f"Sign in as {user}").click()
     page.wait_for_url(re.compile(re.escape(stack.console)))
     page.locator("#main h1").wait_for()
 
