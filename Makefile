@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+NODE_STAMP := node_modules/.installed
 
-.PHONY: install run test lint fmt bench clean deploy-configs protos
+.PHONY: install chromium run test lint fmt bench clean deploy-configs protos
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,12 +13,23 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# The console's dev OpenID Provider (oidc-provider), for `make run` and the browser tests.
+$(NODE_STAMP): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $(NODE_STAMP)
 
-run: $(STAMP)
+# The console's browser tests drive Debian's chromium (Playwright cannot download browsers).
+chromium:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] \
+		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+		|| echo "make: install Debian's chromium for the browser tests (apt-get install chromium)" >&2; }
+
+install: $(STAMP) $(NODE_STAMP) chromium
+
+run: $(STAMP) $(NODE_STAMP)
 	$(BIN)/python -m authz.demo.run --envoy-config envoy.yaml
 
-test: $(STAMP) lint
+test: install lint
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
@@ -43,4 +55,4 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.bench_check
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache
