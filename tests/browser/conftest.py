@@ -44,7 +44,7 @@ CHROMIUM_ARGS = [
 ]
 PROVIDER_SCRIPT = ROOT / "tests" / "support" / "oidc" / "provider.mjs"
 CLIENT_ID = "oais-console"
-CLIENT_SECRET = "console-test-secret"  # noqa: S105 - a throwaway client of a throwaway provider
+CLIENT_SECRET = "console-test-secret"  # a throwaway client of a throwaway provider
 PROVIDER_NAME = "Dev provider"
 
 
@@ -88,7 +88,9 @@ class ConsoleStack:
         return "\n".join(f"== {p.name}\n{p.read_log()}" for p in self.processes)
 
 
-def _provider(log_dir: Path, redirect_uri: str, accounts: dict[str, Any]) -> tuple[ManagedProcess, str]:
+def _provider(
+    log_dir: Path, redirect_uri: str, accounts: dict[str, Any]
+) -> tuple[ManagedProcess, str]:
     node = shutil.which("node")
     if node is None:
         _missing("node")

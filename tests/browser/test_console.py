@@ -102,8 +102,9 @@ def test_generate_shows_the_secret_once_and_the_traffic_shows_in_observability(
 
     def counted() -> bool:
         page.reload()
+        page.locator("[data-tile=Requests]").wait_for()  # the page has its data
         cell = page.locator("#per-key tr", has_text="prod-payments-worker").locator("td.num")
-        return cell.count() > 0 and cell.first.text_content() == "2"
+        return bool(cell.count() > 0 and cell.first.text_content() == "2")
 
     wait_until(counted, timeout=30, what="two requests on the Observability page", interval=0.3)
     assert page.locator("[data-tile=Requests] .tile-value").text_content() == "2"
