@@ -15,7 +15,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
-from authz.api.gen import keys_pb2, keys_pb2_grpc
+from authz.api.gen import console_pb2, console_pb2_grpc, keys_pb2, keys_pb2_grpc
 from authz.api.messages import timestamp
 
 _HTTP_STATUS = {
@@ -42,18 +42,20 @@ def as_json(message: Message) -> dict[str, Any]:
 
 
 class KeyApi:
-    """A KeyService client over one channel; `token` is the member's JWT for each call."""
+    """KeyService and ConsoleService clients over one channel; `token` is the member's JWT."""
 
     def __init__(self, channel: grpc.aio.Channel, *, timeout_s: float) -> None:
         self._stub = keys_pb2_grpc.KeyServiceStub(channel)
+        self._console = console_pb2_grpc.ConsoleServiceStub(channel)
         self._timeout = timeout_s
 
     async def _call(self, method: str, request: Message, token: str, client: str) -> Any:
+        stub = self._console if method == "ListAudit" else self._stub
         metadata = [("authorization", f"Bearer {token}")]
         if client:
             metadata.append(("x-forwarded-for", client))
         try:
-            return await getattr(self._stub, method)(
+            return await getattr(stub, method)(
                 request, metadata=metadata, timeout=self._timeout
             )
         except grpc.aio.AioRpcError as error:
@@ -106,3 +108,8 @@ class KeyApi:
         )
         answer = await self._call("GetUsage", request, token, client)
         return list(answer.rows)
+
+    async def audit(self, token: str, client: str, workspace_id: str) -> list[dict[str, Any]]:
+        request = console_pb2.ListAuditRequest(workspace_id=workspace_id, limit=200)
+        answer = await self._call("ListAudit", request, token, client)
+        return [as_json(entry) for entry in answer.entries]

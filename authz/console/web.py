@@ -176,14 +176,17 @@ class Console:
         client = _client(request)
         now = self.clock()
         token = session.access_token
-        keys, limits, rows = await asyncio.gather(
+        keys, limits, rows, audit = await asyncio.gather(
             self.keys.list_keys(token, client, workspace),
             self.keys.workspace(token, client, workspace),
             self.keys.usage(token, client, workspace, since=now - timedelta(hours=24), until=now),
+            self.keys.audit(token, client, workspace),
         )
         used = per_key(rows)
+        creators = {e["key_id"]: e["actor_subject"] for e in audit if e["action"] == "key.create"}
         for key in keys:
             key["requests_24h"] = used.get(key["id"], {}).get("requests", 0)
+            key["created_by"] = creators.get(key["id"], "")
         return web.json_response({"workspace": limits, "keys": keys})
 
     async def create_key(self, request: web.Request) -> web.StreamResponse:
@@ -232,11 +235,12 @@ class Console:
         month_start, _ = period_bounds(period_of(now))
         span = window(name, now, month_start)
         token, client = session.access_token, _client(request)
-        rows, month, limits, keys = await asyncio.gather(
+        rows, month, limits, keys, audit = await asyncio.gather(
             self.keys.usage(token, client, workspace, since=span.since, until=span.until),
             self.keys.usage(token, client, workspace, since=month_start, until=span.until),
             self.keys.workspace(token, client, workspace),
             self.keys.list_keys(token, client, workspace),
+            self.keys.audit(token, client, workspace),
         )
         return web.json_response(
             {
@@ -248,6 +252,7 @@ class Console:
                 "keys": {k["id"]: {"label": k["label"], "mask": k["mask"]} for k in keys},
                 "month": month_totals(month),
                 "workspace": limits,
+                "audit": audit,
             }
         )
 

@@ -85,6 +85,7 @@ def test_generate_shows_the_secret_once_and_the_traffic_shows_in_observability(
     assert page.evaluate("navigator.clipboard.readText()") == secret
     mask = row(page, "prod-payments-worker").locator("code").text_content()
     assert mask == f"{secret[:5]}{'*' * 10}{secret[-4:]}"
+    assert row(page, "prod-payments-worker").get_by_text("by member").is_visible()
     if SCREENSHOTS:
         page.screenshot(path=str(Path(SCREENSHOTS) / "console-keys.png"))
 
@@ -148,6 +149,17 @@ def test_rotate_then_revoke_refuses_the_old_key_through_envoy_within_a_second(
     assert time.monotonic() - revoked_at < 1.0, f"401 after {took:.2f}s"
     assert console_stack.chat(new) == 200
 
+    # The audit view says who did what: created, rotated, revoked, by the signed-in member.
+    page.get_by_role("link", name="Observability").click()
+    audit = page.locator("#audit tbody tr").filter(has=page.locator("code", has_text=old_mask))
+    audit.first.wait_for()
+    assert [r.locator("td").nth(2).text_content() for r in audit.all()] == [
+        "revoked",
+        "rotated",
+        "created",
+    ]
+    assert {r.locator("td").nth(1).text_content() for r in audit.all()} == {"member"}
+
 
 def test_at_the_key_limit_generate_is_disabled_and_says_what_to_do(
     page: Any, console_stack: ConsoleStack
@@ -200,6 +212,7 @@ def test_an_xss_label_renders_inert(page: Any, console_stack: ConsoleStack) -> N
     policy = answer.headers["content-security-policy"]
     assert "script-src 'self'" in policy
     assert "frame-ancestors 'none'" in policy
+    page.wait_for_url(re.compile(r"/console/signin"))
     sign_in(page, console_stack)
     open_keys(page, console_stack, "acme")
     label = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>'

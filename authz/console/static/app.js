@@ -110,7 +110,7 @@ export function forbiddenPage(session, detail) {
 
 export function failed(error, session) {
   if (error instanceof api.ApiError && error.status === 401) {
-    window.location.assign(`/console/signin?error=${error.error === 'session_expired' ? 'session_expired' : ''}`);
+    window.location.assign(error.error === 'session_expired' ? '/console/signin?error=session_expired' : '/console/signin');
     return;
   }
   if (error instanceof api.ApiError && error.status === 403) {

@@ -143,7 +143,7 @@ export async function keysPage(main, { workspace }) {
     return h('tr', { 'data-key': key.id, class: state },
       h('td', { class: 'label' }, key.label),
       h('td', {}, h('code', {}, key.mask)),
-      h('td', {}, when(key.created_at)),
+      h('td', {}, when(key.created_at), key.created_by ? h('div', { class: 'muted by' }, `by ${key.created_by}`) : null),
       h('td', {}, when(key.last_used_at)),
       h('td', { class: 'num' }, number(key.requests_24h)),
       h('td', {}, h('span', { class: `status ${state}` }, text)),

@@ -5,6 +5,7 @@ import { h, number, show, when } from './dom.js';
 import { barChart, meter } from './chart.js';
 
 const RANGES = [['24h', 'Last 24 h'], ['7d', 'Last 7 days'], ['month', 'This month']];
+const ACTIONS = { 'key.create': 'created', 'key.rotate': 'rotated', 'key.revoke': 'revoked' };
 const usd = (n) => `$${Number(n || 0).toFixed(2)}`;
 
 function sum(hours, field) {
@@ -62,7 +63,22 @@ export async function observabilityPage(main, { workspace, params }) {
                 h('td', { class: 'num' }, number(t.errors_4xx)), h('td', { class: 'num' }, number(t.errors_5xx)),
                 h('td', {}, when(t.last_hour)));
             })))),
-    h('p', { class: 'muted' }, 'Hourly, from the usage ledger (it lags by a few seconds). Latency percentiles and denials by reason are not recorded by the ledger yet.'),
+    h('section', { class: 'card' },
+      h('h2', {}, 'Audit'),
+      data.audit.length === 0
+        ? h('p', { class: 'muted' }, 'No changes yet.')
+        : h('table', { id: 'audit' },
+            h('thead', {}, h('tr', {}, ['When', 'Who', 'What', 'Key', 'Detail'].map((t) => h('th', {}, t)))),
+            h('tbody', {}, data.audit.map((entry) => {
+              const key = data.keys[entry.key_id];
+              return h('tr', {},
+                h('td', {}, when(entry.at)),
+                h('td', {}, entry.actor_subject, entry.actor_kind === 'operator' ? ' (operator)' : ''),
+                h('td', {}, ACTIONS[entry.action] || entry.action),
+                h('td', {}, key ? [key.label, ' ', h('code', {}, key.mask)] : ''),
+                h('td', { class: 'muted' }, entry.detail));
+            })))),
+    h('p', { class: 'muted' }, 'Hourly, from the usage ledger (it lags by a few seconds); the audit log shows the newest 200 changes. Latency percentiles and denials by reason are not recorded by the ledger yet.'),
   );
   for (const link of main.querySelectorAll('.ranges a')) {
     link.addEventListener('click', (event) => {
