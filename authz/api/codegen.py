@@ -63,7 +63,13 @@ def generate(out: Path) -> list[Path]:
         deps = scratch / "google_api.binpb"
         deps.write_bytes(_google_api_descriptors())
         # The transcoder's descriptor set holds KeyService alone, as Envoy serves nothing else.
-        _protoc(scratch, deps, [PROTO_FILE], f"--descriptor_set_out={scratch / DESCRIPTOR_NAME}")
+        _protoc(
+            scratch,
+            deps,
+            [PROTO_FILE],
+            "--include_imports",
+            f"--descriptor_set_out={scratch / DESCRIPTOR_NAME}",
+        )
         _protoc(scratch, deps, list(EXTRA_PROTO_FILES))
         written = [out / "__init__.py"]
         written[0].write_text(_INIT, encoding="utf-8")
@@ -86,7 +92,6 @@ def _protoc(scratch: Path, deps: Path, protos: list[str], *extra: str) -> None:
             f"--python_out={scratch}",
             f"--pyi_out={scratch}",
             f"--grpc_python_out={scratch}",
-            "--include_imports",
             *extra,
             *protos,
         ],
