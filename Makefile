@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+NODE_STAMP := node_modules/.installed
 
-.PHONY: install run test lint fmt bench clean deploy-configs protos ci-deps lock
+.PHONY: install system-deps run test lint fmt bench clean deploy-configs protos lock
 
 # Every dependency at the version constraints.txt pins (`make lock` refreshes it), here and in
 # the Dockerfile, so a build never picks a new release by chance.
@@ -14,19 +15,28 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --constraint constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# The console's dev OpenID Provider (oidc-provider), for `make run` and the browser tests.
+$(NODE_STAMP): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $(NODE_STAMP)
 
-# What CI installs besides `make install` (as root, Debian/Ubuntu): promtool, from Debian's
-# `prometheus` package, runs the alert rules' unit tests; under CI=true the tests fail
-# without it instead of skipping.
-ci-deps:
-	apt-get update
-	apt-get install -y --no-install-recommends prometheus
+# Debian packages the tests drive for real: chromium (the console's browser tests; Playwright
+# cannot download browsers) and promtool from `prometheus` (the alert rules' unit tests).
+# Installed only when missing, as root; under CI=true the tests fail rather than skip without them.
+SYSTEM_TOOLS := chromium:chromium promtool:prometheus
+system-deps:
+	@missing=""; for pair in $(SYSTEM_TOOLS); do \
+		command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
+	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] \
+		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null \
+		|| echo "make: install Debian's$$missing for the browser and alert-rule tests" >&2; }
 
-run: $(STAMP)
+install: $(STAMP) $(NODE_STAMP) system-deps
+
+run: $(STAMP) $(NODE_STAMP)
 	$(BIN)/python -m authz.demo.run --envoy-config envoy.yaml
 
-test: $(STAMP) lint
+test: install lint
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
@@ -65,4 +75,4 @@ lock:
 	rm -rf $(LOCK_VENV)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache

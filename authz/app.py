@@ -20,8 +20,9 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
-from authz.api.gen import keys_pb2, keys_pb2_grpc
+from authz.api.gen import console_pb2, console_pb2_grpc, keys_pb2, keys_pb2_grpc
 from authz.check import AuthorizationServicer
+from authz.console.service import ConsoleServicer
 from authz.fanout import FanOut
 from authz.health import AUTHZ_SERVICE, Readiness
 from authz.identity import IdentityVerifier
@@ -126,6 +127,9 @@ async def serve(settings: Settings) -> int:
     keys_pb2_grpc.add_KeyServiceServicer_to_server(
         KeyServicer(store=store, verifier=verifier), server
     )
+    console_pb2_grpc.add_ConsoleServiceServicer_to_server(
+        ConsoleServicer(store=store, verifier=verifier), server
+    )
     log.info(
         "key management API: %d sign-in provider(s) trusted (AUTHZ_JWT_ISSUERS)",
         len(settings.jwt_issuers),
@@ -136,6 +140,7 @@ async def serve(settings: Settings) -> int:
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             als_pb2.DESCRIPTOR.services_by_name["AccessLogService"].full_name,
             keys_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name,
+            console_pb2.DESCRIPTOR.services_by_name["ConsoleService"].full_name,
             reflection.SERVICE_NAME,
         ),
         server,

@@ -68,7 +68,11 @@ COMPOSE = Target(
     listener_address="0.0.0.0",  # noqa: S104 - published by Compose, reached from the host
     # Published on the host's loopback only (see compose.yaml), never on a public interface.
     admin_address="0.0.0.0",  # noqa: S104
-    clusters={"authz": Endpoint("authz", 9191), "upstream": Endpoint("upstream", 8000)},
+    clusters={
+        "authz": Endpoint("authz", 9191),
+        "upstream": Endpoint("upstream", 8000),
+        "console": Endpoint("console", 8090),
+    },
 )
 
 KUBERNETES = Target(
@@ -76,7 +80,7 @@ KUBERNETES = Target(
     output=Path("deploy/k8s/base/envoy.yaml"),
     listener_address="0.0.0.0",  # noqa: S104 - the Service sends traffic to the pod IP
     # The admin interface stays on 127.0.0.1: nothing outside the pod may reach it.
-    clusters={"upstream": Endpoint("upstream", 8000)},
+    clusters={"upstream": Endpoint("upstream", 8000), "console": Endpoint("console", 8090)},
     loopback_clusters=frozenset({"authz"}),  # the sidecar container, same pod
 )
 

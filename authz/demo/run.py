@@ -20,9 +20,13 @@ import urllib.request
 from pathlib import Path
 from types import FrameType
 
+from authz.console.demo import PORTS as CONSOLE_PORTS
+from authz.console.demo import start_demo_console
+
 DEMO_WORKSPACE = "demo"
 DEMO_LABEL = "make-run demo"
 PORTS = {"envoy": 8080, "envoy admin": 9901, "sidecar": 9191, "metrics": 9464, "upstream": 8000}
+PORTS |= CONSOLE_PORTS
 
 
 class DemoError(Exception):
@@ -141,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             "upstream",
             [sys.executable, "-m", "authz.demo.upstream", "--host", "127.0.0.1", "--port", "8000"],
         )
+        console = start_demo_console(start, workspace_id)  # sets the sidecar's issuer
         start("sidecar", [sys.executable, "-m", "authz", "serve"])
         start(
             "envoy",
@@ -169,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             "    -H 'Content-Type: application/json' \\\n"
             '    -d \'{"model": "demo-model", "messages": [{"role": "user", "content": "Hi"}]}\'\n'
             f"\nUsage: .venv/bin/authz usage --workspace {workspace_id}\n"
+            f"{console}\n"
             "Metrics: http://127.0.0.1:9464/metrics   Ctrl-C stops everything.\n",
             flush=True,
         )

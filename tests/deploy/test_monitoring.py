@@ -1,7 +1,7 @@
 """deploy/monitoring: the ServiceMonitor and the PrometheusRule, and what /metrics serves.
 
 Every alert is unit-tested by `promtool test rules` (Debian's `prometheus` package; the Makefile's
-`ci-deps` installs it) on the sample series in promtool/rules.test.yaml. Under CI=true a missing
+`make install` installs it) on the sample series in promtool/rules.test.yaml. Under CI=true a missing
 promtool fails the run instead of skipping. Metric and label names come from a live
 `Metrics(CollectorRegistry())`, as for the Grafana dashboard.
 """
@@ -40,7 +40,7 @@ def promtool() -> str:
     found = shutil.which("promtool")
     if found is None:
         if os.environ.get("CI") == "true":
-            pytest.fail("promtool is missing: `make ci-deps` (apt-get install prometheus)")
+            pytest.fail("promtool is missing: `make install` (apt-get install prometheus)")
         pytest.skip("promtool is not installed (apt-get install prometheus)")
     return found
 

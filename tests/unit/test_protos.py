@@ -33,6 +33,9 @@ def test_a_changed_proto_is_detected(tmp_path: Path, monkeypatch: pytest.MonkeyP
     (edited / codegen.PROTO_FILE).write_text(
         source.read_text().replace("bool active = 9;", "bool active = 9;\n  string note = 10;")
     )
+    for extra in codegen.EXTRA_PROTO_FILES:
+        (edited / extra).parent.mkdir(parents=True)
+        (edited / extra).write_text((ROOT / "proto" / extra).read_text())
     monkeypatch.setattr(codegen, "PROTO_ROOT", edited)
     out = tmp_path / "gen"
     codegen.generate(out)
