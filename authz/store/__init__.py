@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from authz.settings import Settings
 from authz.store.base import Store
+from authz.store.dialect import Timeouts
 from authz.store.postgres import PostgresStore
 from authz.store.sqlite import SqliteStore, sqlite_path
 
@@ -14,7 +15,7 @@ async def open_store(settings: Settings, *, migrate_embedded: bool = True) -> St
     if settings.is_sqlite:
         store = SqliteStore(
             sqlite_path(settings.database_url),
-            timeout_seconds=settings.db_timeout_ms / 1000,
+            timeouts=Timeouts(read=settings.db_timeout_ms / 1000),
             poll_seconds=settings.change_poll_ms / 1000,
         )
         await store.open()
@@ -23,7 +24,7 @@ async def open_store(settings: Settings, *, migrate_embedded: bool = True) -> St
         return store
     store = PostgresStore(
         settings.database_url,
-        timeout_seconds=settings.db_timeout_ms / 1000,
+        timeouts=Timeouts(read=settings.db_timeout_ms / 1000),
         pool_size=settings.db_pool_size,
     )
     await store.open()

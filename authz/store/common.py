@@ -138,22 +138,19 @@ def usage_filters(
     *,
     workspace_id: str | None,
     key_id: str | None,
-    since: datetime | None,
-    until: datetime | None,
-    encode_time: Callable[[datetime], Any],
-    placeholder: Callable[[int], str],
+    since: Any,
+    until: Any,
 ) -> tuple[str, list[Any]]:
-    """The WHERE clause (or "") and its parameters for a ledger report; `placeholder(n)` names
-    the n-th parameter in the dialect (`?` or `$n`)."""
+    """The WHERE clause (or "") and its parameters for a ledger report (times encoded)."""
     clauses: list[str] = []
     params: list[Any] = []
     for column, op, value in (
         ("workspace_id", "=", workspace_id),
         ("key_id", "=", key_id),
-        ("hour", ">=", None if since is None else encode_time(since)),
-        ("hour", "<", None if until is None else encode_time(until)),
+        ("hour", ">=", since),
+        ("hour", "<", until),
     ):
         if value is not None:
             params.append(value)
-            clauses.append(f"{column} {op} {placeholder(len(params))}")
+            clauses.append(f"{column} {op} ?")
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
