@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def _with_store(settings: Settings, job: Callable[[Store], Awaitable[int]]) -> int:
-    store = await open_store(settings, migrate_embedded=True)
+    store = await open_store(settings.database_url, **settings.store_options())
     try:
         return await job(store)
     finally:

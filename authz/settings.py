@@ -10,10 +10,15 @@ import argparse
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 from authz.identity import IssuerConfig, load_issuers
+from authz.urls import is_sqlite_url
+from authz.urls import redact_url as redact_url  # re-exported: callers predate authz.urls
+
+if TYPE_CHECKING:
+    from authz.store import StoreOptions
 
 
 class SettingsError(ValueError):
@@ -58,7 +63,15 @@ class Settings:
 
     @property
     def is_sqlite(self) -> bool:
-        return self.database_url.startswith("sqlite:")
+        return is_sqlite_url(self.database_url)
+
+    def store_options(self) -> StoreOptions:
+        """The keyword options `open_store` takes, from these settings."""
+        return {
+            "read_timeout": self.db_timeout_ms / 1000,
+            "pool_size": self.db_pool_size,
+            "poll_interval": self.change_poll_ms / 1000,
+        }
 
 
 _HELP: dict[str, str] = {
@@ -240,12 +253,3 @@ def load_settings(environ: Mapping[str, str], flags: argparse.Namespace | None =
 def _check_consistency(settings: Settings) -> None:
     if settings.grpc_addr == settings.metrics_addr:
         raise SettingsError("AUTHZ_METRICS_ADDR", "must differ from AUTHZ_GRPC_ADDR")
-
-
-def redact_url(url: str) -> str:
-    """A URL fit for logs and errors: any password replaced by `***`."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(":" + parts.password + "@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from authz.settings import Settings
 from authz.store import open_store
 from authz.store.base import Store
 from tests.support.postgres_server import create_database, drop_database, postgres_dsn_for_tests
@@ -44,9 +43,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 @pytest.fixture
 async def store(database_url: str) -> AsyncIterator[Store]:
-    opened = await open_store(
-        Settings(database_url=database_url, change_poll_ms=20, db_timeout_ms=2000)
-    )
+    opened = await open_store(database_url, poll_interval=0.02, read_timeout=2.0)
     await opened.migrate()
     try:
         yield opened

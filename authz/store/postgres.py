@@ -19,11 +19,11 @@ from typing import Any
 
 import asyncpg
 
-from authz.settings import redact_url
 from authz.store.base import CHANGE_CHANNEL, Change, ChangeSink
 from authz.store.dialect import Failure, Retry, Timeouts, Tx, opened
 from authz.store.rows import Row
 from authz.store.sql import SqlStore
+from authz.urls import redact_url
 
 log = logging.getLogger(__name__)
 

@@ -169,7 +169,6 @@ async def _wait_for(recorder: Recorder, predicate: object, timeout: float = 5.0)
 async def test_change_feed_announces_revocations_and_limit_changes(
     store: Store, database_url: str
 ) -> None:
-    from authz.settings import Settings
     from authz.store import open_store
 
     workspace = await store.create_workspace(NewWorkspace(name="acme"), actor=CLI_ACTOR)
@@ -181,7 +180,7 @@ async def test_change_feed_announces_revocations_and_limit_changes(
         # Both stores reset the sink once they watch; changes after that are never missed.
         await _wait_for(recorder, lambda: recorder.resets >= 1)
         # A second connection (another replica, or the CLI) makes the changes.
-        other = await open_store(Settings(database_url=database_url, db_timeout_ms=2000))
+        other = await open_store(database_url, read_timeout=2.0)
         try:
             await other.revoke_key(key.id, actor=CLI_ACTOR)
             await other.update_workspace(workspace.id, WorkspaceUpdate(rpm=1), actor=CLI_ACTOR)
