@@ -6,12 +6,19 @@ Written once for every dialect; `SqlStore` adds workspaces, the ledger and price
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from authz.models import Actor, ApiKey, KeyGrant, NewKey, Workspace
-from authz.store.base import Change, ChangeKind, Conflict, KeyLimitReached, NotFound, utc_now
-from authz.store.common import InvalidInput, check_label
+from authz.store.base import Change, ChangeKind, NotFound, utc_now
+from authz.store.common import (
+    check_grace,
+    check_key_limit,
+    check_label,
+    check_rotatable,
+    grace_deadline,
+    rotation_audit,
+)
 from authz.store.dialect import Dialect, Tx
 from authz.store.rows import (
     AUDIT_COLUMNS,
@@ -53,8 +60,7 @@ class KeyRules(Dialect):
             limit = await self._key_limit(tx, new.workspace_id)
             if limit is None:
                 raise NotFound(f"no workspace {new.workspace_id}")
-            if await self._active_keys(tx, new.workspace_id, now) >= limit:
-                raise KeyLimitReached()
+            check_key_limit(await self._active_keys(tx, new.workspace_id, now), limit)
             await self._insert_key(tx, new, label, now, expires_at=new.expires_at)
             await self._audit(tx, now, new.workspace_id, new.id, "key.create", actor, label)
             # A hash could sit in a replica's negative cache only if someone guessed the key
@@ -112,8 +118,7 @@ class KeyRules(Dialect):
     ) -> tuple[ApiKey, ApiKey]:
         label = check_label(replacement.label)
         now = utc_now()
-        if old_expires_at is not None and old_expires_at <= now:
-            raise InvalidInput("the grace deadline must be in the future")
+        check_grace(old_expires_at, now)
         workspace_id = replacement.workspace_id
 
         async def work(tx: Tx) -> tuple[ApiKey, ApiKey]:
@@ -127,41 +132,18 @@ class KeyRules(Dialect):
             )
             if limit is None or old is None:
                 raise NotFound(f"no key {key_id} in workspace {workspace_id}")
-            deadline = self._maybe_time(old["expires_at"])
-            if old["revoked_at"] is not None or (deadline is not None and deadline <= now):
-                raise Conflict(f"key {key_id} is no longer active: create a new key instead")
-            # The key being replaced does not count: at the limit, rotation still works.
-            if await self._active_keys(tx, workspace_id, now) - 1 >= limit:
-                raise KeyLimitReached()
+            current = self._maybe_time(old["expires_at"])
+            check_rotatable(key_id, self._maybe_time(old["revoked_at"]), current, now)
+            check_key_limit(await self._active_keys(tx, workspace_id, now), limit, replacing=True)
             await self._insert_key(tx, replacement, label, now, expires_at=None)
-            if old_expires_at is not None and (deadline is None or old_expires_at < deadline):
-                deadline = old_expires_at
+            deadline = grace_deadline(current, old_expires_at)
+            if deadline is not None and deadline != current:
                 await tx.execute(
                     "UPDATE api_keys SET expires_at = ? WHERE id = ?", self._t(deadline), key_id
                 )
-            until = (
-                "until revoked"
-                if deadline is None
-                else f"until {deadline.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}"
-            )
-            await self._audit(
-                tx,
-                now,
-                workspace_id,
-                replacement.id,
-                "key.create",
-                actor,
-                f"{label} (replaces {key_id})",
-            )
-            await self._audit(
-                tx,
-                now,
-                workspace_id,
-                key_id,
-                "key.rotate",
-                actor,
-                f"replaced by {replacement.id}; valid {until}",
-            )
+            created, rotated = rotation_audit(label, key_id, replacement.id, deadline)
+            await self._audit(tx, now, workspace_id, replacement.id, "key.create", actor, created)
+            await self._audit(tx, now, workspace_id, key_id, "key.rotate", actor, rotated)
             await self._announce(tx, now, Change(ChangeKind.KEY, bytes(old["key_hash"]).hex()))
             await self._announce(tx, now, Change(ChangeKind.KEY, replacement.key_hash.hex()))
             return await self._key(tx, key_id), await self._key(tx, replacement.id)

@@ -1,4 +1,4 @@
-"""The same behaviour from both stores: embedded SQLite and real PostgreSQL."""
+"""The same behaviour from every store: embedded SQLite, real PostgreSQL and the unit-test fake."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from authz.keys import generate_key, hash_key, mask_key, mint_key
 from authz.models import CLI_ACTOR, Actor, NewKey, NewWorkspace, WorkspaceUpdate
 from authz.store.base import Change, ChangeKind, Conflict, KeyLimitReached, NotFound, Store
 from authz.store.common import InvalidInput
+from tests.conftest import StoreOpener
 
 pytestmark = pytest.mark.integration
 
@@ -167,10 +168,8 @@ async def _wait_for(recorder: Recorder, predicate: object, timeout: float = 5.0)
 
 
 async def test_change_feed_announces_revocations_and_limit_changes(
-    store: Store, database_url: str
+    store: Store, open_replica: StoreOpener
 ) -> None:
-    from authz.store import open_store
-
     workspace = await store.create_workspace(NewWorkspace(name="acme"), actor=CLI_ACTOR)
     secret, key = new_key(workspace.id)
     await store.create_key(key, actor=CLI_ACTOR)
@@ -180,7 +179,7 @@ async def test_change_feed_announces_revocations_and_limit_changes(
         # Both stores reset the sink once they watch; changes after that are never missed.
         await _wait_for(recorder, lambda: recorder.resets >= 1)
         # A second connection (another replica, or the CLI) makes the changes.
-        other = await open_store(database_url, read_timeout=2.0)
+        other = await open_replica()
         try:
             await other.revoke_key(key.id, actor=CLI_ACTOR)
             await other.update_workspace(workspace.id, WorkspaceUpdate(rpm=1), actor=CLI_ACTOR)
