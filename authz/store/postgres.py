@@ -174,7 +174,7 @@ class PostgresStore(SqlStore):
         while True:
             try:
                 conn = await asyncpg.connect(self._listen_dsn, timeout=2.0)
-            except CONNECTION_ERRORS as error:
+            except FEED_ERRORS as error:
                 if not warned:
                     log.warning("change feed: cannot connect to PostgreSQL: %s", error)
                     warned = True

@@ -190,7 +190,10 @@ class SqlStore(KeyRules):
         return [usage_from_row(row, self._parse_time) for row in rows]
 
     async def apply_usage_batch(self, batch_id: str, rows: Sequence[UsageRow]) -> bool:
-        values = [usage_values(r, self._t) for r in rows]
+        # One fixed row order for every writer: concurrent replicas then take the rows' locks
+        # in the same order and cannot deadlock each other.
+        ordered = sorted(rows, key=lambda r: (r.workspace_id, r.hour, r.key_id, r.model))
+        values = [usage_values(r, self._t) for r in ordered]
 
         async def work(tx: Tx) -> bool:
             inserted = await tx.execute(

@@ -12,6 +12,7 @@ from authz.models import CLI_ACTOR, Actor, NewKey, NewWorkspace, WorkspaceUpdate
 from authz.store.base import Change, ChangeKind, Conflict, KeyLimitReached, NotFound, Store
 from authz.store.common import InvalidInput
 from tests.conftest import StoreOpener
+from tests.support.feeds import Recorder, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -144,29 +145,6 @@ async def test_audit_log_records_who_did_what(store: Store) -> None:
     assert entries[-1].detail == "leaked"
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.changes: list[Change] = []
-        self.resets = 0
-        self.event = asyncio.Event()
-
-    def on_change(self, change: Change) -> None:
-        self.changes.append(change)
-        self.event.set()
-
-    def on_reset(self) -> None:
-        self.resets += 1
-        self.event.set()
-
-
-async def _wait_for(recorder: Recorder, predicate: object, timeout: float = 5.0) -> None:
-    assert callable(predicate)
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            recorder.event.clear()
-            await recorder.event.wait()
-
-
 async def test_change_feed_announces_revocations_and_limit_changes(
     store: Store, open_replica: StoreOpener
 ) -> None:
@@ -177,7 +155,7 @@ async def test_change_feed_announces_revocations_and_limit_changes(
     watcher = asyncio.create_task(store.watch_changes(recorder))
     try:
         # Both stores reset the sink once they watch; changes after that are never missed.
-        await _wait_for(recorder, lambda: recorder.resets >= 1)
+        await wait_for(recorder, lambda: recorder.resets >= 1)
         # A second connection (another replica, or the CLI) makes the changes.
         other = await open_replica()
         try:
@@ -189,7 +167,7 @@ async def test_change_feed_announces_revocations_and_limit_changes(
             Change(ChangeKind.KEY, hash_key(secret).hex()),
             Change(ChangeKind.WORKSPACE, workspace.id),
         ]
-        await _wait_for(recorder, lambda: recorder.changes[-2:] == expected)
+        await wait_for(recorder, lambda: recorder.changes[-2:] == expected)
     finally:
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
