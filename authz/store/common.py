@@ -143,6 +143,41 @@ def rotation_audit(
     return f"{label} (replaces {key_id})", f"replaced by {replacement_id}; valid {until}"
 
 
+_WORKSPACE_FIELDS = (
+    "name",
+    "rpm",
+    "tpm",
+    "key_limit",
+    "default_completion_tokens",
+    "monthly_token_quota",
+    "monthly_spend_cap_usd",
+)
+_PRICE_FIELDS = ("input_per_1m_usd", "output_per_1m_usd")
+
+
+def _shown(value: object) -> str:
+    return "none" if value is None else str(value)
+
+
+def _changes(old: object | None, new: object, names: tuple[str, ...]) -> str:
+    parts = [
+        f"{name} {_shown(before)} \u2192 {_shown(after)}"
+        for name in names
+        if (before := getattr(old, name, None)) != (after := getattr(new, name))
+    ]
+    return ", ".join(parts) or "no change"
+
+
+def workspace_change(old: Workspace, new: Workspace) -> str:
+    """The audit detail of a workspace update: each changed field, e.g. `rpm 5 → 100`."""
+    return _changes(old, new, _WORKSPACE_FIELDS)
+
+
+def price_change(old: ModelPrice | None, new: ModelPrice) -> str:
+    """The audit detail of a price change, e.g. `gpt-4o: input_per_1m_usd 2.5 → 2.0`."""
+    return f"{new.model}: {_changes(old, new, _PRICE_FIELDS)}"
+
+
 USAGE_COLUMNS = (
     "hour, workspace_id, key_id, model, requests, prompt_tokens, completion_tokens, "
     "errors_4xx, errors_5xx, spend_usd"

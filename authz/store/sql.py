@@ -21,6 +21,7 @@ from authz.models import (
     WorkspaceUpdate,
 )
 from authz.store.base import (
+    PRICES_AUDIT,
     Change,
     ChangeKind,
     Conflict,
@@ -34,8 +35,10 @@ from authz.store.common import (
     apply_update,
     check_new_workspace,
     check_price,
+    price_change,
     usage_filters,
     usage_values,
+    workspace_change,
 )
 from authz.store.dialect import Tx
 from authz.store.rows import (
@@ -152,7 +155,8 @@ class SqlStore(KeyRules):
                 self._t(now),
                 workspace_id,
             )
-            await self._audit(tx, now, workspace_id, None, "workspace.update", actor, "")
+            detail = workspace_change(current, updated)
+            await self._audit(tx, now, workspace_id, None, "workspace.update", actor, detail)
             await self._announce(tx, now, Change(ChangeKind.WORKSPACE, workspace_id))
             return updated
 
@@ -242,6 +246,12 @@ class SqlStore(KeyRules):
         now = utc_now()
 
         async def work(tx: Tx) -> None:
+            row = await tx.fetchrow(
+                "SELECT model, input_per_1m_usd, output_per_1m_usd, updated_at FROM model_prices "
+                "WHERE model = ?" + self.for_update,
+                price.model,
+            )
+            old = None if row is None else price_from_row(row, self._parse_time)
             await tx.execute(
                 "INSERT INTO model_prices VALUES (?, ?, ?, ?) ON CONFLICT (model) DO UPDATE SET "
                 "input_per_1m_usd = excluded.input_per_1m_usd, "
@@ -251,9 +261,11 @@ class SqlStore(KeyRules):
                 price.output_per_1m_usd,
                 self._t(now),
             )
+            detail = price_change(old, price)
+            await self._audit(tx, now, PRICES_AUDIT, None, "price.set", actor, detail)
             await self._announce(tx, now, Change(ChangeKind.PRICE, price.model))
 
-        await self._write(work, idempotent=True)
+        await self._write(work)
         return ModelPrice(price.model, price.input_per_1m_usd, price.output_per_1m_usd, now)
 
     async def _locked_workspace(self, tx: Tx, workspace_id: str) -> Workspace:

@@ -8,8 +8,16 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from authz.keys import generate_key, hash_key, mask_key, mint_key
-from authz.models import CLI_ACTOR, Actor, NewKey, NewWorkspace, WorkspaceUpdate
-from authz.store.base import Change, ChangeKind, Conflict, KeyLimitReached, NotFound, Store
+from authz.models import CLI_ACTOR, Actor, ModelPrice, NewKey, NewWorkspace, WorkspaceUpdate
+from authz.store.base import (
+    PRICES_AUDIT,
+    Change,
+    ChangeKind,
+    Conflict,
+    KeyLimitReached,
+    NotFound,
+    Store,
+)
 from authz.store.common import InvalidInput
 from tests.conftest import StoreOpener
 from tests.support.feeds import Recorder, wait_for
@@ -171,3 +179,44 @@ async def test_change_feed_announces_revocations_and_limit_changes(
     finally:
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
+
+
+async def test_every_workspace_change_is_audited_field_by_field(store: Store) -> None:
+    workspace = await store.create_workspace(
+        NewWorkspace(name="acme", rpm=5, tpm=1000), actor=CLI_ACTOR
+    )
+    await store.update_workspace(
+        workspace.id, WorkspaceUpdate(rpm=100, monthly_token_quota=500), actor=CLI_ACTOR
+    )
+    await store.update_workspace(
+        workspace.id,
+        WorkspaceUpdate(clear_quota=True, key_limit=3, monthly_spend_cap_usd=0.002),
+        actor=CLI_ACTOR,
+    )
+    await store.update_workspace(workspace.id, WorkspaceUpdate(name="acme2"), actor=CLI_ACTOR)
+    await store.update_workspace(workspace.id, WorkspaceUpdate(rpm=100), actor=CLI_ACTOR)
+    updates = [
+        e.detail for e in await store.list_audit(workspace.id) if e.action.endswith("update")
+    ]
+    assert updates == [
+        "rpm 5 \u2192 100, monthly_token_quota none \u2192 500",
+        "key_limit 10 \u2192 3, monthly_token_quota 500 \u2192 none, "
+        "monthly_spend_cap_usd none \u2192 0.002",
+        "name acme \u2192 acme2",
+        "no change",
+    ]
+
+
+async def test_price_changes_are_audited_with_old_and_new_prices(store: Store) -> None:
+    alice = Actor(kind="user", subject="alice", issuer="https://idp")
+    await store.set_price(ModelPrice("gpt", 1.5, 6.0), actor=alice)
+    await store.set_price(ModelPrice("gpt", 2.0, 6.0), actor=CLI_ACTOR)
+    entries = await store.list_audit(PRICES_AUDIT)
+    assert [(e.action, e.actor_subject, e.detail) for e in entries] == [
+        (
+            "price.set",
+            "alice",
+            "gpt: input_per_1m_usd none \u2192 1.5, output_per_1m_usd none \u2192 6.0",
+        ),
+        ("price.set", "cli", "gpt: input_per_1m_usd 1.5 \u2192 2.0"),
+    ]

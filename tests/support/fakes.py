@@ -28,6 +28,7 @@ from authz.models import (
     WorkspaceUpdate,
 )
 from authz.store.base import (
+    PRICES_AUDIT,
     Change,
     ChangeKind,
     ChangeSink,
@@ -47,7 +48,9 @@ from authz.store.common import (
     check_rotatable,
     grace_deadline,
     is_live,
+    price_change,
     rotation_audit,
+    workspace_change,
 )
 
 EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
@@ -175,7 +178,8 @@ class FakeStore:
         updated = apply_update(current, update, updated_at=now)
         self._check_unique_name(updated.name, workspace_id)
         self.workspaces[workspace_id] = updated
-        self._audit(now, workspace_id, None, "workspace.update", actor, "")
+        detail = workspace_change(current, updated)
+        self._audit(now, workspace_id, None, "workspace.update", actor, detail)
         self._announce(Change(ChangeKind.WORKSPACE, workspace_id))
         return updated
 
@@ -301,8 +305,11 @@ class FakeStore:
     async def set_price(self, price: ModelPrice, *, actor: Actor) -> ModelPrice:
         price = check_price(price)
         self._up()
-        stored = replace(price, updated_at=utc_now())
+        now = utc_now()
+        stored = replace(price, updated_at=now)
+        detail = price_change(self.prices.get(price.model), price)
         self.prices[price.model] = stored
+        self._audit(now, PRICES_AUDIT, None, "price.set", actor, detail)
         self._announce(Change(ChangeKind.PRICE, price.model))
         return stored
 
