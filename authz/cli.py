@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def _with_store(settings: Settings, job: Callable[[Store], Awaitable[int]]) -> int:
-    store = await open_store(settings.database_url, **settings.store_options())
+    store = await open_store(settings.database_url, **settings.store_options(request_path=False))
     try:
         return await job(store)
     finally:

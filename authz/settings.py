@@ -67,15 +67,22 @@ class Settings:
     def is_sqlite(self) -> bool:
         return is_sqlite_url(self.database_url)
 
-    def store_options(self) -> StoreOptions:
-        """The keyword options `open_store` takes, from these settings."""
+    def store_options(self, *, request_path: bool = True) -> StoreOptions:
+        """The keyword options `open_store` takes, from these settings.
+
+        AUTHZ_DB_TIMEOUT_MS bounds reads on the request path; a one-shot command (the CLI)
+        is not on it, and may wait for its first connection as long as for a write.
+        """
         return {
-            "read_timeout": self.db_timeout_ms / 1000,
+            "read_timeout": self.db_timeout_ms / 1000 if request_path else _COMMAND_TIMEOUT_S,
             "pool_size": self.db_pool_size,
             "listen_url": self.database_listen_url,
             "statement_cache": self.database_statement_cache,
             "poll_interval": self.change_poll_ms / 1000,
         }
+
+
+_COMMAND_TIMEOUT_S = 10.0
 
 
 _HELP: dict[str, str] = {

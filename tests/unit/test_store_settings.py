@@ -55,3 +55,9 @@ def test_bad_values_name_the_setting(environ: dict[str, str], message: str) -> N
         load_settings(environ)
     assert str(caught.value).startswith(message)
     assert "pw" not in str(caught.value)
+
+
+def test_commands_are_not_held_to_the_request_path_timeout() -> None:
+    settings = Settings(database_url=PG, db_timeout_ms=150)
+    assert settings.store_options()["read_timeout"] == 0.15
+    assert settings.store_options(request_path=False)["read_timeout"] == 10.0
