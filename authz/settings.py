@@ -97,7 +97,7 @@ _HELP: dict[str, str] = {
     "redis_breaker_failures": "consecutive Redis failures that open the circuit breaker",
     "redis_breaker_cooldown_ms": "open circuit: ms before one probe call is let through",
     "db_pool_size": "maximum pooled PostgreSQL connections per process (plus one for LISTEN)",
-    "database_listen_url": "PostgreSQL URL of the change feed's LISTEN session; unset = the main",
+    "database_listen_url": "PostgreSQL URL of the change feed LISTEN session; unset = DATABASE_URL",
     "database_statement_cache": "asyncpg prepared-statement cache; false behind PgBouncer",
     "cache_size": "maximum cached known keys (LRU)",
     "cache_ttl_s": "seconds a cached key or workspace is trusted without a re-read",
