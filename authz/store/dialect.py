@@ -34,7 +34,7 @@ T = TypeVar("T")
 H = TypeVar("H")
 
 MAX_RETRIES = 3
-"""Attempts after the first for a retryable failure; all of them inside one timeout."""
+"""Reruns after a rolled-back transaction (deadlock, serialization), with a growing pause."""
 _FIRST_BACKOFF = 0.01
 
 
@@ -200,7 +200,9 @@ class Dialect(ABC):
         idempotent: bool,
     ) -> T:
         backoff = _FIRST_BACKOFF
-        for attempt in range(MAX_RETRIES + 1):
+        rolled_back = 0
+        reconnected = False
+        while True:
             try:
                 async with connect() as tx:
                     return await work(tx)
@@ -210,12 +212,15 @@ class Dialect(ABC):
                 failure = self._classify(error)
                 if failure is None:
                     raise
-                retry = failure.retry is Retry.ROLLED_BACK or (
-                    failure.retry is Retry.CONNECTION and idempotent
-                )
-                if not retry or attempt == MAX_RETRIES:
+                if failure.retry is Retry.ROLLED_BACK and rolled_back < MAX_RETRIES:
+                    rolled_back += 1
+                    log.warning("database transaction rolled back, running it again: %s", error)
+                    await asyncio.sleep(backoff)
+                    backoff *= 2
+                elif failure.retry is Retry.CONNECTION and idempotent and not reconnected:
+                    # Once, at once: a dead pooled connection is replaced by a fresh one, and
+                    # a database that is really down should fail fast, not after pauses.
+                    reconnected = True
+                    log.warning("database connection lost, trying a new one: %s", error)
+                else:
                     raise failure.error from error
-                log.warning("database call failed, trying again: %s", failure.error)
-                await asyncio.sleep(backoff)
-                backoff *= 2
-        raise AssertionError("unreachable")
