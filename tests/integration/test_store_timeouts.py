@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from authz.store.base import StoreUnavailable
 from authz.store.dialect import Timeouts
 from authz.store.postgres import PostgresStore
+from authz.store.sqlite import SqliteStore
 
 pytestmark = pytest.mark.integration
 
@@ -48,5 +50,28 @@ async def test_a_frozen_database_costs_one_read_timeout(frozen_port: int) -> Non
                 await read
             assert loop.time() - started < 1.0
             assert "secret" not in str(caught.value)
+    finally:
+        await store.close()
+
+
+async def test_every_sqlite_read_is_bounded_too(tmp_path: Path) -> None:
+    # Timeouts far below one disk read: each call must give up, none may wait unbounded.
+    path = str(tmp_path / "authz.db")
+    migrated = SqliteStore(path, timeouts=Timeouts(read=2.0))
+    await migrated.open()
+    await migrated.migrate()
+    await migrated.close()
+    store = SqliteStore(path, timeouts=Timeouts(read=1e-9, write=1e-9))
+    await store.open()
+    try:
+        for read in (
+            store.lookup_key(b"k" * 32),
+            store.get_key("key_x"),
+            store.list_keys("ws_x"),
+            store.list_workspaces(),
+            store.usage_report(),
+        ):
+            with pytest.raises(StoreUnavailable, match="no answer within"):
+                await read
     finally:
         await store.close()
