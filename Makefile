@@ -20,10 +20,11 @@ $(NODE_STAMP): package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $(NODE_STAMP)
 
-# Debian packages the tests drive for real: chromium (the console's browser tests; Playwright
-# cannot download browsers) and promtool from `prometheus` (the alert rules' unit tests).
+# Debian packages the tests drive for real: pgbouncer (the PgBouncer tests), chromium (the
+# console's browser tests; Playwright cannot download browsers) and promtool from `prometheus`
+# (the alert rules' unit tests).
 # Installed only when missing, as root; under CI=true the tests fail rather than skip without them.
-SYSTEM_TOOLS := chromium:chromium promtool:prometheus
+SYSTEM_TOOLS := chromium:chromium promtool:prometheus pgbouncer:pgbouncer
 system-deps:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do \
 		command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \

@@ -75,7 +75,7 @@ def _split_addr(addr: str) -> tuple[str, int]:
 async def serve(settings: Settings) -> int:
     """Run the sidecar until SIGTERM/SIGINT, then drain and return the exit code."""
     metrics = Metrics(CollectorRegistry(), workspace_label=settings.metrics_workspace_label)
-    store = await open_store(settings)
+    store = await open_store(settings.database_url, **settings.store_options())
     limiter = build_limiter(settings, metrics)
     resolver = KeyResolver(
         store,

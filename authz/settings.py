@@ -10,10 +10,15 @@ import argparse
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 from authz.identity import IssuerConfig, load_issuers
+from authz.urls import is_sqlite_url
+from authz.urls import redact_url as redact_url  # re-exported: callers predate authz.urls
+
+if TYPE_CHECKING:
+    from authz.store import StoreOptions
 
 
 class SettingsError(ValueError):
@@ -38,7 +43,9 @@ class Settings:
     redis_timeout_ms: int = 50
     redis_breaker_failures: int = 3
     redis_breaker_cooldown_ms: int = 250
-    db_pool_size: int = 10
+    db_pool_size: int = 2
+    database_listen_url: str | None = None
+    database_statement_cache: bool = True
     cache_size: int = 100_000
     cache_ttl_s: float = 60.0
     negative_cache_size: int = 10_000
@@ -58,7 +65,24 @@ class Settings:
 
     @property
     def is_sqlite(self) -> bool:
-        return self.database_url.startswith("sqlite:")
+        return is_sqlite_url(self.database_url)
+
+    def store_options(self, *, request_path: bool = True) -> StoreOptions:
+        """The keyword options `open_store` takes, from these settings.
+
+        AUTHZ_DB_TIMEOUT_MS bounds reads on the request path; a one-shot command (the CLI)
+        is not on it, and may wait for its first connection as long as for a write.
+        """
+        return {
+            "read_timeout": self.db_timeout_ms / 1000 if request_path else _COMMAND_TIMEOUT_S,
+            "pool_size": self.db_pool_size,
+            "listen_url": self.database_listen_url,
+            "statement_cache": self.database_statement_cache,
+            "poll_interval": self.change_poll_ms / 1000,
+        }
+
+
+_COMMAND_TIMEOUT_S = 10.0
 
 
 _HELP: dict[str, str] = {
@@ -72,7 +96,9 @@ _HELP: dict[str, str] = {
     "redis_timeout_ms": "timeout of every Redis call; keep far below Envoy's ext_authz timeout",
     "redis_breaker_failures": "consecutive Redis failures that open the circuit breaker",
     "redis_breaker_cooldown_ms": "open circuit: ms before one probe call is let through",
-    "db_pool_size": "maximum PostgreSQL connections per process",
+    "db_pool_size": "maximum pooled PostgreSQL connections per process (plus one for LISTEN)",
+    "database_listen_url": "PostgreSQL URL of the change feed LISTEN session; unset = DATABASE_URL",
+    "database_statement_cache": "asyncpg prepared-statement cache; false behind PgBouncer",
     "cache_size": "maximum cached known keys (LRU)",
     "cache_ttl_s": "seconds a cached key or workspace is trusted without a re-read",
     "negative_cache_size": "maximum cached unknown key hashes",
@@ -159,6 +185,15 @@ def _parse_database_url(raw: str) -> str:
     raise ValueError("expected sqlite:///PATH or postgresql://USER@HOST:PORT/DB")
 
 
+def _parse_listen_url(raw: str) -> str | None:
+    value = raw.strip()
+    if not value:
+        return None
+    if urlsplit(value).scheme not in {"postgresql", "postgres"}:
+        raise ValueError("expected postgresql://USER@HOST:PORT/DB (LISTEN needs PostgreSQL)")
+    return value
+
+
 def _parse_redis_url(raw: str) -> str | None:
     value = raw.strip()
     if not value:
@@ -183,6 +218,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "redis_breaker_failures": _parse_positive_int,
     "redis_breaker_cooldown_ms": _parse_positive_int,
     "db_pool_size": _parse_positive_int,
+    "database_listen_url": _parse_listen_url,
+    "database_statement_cache": _parse_bool,
     "cache_size": _parse_positive_int,
     "cache_ttl_s": _parse_non_negative_float,
     "negative_cache_size": _parse_positive_int,
@@ -240,12 +277,7 @@ def load_settings(environ: Mapping[str, str], flags: argparse.Namespace | None =
 def _check_consistency(settings: Settings) -> None:
     if settings.grpc_addr == settings.metrics_addr:
         raise SettingsError("AUTHZ_METRICS_ADDR", "must differ from AUTHZ_GRPC_ADDR")
-
-
-def redact_url(url: str) -> str:
-    """A URL fit for logs and errors: any password replaced by `***`."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(":" + parts.password + "@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+    if settings.database_listen_url and settings.is_sqlite:
+        raise SettingsError(
+            "AUTHZ_DATABASE_LISTEN_URL", "needs a PostgreSQL AUTHZ_DATABASE_URL (SQLite polls)"
+        )

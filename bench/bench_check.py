@@ -26,6 +26,7 @@ from authz.metrics import Metrics
 from authz.models import CLI_ACTOR, NewWorkspace
 from authz.resolver import KeyResolver
 from authz.responses import AllowRenderer
+from authz.store.dialect import Timeouts
 from authz.store.sqlite import SqliteStore
 from authz.usage.pricing import PriceTable
 from authz.usage.seeding import QuotaSeeder
@@ -54,7 +55,7 @@ class _Context:
 
 async def main() -> None:
     folder = Path(tempfile.mkdtemp())
-    store = SqliteStore(str(folder / "bench.db"), timeout_seconds=1.0)
+    store = SqliteStore(str(folder / "bench.db"), timeouts=Timeouts(read=1.0))
     await store.open()
     await store.migrate()
     workspace = await store.create_workspace(

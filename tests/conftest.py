@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from authz.settings import Settings
 from authz.store import open_store
 from authz.store.base import Store
+from tests.support.fakes import FakeStore
 from tests.support.postgres_server import create_database, drop_database, postgres_dsn_for_tests
 
 
@@ -42,11 +42,38 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return dsn
 
 
-@pytest.fixture
-async def store(database_url: str) -> AsyncIterator[Store]:
-    opened = await open_store(
-        Settings(database_url=database_url, change_poll_ms=20, db_timeout_ms=2000)
+StoreOpener = Callable[[], Awaitable[Store]]
+
+
+@pytest.fixture(params=["fake", "sqlite", "postgres"])
+def open_replica(request: pytest.FixtureRequest, tmp_path: Path) -> StoreOpener:
+    """Opens connections to one fresh database: the in-memory fake, SQLite or PostgreSQL.
+
+    The store contract suite runs on all three, so the fake unit tests use cannot drift from
+    the real stores. Each call is another replica's (or the CLI's) view of the same data.
+    """
+    if request.param == "fake":
+        shared = FakeStore()
+
+        async def open_fake() -> Store:
+            return shared.another()
+
+        return open_fake
+    url = (
+        f"sqlite:///{tmp_path / 'authz.db'}"
+        if request.param == "sqlite"
+        else str(request.getfixturevalue("pg_dsn"))
     )
+
+    async def open_real() -> Store:
+        return await open_store(url, poll_interval=0.02, read_timeout=2.0)
+
+    return open_real
+
+
+@pytest.fixture
+async def store(open_replica: StoreOpener) -> AsyncIterator[Store]:
+    opened = await open_replica()
     await opened.migrate()
     try:
         yield opened

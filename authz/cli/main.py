@@ -66,7 +66,9 @@ _HANDLERS: dict[str, Handler] = {
 async def _with_store(
     settings: Settings, handler: Handler, args: argparse.Namespace, out: TextIO
 ) -> int:
-    store = await open_store(settings, migrate_embedded=True)
+    store = await open_store(
+        settings.database_url, migrate_embedded=True, **settings.store_options(request_path=False)
+    )
     try:
         return await handler(store, args, out)
     finally:

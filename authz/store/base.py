@@ -21,6 +21,9 @@ from authz.models import (
     WorkspaceUpdate,
 )
 
+PRICES_AUDIT = "*"
+"""The audit log's workspace id for price changes: prices apply to every workspace."""
+
 CHANGE_CHANNEL = "authz_changes"
 """PostgreSQL NOTIFY channel for revocations and limit changes."""
 

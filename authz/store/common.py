@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from authz.models import ModelPrice, NewWorkspace, UsageRow, Workspace, WorkspaceUpdate
+from authz.store.base import Conflict, KeyLimitReached
 
 MAX_NAME_LENGTH = 128
 MAX_LABEL_LENGTH = 128
@@ -99,12 +100,90 @@ def check_price(price: ModelPrice) -> ModelPrice:
     return replace(price, model=model)
 
 
+def check_key_limit(active: int, limit: int, *, replacing: bool = False) -> None:
+    """A new key must fit under the limit; the key a rotation replaces does not count, so a
+    workspace at its limit can rotate, yet is never more than one key over it."""
+    if active - (1 if replacing else 0) >= limit:
+        raise KeyLimitReached()
+
+
+def is_live(revoked_at: datetime | None, expires_at: datetime | None, now: datetime) -> bool:
+    """Neither revoked nor past its deadline: counts against the key limit."""
+    return revoked_at is None and (expires_at is None or expires_at > now)
+
+
+def check_grace(old_expires_at: datetime | None, now: datetime) -> None:
+    if old_expires_at is not None and old_expires_at <= now:
+        raise InvalidInput("the grace deadline must be in the future")
+
+
+def check_rotatable(
+    key_id: str, revoked_at: datetime | None, deadline: datetime | None, now: datetime
+) -> None:
+    if not is_live(revoked_at, deadline, now):
+        raise Conflict(f"key {key_id} is no longer active: create a new key instead")
+
+
+def grace_deadline(current: datetime | None, requested: datetime | None) -> datetime | None:
+    """The old key's deadline after a rotation: the requested one, never later than its own."""
+    if requested is not None and (current is None or requested < current):
+        return requested
+    return current
+
+
+def rotation_audit(
+    label: str, key_id: str, replacement_id: str, deadline: datetime | None
+) -> tuple[str, str]:
+    """Audit details of a rotation: (for the new key's create, for the old key's rotate)."""
+    until = (
+        "until revoked"
+        if deadline is None
+        else f"until {deadline.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}"
+    )
+    return f"{label} (replaces {key_id})", f"replaced by {replacement_id}; valid {until}"
+
+
+_WORKSPACE_FIELDS = (
+    "name",
+    "rpm",
+    "tpm",
+    "key_limit",
+    "default_completion_tokens",
+    "monthly_token_quota",
+    "monthly_spend_cap_usd",
+)
+_PRICE_FIELDS = ("input_per_1m_usd", "output_per_1m_usd")
+
+
+def _shown(value: object) -> str:
+    return "none" if value is None else str(value)
+
+
+def _changes(old: object | None, new: object, names: tuple[str, ...]) -> str:
+    parts = [
+        f"{name} {_shown(before)} \u2192 {_shown(after)}"
+        for name in names
+        if (before := getattr(old, name, None)) != (after := getattr(new, name))
+    ]
+    return ", ".join(parts) or "no change"
+
+
+def workspace_change(old: Workspace, new: Workspace) -> str:
+    """The audit detail of a workspace update: each changed field, e.g. `rpm 5 → 100`."""
+    return _changes(old, new, _WORKSPACE_FIELDS)
+
+
+def price_change(old: ModelPrice | None, new: ModelPrice) -> str:
+    """The audit detail of a price change, e.g. `gpt-4o: input_per_1m_usd 2.5 → 2.0`."""
+    return f"{new.model}: {_changes(old, new, _PRICE_FIELDS)}"
+
+
 USAGE_COLUMNS = (
     "hour, workspace_id, key_id, model, requests, prompt_tokens, completion_tokens, "
     "errors_4xx, errors_5xx, spend_usd"
 )
 
-_ADDED_UP = (
+LEDGER_SUMS = (
     "requests",
     "prompt_tokens",
     "completion_tokens",
@@ -112,8 +191,9 @@ _ADDED_UP = (
     "errors_5xx",
     "spend_usd",
 )
+"""The ledger columns a flush adds to an hour's row (the others name the row)."""
 USAGE_UPSERT = "ON CONFLICT (hour, workspace_id, key_id, model) DO UPDATE SET " + ", ".join(
-    f"{column} = usage_hourly.{column} + excluded.{column}" for column in _ADDED_UP
+    f"{column} = usage_hourly.{column} + excluded.{column}" for column in LEDGER_SUMS
 )
 """A flush adds to the hour's row; both dialects accept this upsert."""
 
@@ -138,22 +218,19 @@ def usage_filters(
     *,
     workspace_id: str | None,
     key_id: str | None,
-    since: datetime | None,
-    until: datetime | None,
-    encode_time: Callable[[datetime], Any],
-    placeholder: Callable[[int], str],
+    since: Any,
+    until: Any,
 ) -> tuple[str, list[Any]]:
-    """The WHERE clause (or "") and its parameters for a ledger report; `placeholder(n)` names
-    the n-th parameter in the dialect (`?` or `$n`)."""
+    """The WHERE clause (or "") and its parameters for a ledger report (times encoded)."""
     clauses: list[str] = []
     params: list[Any] = []
     for column, op, value in (
         ("workspace_id", "=", workspace_id),
         ("key_id", "=", key_id),
-        ("hour", ">=", None if since is None else encode_time(since)),
-        ("hour", "<", None if until is None else encode_time(until)),
+        ("hour", ">=", since),
+        ("hour", "<", until),
     ):
         if value is not None:
             params.append(value)
-            clauses.append(f"{column} {op} {placeholder(len(params))}")
+            clauses.append(f"{column} {op} ?")
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), params

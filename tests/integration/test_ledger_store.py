@@ -1,4 +1,4 @@
-"""The billing ledger and prices on both stores."""
+"""The billing ledger and prices on every store (SQLite, PostgreSQL, the unit-test fake)."""
 
 from __future__ import annotations
 

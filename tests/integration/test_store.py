@@ -1,4 +1,4 @@
-"""The same behaviour from both stores: embedded SQLite and real PostgreSQL."""
+"""The same behaviour from every store: embedded SQLite, real PostgreSQL and the unit-test fake."""
 
 from __future__ import annotations
 
@@ -8,9 +8,19 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from authz.keys import generate_key, hash_key, mask_key, mint_key
-from authz.models import CLI_ACTOR, Actor, NewKey, NewWorkspace, WorkspaceUpdate
-from authz.store.base import Change, ChangeKind, Conflict, KeyLimitReached, NotFound, Store
+from authz.models import CLI_ACTOR, Actor, ModelPrice, NewKey, NewWorkspace, WorkspaceUpdate
+from authz.store.base import (
+    PRICES_AUDIT,
+    Change,
+    ChangeKind,
+    Conflict,
+    KeyLimitReached,
+    NotFound,
+    Store,
+)
 from authz.store.common import InvalidInput
+from tests.conftest import StoreOpener
+from tests.support.feeds import Recorder, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -143,35 +153,9 @@ async def test_audit_log_records_who_did_what(store: Store) -> None:
     assert entries[-1].detail == "leaked"
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.changes: list[Change] = []
-        self.resets = 0
-        self.event = asyncio.Event()
-
-    def on_change(self, change: Change) -> None:
-        self.changes.append(change)
-        self.event.set()
-
-    def on_reset(self) -> None:
-        self.resets += 1
-        self.event.set()
-
-
-async def _wait_for(recorder: Recorder, predicate: object, timeout: float = 5.0) -> None:
-    assert callable(predicate)
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            recorder.event.clear()
-            await recorder.event.wait()
-
-
 async def test_change_feed_announces_revocations_and_limit_changes(
-    store: Store, database_url: str
+    store: Store, open_replica: StoreOpener
 ) -> None:
-    from authz.settings import Settings
-    from authz.store import open_store
-
     workspace = await store.create_workspace(NewWorkspace(name="acme"), actor=CLI_ACTOR)
     secret, key = new_key(workspace.id)
     await store.create_key(key, actor=CLI_ACTOR)
@@ -179,9 +163,9 @@ async def test_change_feed_announces_revocations_and_limit_changes(
     watcher = asyncio.create_task(store.watch_changes(recorder))
     try:
         # Both stores reset the sink once they watch; changes after that are never missed.
-        await _wait_for(recorder, lambda: recorder.resets >= 1)
+        await wait_for(recorder, lambda: recorder.resets >= 1)
         # A second connection (another replica, or the CLI) makes the changes.
-        other = await open_store(Settings(database_url=database_url, db_timeout_ms=2000))
+        other = await open_replica()
         try:
             await other.revoke_key(key.id, actor=CLI_ACTOR)
             await other.update_workspace(workspace.id, WorkspaceUpdate(rpm=1), actor=CLI_ACTOR)
@@ -191,7 +175,48 @@ async def test_change_feed_announces_revocations_and_limit_changes(
             Change(ChangeKind.KEY, hash_key(secret).hex()),
             Change(ChangeKind.WORKSPACE, workspace.id),
         ]
-        await _wait_for(recorder, lambda: recorder.changes[-2:] == expected)
+        await wait_for(recorder, lambda: recorder.changes[-2:] == expected)
     finally:
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
+
+
+async def test_every_workspace_change_is_audited_field_by_field(store: Store) -> None:
+    workspace = await store.create_workspace(
+        NewWorkspace(name="acme", rpm=5, tpm=1000), actor=CLI_ACTOR
+    )
+    await store.update_workspace(
+        workspace.id, WorkspaceUpdate(rpm=100, monthly_token_quota=500), actor=CLI_ACTOR
+    )
+    await store.update_workspace(
+        workspace.id,
+        WorkspaceUpdate(clear_quota=True, key_limit=3, monthly_spend_cap_usd=0.002),
+        actor=CLI_ACTOR,
+    )
+    await store.update_workspace(workspace.id, WorkspaceUpdate(name="acme2"), actor=CLI_ACTOR)
+    await store.update_workspace(workspace.id, WorkspaceUpdate(rpm=100), actor=CLI_ACTOR)
+    updates = [
+        e.detail for e in await store.list_audit(workspace.id) if e.action.endswith("update")
+    ]
+    assert updates == [
+        "rpm 5 \u2192 100, monthly_token_quota none \u2192 500",
+        "key_limit 10 \u2192 3, monthly_token_quota 500 \u2192 none, "
+        "monthly_spend_cap_usd none \u2192 0.002",
+        "name acme \u2192 acme2",
+        "no change",
+    ]
+
+
+async def test_price_changes_are_audited_with_old_and_new_prices(store: Store) -> None:
+    alice = Actor(kind="user", subject="alice", issuer="https://idp")
+    await store.set_price(ModelPrice("gpt", 1.5, 6.0), actor=alice)
+    await store.set_price(ModelPrice("gpt", 2.0, 6.0), actor=CLI_ACTOR)
+    entries = await store.list_audit(PRICES_AUDIT)
+    assert [(e.action, e.actor_subject, e.detail) for e in entries] == [
+        (
+            "price.set",
+            "alice",
+            "gpt: input_per_1m_usd none \u2192 1.5, output_per_1m_usd none \u2192 6.0",
+        ),
+        ("price.set", "cli", "gpt: input_per_1m_usd 1.5 \u2192 2.0"),
+    ]
