@@ -1,8 +1,8 @@
 """deploy/monitoring: the ServiceMonitor and the PrometheusRule, and what /metrics serves.
 
-Every alert is unit-tested by `promtool test rules` (Debian's `prometheus` package; the Makefile's
-`make install` installs it) on the sample series in promtool/rules.test.yaml. Under CI=true a missing
-promtool fails the run instead of skipping. Metric and label names come from a live
+Every alert is unit-tested by `promtool test rules` (Debian's `prometheus` package; `make install`
+installs it) on the sample series in promtool/rules.test.yaml. Under CI=true a missing promtool
+fails the run instead of skipping. Metric and label names come from a live
 `Metrics(CollectorRegistry())`, as for the Grafana dashboard.
 """
 
