@@ -13,6 +13,7 @@ from ratelimit.limiter import LimitKind, Limits, Quota
 from ratelimit.memory import InMemoryRateLimiter
 from ratelimit.redis_backend import RedisRateLimiter, connect_redis
 from tests.integration.ratelimit.conftest import GENEROUS_TIMEOUT_SECONDS, FakeClockMs
+from tests.support.clocked_redis import ClockedRedisRateLimiter
 from tests.support.redis_servers import RedisClusterServers, send_command
 
 pytestmark = pytest.mark.integration
@@ -49,8 +50,8 @@ async def test_workspaces_on_every_node_match_the_python_maths(
     cluster: RedisClusterServers, cluster_client: RedisCluster, workspace_id: str
 ) -> None:
     clock = FakeClockMs()
-    redis = RedisRateLimiter(
-        cluster_client, timeout_seconds=GENEROUS_TIMEOUT_SECONDS, test_clock_ms=clock
+    redis = ClockedRedisRateLimiter(
+        cluster_client, timeout_seconds=GENEROUS_TIMEOUT_SECONDS, clock_ms=clock
     )
     memory = InMemoryRateLimiter(clock_ms=clock)
     limits = Limits(rpm=3, tpm=100)

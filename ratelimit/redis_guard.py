@@ -1,0 +1,146 @@
+"""Every Redis call of the limiter goes through `RedisGuard.call`: bounded, contained, counted.
+
+* **Bounded.** At most `max_in_flight` calls are in flight; the rest queue. The Redis budget
+  (`timeout_seconds`) starts when a call leaves the queue and is counted net of event-loop lag
+  (`ratelimit.loop_lag`), so a busy process does not mistake its own slowness for a dead Redis.
+  A wall-clock ceiling (queueing included) still bounds every call below Envoy's timeout.
+* **Contained.** Whatever the client raises becomes `RateLimitUnavailable`, counted by kind:
+  Redis' own errors and any other exception (redis-py's cluster client can raise
+  `RuntimeError` or `AttributeError` when it closes itself under a call in flight). Only
+  cancellation passes through.
+* **Breakers.** A timeout, connection failure, error reply or client exception counts against
+  the circuit breaker of the node the call went to; an overloaded process (the ceiling passed
+  while Redis' own budget had not) counts against none.
+* **Retries.** One immediate retry after a connection error: a pooled connection to a Redis that
+  restarted fails on first use. Never after a timeout. The caller makes its scripts safe to run
+  twice (see redis_backend).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ratelimit.breaker import CircuitBreaker
+from ratelimit.limiter import RateLimitUnavailable
+from ratelimit.loop_lag import LoopLag, NetDeadline
+from ratelimit.metrics import RateLimitMetrics, RedisErrorKind
+
+T = TypeVar("T")
+
+CEILING_SECONDS = 0.2
+"""Wall-clock bound on one call, queueing and loop lag included: below Envoy's 250 ms."""
+
+LOG_INTERVAL_SECONDS = 10.0
+"""At most one warning per node and kind in this interval; the rest are counted in metrics."""
+
+
+class RedisGuard:
+    """Timeouts, bounded concurrency, error translation, breakers and metrics for Redis calls."""
+
+    def __init__(
+        self,
+        *,
+        timeout_seconds: float,
+        max_in_flight: int,
+        metrics: RateLimitMetrics | None,
+        logger: logging.Logger,
+        ceiling_seconds: float = CEILING_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._timeout = timeout_seconds
+        self._ceiling = max(ceiling_seconds, timeout_seconds)
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._metrics = metrics
+        self._lag = LoopLag()
+        self._log = logger
+        self._clock = clock
+        self._last_logged: dict[tuple[str, str], float] = {}
+
+    async def call(
+        self,
+        operation: str,
+        breaker: CircuitBreaker,
+        node: str,
+        call: Callable[[], Awaitable[T]],
+    ) -> T:
+        """Run `call` for `operation` on `node`, guarded by that node's `breaker`."""
+        if not breaker.allow():
+            self._count(RedisErrorKind.CIRCUIT_OPEN)
+            raise RateLimitUnavailable(f"Redis circuit is open for {node}: recent calls failed")
+        started = time.perf_counter()
+        deadline: NetDeadline | None = None
+        try:
+            async with asyncio.timeout(self._ceiling) as timeout, self._slots:
+                deadline = NetDeadline(timeout, self._lag, budget=self._timeout)
+                try:
+                    result = await self._attempts(call)
+                finally:
+                    deadline.cancel()
+        except (TimeoutError, RedisTimeoutError) as exc:
+            # Redis is blamed only when its own, lag-free budget ran out.
+            expired = deadline is not None and (deadline.expired or isinstance(exc, RedisError))
+            kind = RedisErrorKind.TIMEOUT if expired else RedisErrorKind.OVERLOAD
+            raise self._failed(kind, operation, breaker, node, exc) from exc
+        except (RedisConnectionError, ConnectionError) as exc:
+            raise self._failed(RedisErrorKind.CONNECTION, operation, breaker, node, exc) from exc
+        except (RedisError, RedisClusterException, OSError) as exc:
+            raise self._failed(RedisErrorKind.OTHER, operation, breaker, node, exc) from exc
+        except Exception as exc:
+            raise self._failed(RedisErrorKind.CLIENT, operation, breaker, node, exc) from exc
+        finally:
+            if self._metrics is not None:
+                self._metrics.observe_latency(operation, time.perf_counter() - started)
+        breaker.record_success()
+        return result
+
+    def close(self) -> None:
+        """Stop the lag ticker."""
+        self._lag.stop()
+
+    async def _attempts(self, call: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await call()
+        except RedisConnectionError:
+            # redis-py has dropped the broken connection; the retry gets a fresh one.
+            return await call()
+
+    def _failed(
+        self,
+        kind: RedisErrorKind,
+        operation: str,
+        breaker: CircuitBreaker,
+        node: str,
+        exc: BaseException,
+    ) -> RateLimitUnavailable:
+        if kind is not RedisErrorKind.OVERLOAD:
+            breaker.record_failure()
+        self._count(kind)
+        message = f"Redis {operation} on {node} failed ({kind.value}): {exc!r}"
+        self._warn(node, kind, message, exc_info=kind is RedisErrorKind.CLIENT)
+        return RateLimitUnavailable(message)
+
+    def _warn(self, node: str, kind: RedisErrorKind, message: str, *, exc_info: bool) -> None:
+        """One warning per node and kind per LOG_INTERVAL_SECONDS; metrics count every one."""
+        now = self._clock()
+        last = self._last_logged.get((node, kind.value))
+        if last is not None and now - last < LOG_INTERVAL_SECONDS:
+            return
+        self._last_logged[(node, kind.value)] = now
+        self._log.warning(
+            "%s (further ones for %.0f s in metrics only)",
+            message,
+            LOG_INTERVAL_SECONDS,
+            exc_info=exc_info,
+        )
+
+    def _count(self, kind: RedisErrorKind) -> None:
+        if self._metrics is not None:
+            self._metrics.count_error(kind)
