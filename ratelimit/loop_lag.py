@@ -1,4 +1,4 @@
-"""Event-loop lag, so time the loop spent elsewhere is not blamed on Redis.
+"""Event-loop lag and backend progress, so time the loop spent elsewhere is not blamed on Redis.
 
 A saturated event loop leaves Redis replies waiting in the socket: the reply came back in a
 millisecond, but the coroutine reading it ran 80 ms later. Counted as a Redis timeout, that
@@ -10,6 +10,7 @@ budget net of the lag that happened while it was in flight, up to a hard wall-cl
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 TICK_SECONDS = 0.005
 """How often the ticker runs; 200 cheap callbacks a second."""
@@ -66,17 +67,28 @@ class LoopLag:
 
 
 class NetDeadline:
-    """Expires an `asyncio.timeout` once `budget` seconds of lag-free time have passed.
+    """Expires an `asyncio.timeout` once the backend has had `budget` seconds to answer.
 
-    The timeout's own schedule stays the wall-clock ceiling; this only brings it forward.
+    Time the loop spent lagging does not count, nor does a stretch in which the backend was
+    seen answering other calls (`answered_since(t)`: some reply arrived after loop time t): then
+    the delay is this process' queueing, not the backend's. The timeout's own schedule stays the
+    wall-clock ceiling; this only brings it forward.
     """
 
-    def __init__(self, timeout: asyncio.Timeout, lag: LoopLag, *, budget: float) -> None:
+    def __init__(
+        self,
+        timeout: asyncio.Timeout,
+        lag: LoopLag,
+        *,
+        budget: float,
+        answered_since: Callable[[float], bool],
+    ) -> None:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._timeout = timeout
         self._lag = lag
         self._budget = budget
+        self._answered_since = answered_since
         self._started = loop.time()
         self._lag_at_start = lag.total()
         self._handle = loop.call_at(self._started + budget, self._fire)
@@ -95,7 +107,11 @@ class NetDeadline:
     def _fire(self) -> None:
         now = self._loop.time()
         left = self._budget - self.net_elapsed()
+        if left <= 0 and self._answered_since(now - self._budget):
+            left = self._budget  # the backend is answering: give this call another budget
         if left <= 0:
+            if self._timeout.expired():  # the wall-clock ceiling got there first
+                return
             self.expired = True
             self._timeout.reschedule(now)  # expires at once: the call is cancelled
             return

@@ -1,9 +1,10 @@
 """Every Redis call of the limiter goes through `RedisGuard.call`: bounded, contained, counted.
 
 * **Bounded.** At most `max_in_flight` calls are in flight; the rest queue. The Redis budget
-  (`timeout_seconds`) starts when a call leaves the queue and is counted net of event-loop lag
-  (`ratelimit.loop_lag`), so a busy process does not mistake its own slowness for a dead Redis.
-  A wall-clock ceiling (queueing included) still bounds every call below Envoy's timeout.
+  (`timeout_seconds`) starts when a call leaves the queue, is counted net of event-loop lag, and
+  is extended while the node keeps answering other calls (`ratelimit.loop_lag`), so a busy
+  process does not mistake its own slowness for a dead Redis.
+  A wall-clock ceiling (queueing included) still bounds every call.
 * **Contained.** Whatever the client raises becomes `RateLimitUnavailable`, counted by kind:
   Redis' own errors and any other exception (redis-py's cluster client can raise
   `RuntimeError` or `AttributeError` when it closes itself under a call in flight). Only
@@ -35,8 +36,11 @@ from ratelimit.metrics import RateLimitMetrics, RedisErrorKind
 
 T = TypeVar("T")
 
-CEILING_SECONDS = 0.2
-"""Wall-clock bound on one call, queueing and loop lag included: below Envoy's 250 ms."""
+CEILING_SECONDS = 0.5
+"""Wall-clock bound on one call, queueing and loop lag included. Deliberately past Envoy's
+ext_authz timeout (250 ms in the shipped configs): a call still queued by then belongs to a Check
+Envoy has already answered, so failing it sooner would only turn slow successes into 503s; this
+only bounds the work. A Redis that does not answer fails at `timeout_seconds` (net of lag)."""
 
 LOG_INTERVAL_SECONDS = 10.0
 """At most one warning per node and kind in this interval; the rest are counted in metrics."""
@@ -63,6 +67,8 @@ class RedisGuard:
         self._log = logger
         self._clock = clock
         self._last_logged: dict[tuple[str, str], float] = {}
+        self._answered: dict[str, float] = {}
+        """Loop time of each node's latest answer: a node that answers is not timing out."""
 
     async def call(
         self,
@@ -79,7 +85,12 @@ class RedisGuard:
         deadline: NetDeadline | None = None
         try:
             async with asyncio.timeout(self._ceiling) as timeout, self._slots:
-                deadline = NetDeadline(timeout, self._lag, budget=self._timeout)
+                deadline = NetDeadline(
+                    timeout,
+                    self._lag,
+                    budget=self._timeout,
+                    answered_since=lambda t: self._answered.get(node, -1.0) > t,
+                )
                 try:
                     result = await self._attempts(call)
                 finally:
@@ -98,6 +109,7 @@ class RedisGuard:
         finally:
             if self._metrics is not None:
                 self._metrics.observe_latency(operation, time.perf_counter() - started)
+        self._answered[node] = asyncio.get_running_loop().time()
         breaker.record_success()
         return result
 

@@ -25,7 +25,9 @@ async def burst(url: str, workspace: str, n: int, now_ms: int, limits: Limits, c
         client, timeout_seconds=TIMEOUT_SECONDS, clock_ms=lambda: now_ms
     )
     try:
-        await limiter.adjust_tokens(f"{workspace}-warmup", limits, -1)  # loads the script
+        # Load the scripts the burst uses (one per operation).
+        await limiter.acquire(f"{workspace}-warmup", limits, 0)
+        await limiter.adjust_tokens(f"{workspace}-warmup", limits, -1)
         print("ready", flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
 
