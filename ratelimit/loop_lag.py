@@ -15,6 +15,10 @@ from collections.abc import Callable
 TICK_SECONDS = 0.005
 """How often the ticker runs; 200 cheap callbacks a second."""
 
+MAX_EXTENSIONS = 2
+"""A call may get this many extra budgets while the backend answers others (then it is this
+call that is stuck, e.g. on a connection its client closed)."""
+
 TOLERANCE_SECONDS = 0.001
 """Lateness below this is ordinary scheduling jitter, not lag."""
 
@@ -89,6 +93,7 @@ class NetDeadline:
         self._lag = lag
         self._budget = budget
         self._answered_since = answered_since
+        self._extensions = 0
         self._started = loop.time()
         self._lag_at_start = lag.total()
         self._handle = loop.call_at(self._started + budget, self._fire)
@@ -107,7 +112,12 @@ class NetDeadline:
     def _fire(self) -> None:
         now = self._loop.time()
         left = self._budget - self.net_elapsed()
-        if left <= 0 and self._answered_since(now - self._budget):
+        if (
+            left <= 0
+            and self._extensions < MAX_EXTENSIONS
+            and self._answered_since(now - self._budget)
+        ):
+            self._extensions += 1
             left = self._budget  # the backend is answering: give this call another budget
         if left <= 0:
             if self._timeout.expired():  # the wall-clock ceiling got there first

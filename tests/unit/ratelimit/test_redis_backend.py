@@ -399,3 +399,12 @@ async def test_a_short_quota_reply_is_an_error(limiter: RedisRateLimiter, fake: 
     quota = Quota(period=PERIOD, token_quota=1, spend_cap_micros=1)
     with pytest.raises(ValueError, match="expected 12"):
         await limiter.acquire("ws1", Limits(5, 100), 1, quota=quota)
+
+
+async def test_cancellation_is_not_contained(limiter: RedisRateLimiter, fake: FakeRedis) -> None:
+    fake.script.hang = True
+    call = asyncio.ensure_future(limiter.acquire("ws1", Limits(rpm=5, tpm=100), 10))
+    await asyncio.sleep(0)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
