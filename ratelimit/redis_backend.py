@@ -34,9 +34,11 @@ minute, so their retry is applied once.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any
 from urllib.parse import unquote
 
@@ -53,6 +55,7 @@ from ratelimit.limiter import LimitResult, Limits, Quota, QuotaState, RateLimitU
 from ratelimit.lua_scripts import Operation, script_text
 from ratelimit.metrics import RateLimitMetrics
 from ratelimit.redis_guard import CEILING_SECONDS, RedisGuard
+from ratelimit.redis_nodes import STANDALONE, UNMAPPED, NodeBreakers
 
 _log = logging.getLogger(__name__)
 
@@ -67,6 +70,11 @@ _STANDALONE_SCHEMES = ("redis", "rediss", "unix")
 _CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}
 
 RedisClient = Redis | RedisCluster
+
+
+def _cluster_ok(info: Any) -> bool:
+    """Whether a CLUSTER INFO reply (parsed by redis-py into a dict) says cluster_state:ok."""
+    return isinstance(info, dict) and info.get("cluster_state") == "ok"
 
 
 def _ints(reply: Sequence[Any]) -> tuple[int, ...]:
@@ -165,11 +173,13 @@ class RedisRateLimiter:
         self._client = client
         self._metrics = metrics
         self._breaker = breaker or CircuitBreaker()
+        self._nodes = NodeBreakers(client, self._breaker)
         self._guard = RedisGuard(
             timeout_seconds=timeout_seconds,
             max_in_flight=max_in_flight,
             metrics=metrics,
             logger=_log,
+            describe=self._nodes.describe,
         )
         # register_script gives EVALSHA with a SCRIPT LOAD fallback on NOSCRIPT.
         self._scripts = {op: client.register_script(self._script_text(op)) for op in Operation}
@@ -184,8 +194,13 @@ class RedisRateLimiter:
 
     @property
     def breaker(self) -> CircuitBreaker:
-        """The circuit breaker guarding this limiter's Redis."""
+        """The circuit breaker guarding a standalone Redis (on a cluster: the prototype of the
+        per-node breakers, see `node_breaker`)."""
         return self._breaker
+
+    def node_breaker(self, workspace_id: str) -> CircuitBreaker:
+        """The breaker of the node that serves `workspace_id` now."""
+        return self._nodes.breaker(self._nodes.node_for(bucket_keys(workspace_id)[0]))
 
     async def acquire(
         self,
@@ -292,12 +307,31 @@ class RedisRateLimiter:
         )
 
     async def ping(self) -> bool:
-        """True when Redis answers PING in time; the outcome also feeds the breaker."""
+        """Readiness. Standalone: Redis answers PING in time. Cluster: redis-py has a slot map,
+        and every master in it answers CLUSTER INFO in time with cluster_state:ok. Outcomes feed
+        the nodes' breakers."""
+        if not isinstance(self._client, RedisCluster):
+            return await self._answers(STANDALONE, self._client.ping)
+        cluster = self._client
+        if not await self._answers(UNMAPPED, cluster.initialize):
+            return False
+        masters = cluster.get_primaries()
+        checks = [
+            self._answers(node.name, partial(cluster.cluster_info, target_nodes=node), _cluster_ok)
+            for node in masters
+        ]
+        return bool(masters) and all(await asyncio.gather(*checks))
+
+    async def _answers(
+        self,
+        node: str,
+        call: Callable[[], Awaitable[Any]],
+        healthy: Callable[[Any], bool] = lambda _: True,
+    ) -> bool:
         try:
-            await self._guarded("ping", self._client.ping)
+            return healthy(await self._guarded("ping", node, call))
         except RateLimitUnavailable:
             return False
-        return True
 
     async def close(self) -> None:
         """Close the client and its connection pools."""
@@ -311,16 +345,17 @@ class RedisRateLimiter:
         return (*keys, operation_key(workspace_id, uuid.uuid4().hex))
 
     async def _run(self, operation: Operation, keys: Sequence[str], args: Sequence[int]) -> Any:
-        """One script call with the operation's fixed ARGV."""
+        """One script call with the operation's fixed ARGV, on the node that owns its slot."""
         argv = [*args, *self._clock_args()]
         script = self._scripts[operation]
-        return await self._guarded(operation, lambda: script(keys=keys, args=argv))
+        node = self._nodes.node_for(keys[0])
+        return await self._guarded(operation, node, lambda: script(keys=keys, args=argv))
 
-    async def _guarded(self, operation: str, call: Callable[[], Awaitable[Any]]) -> Any:
+    async def _guarded(self, operation: str, node: str, call: Callable[[], Awaitable[Any]]) -> Any:
         try:
-            return await self._guard.call(operation, self._breaker, "redis", call)
+            return await self._guard.call(operation, self._nodes.breaker(node), node, call)
         finally:
-            # Read after every call rather than hooked into the breaker, so the gauge is right
-            # whoever built the breaker.
+            # Read after every call rather than hooked into the breakers, so the gauge is right
+            # whoever built the prototype breaker. On a cluster it shows the most open circuit.
             if self._metrics is not None:
-                self._metrics.set_circuit_state(self._breaker.state)
+                self._metrics.set_circuit_state(self._nodes.worst_state())

@@ -58,7 +58,9 @@ class RedisGuard:
         logger: logging.Logger,
         ceiling_seconds: float = CEILING_SECONDS,
         clock: Callable[[], float] = time.monotonic,
+        describe: Callable[[str], str] = str,
     ) -> None:
+        """`describe(node)` names a node in log lines (e.g. with its slot ranges)."""
         self._timeout = timeout_seconds
         self._ceiling = max(ceiling_seconds, timeout_seconds)
         self._slots = asyncio.Semaphore(max_in_flight)
@@ -66,6 +68,7 @@ class RedisGuard:
         self._lag = LoopLag()
         self._log = logger
         self._clock = clock
+        self._describe = describe
         self._last_logged: dict[tuple[str, str], float] = {}
         self._answered: dict[str, float] = {}
         """Loop time of each node's latest answer: a node that answers is not timing out."""
@@ -136,16 +139,18 @@ class RedisGuard:
             breaker.record_failure()
         self._count(kind)
         message = f"Redis {operation} on {node} failed ({kind.value}): {exc!r}"
-        self._warn(node, kind, message, exc_info=kind is RedisErrorKind.CLIENT)
+        self._warn(node, kind, operation, exc)
         return RateLimitUnavailable(message)
 
-    def _warn(self, node: str, kind: RedisErrorKind, message: str, *, exc_info: bool) -> None:
+    def _warn(self, node: str, kind: RedisErrorKind, operation: str, exc: BaseException) -> None:
         """One warning per node and kind per LOG_INTERVAL_SECONDS; metrics count every one."""
         now = self._clock()
         last = self._last_logged.get((node, kind.value))
         if last is not None and now - last < LOG_INTERVAL_SECONDS:
             return
         self._last_logged[(node, kind.value)] = now
+        message = f"Redis {operation} on {self._describe(node)} failed ({kind.value}): {exc!r}"
+        exc_info = kind is RedisErrorKind.CLIENT
         self._log.warning(
             "%s (further ones for %.0f s in metrics only)",
             message,
