@@ -72,6 +72,12 @@ _CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}
 RedisClient = Redis | RedisCluster
 
 
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark a shared task's exception as seen: its waiters report it, if any are left."""
+    if not task.cancelled():
+        task.exception()
+
+
 def _cluster_ok(info: Any) -> bool:
     """Whether a CLUSTER INFO reply (parsed by redis-py into a dict) says cluster_state:ok."""
     return isinstance(info, dict) and info.get("cluster_state") == "ok"
@@ -174,6 +180,7 @@ class RedisRateLimiter:
         self._metrics = metrics
         self._breaker = breaker or CircuitBreaker()
         self._nodes = NodeBreakers(client, self._breaker)
+        self._refresh: asyncio.Future[Any] | None = None
         self._guard = RedisGuard(
             timeout_seconds=timeout_seconds,
             max_in_flight=max_in_flight,
@@ -348,8 +355,27 @@ class RedisRateLimiter:
         """One script call with the operation's fixed ARGV, on the node that owns its slot."""
         argv = [*args, *self._clock_args()]
         script = self._scripts[operation]
+        if isinstance(self._client, RedisCluster):
+            await self._read_slot_map(self._client)
         node = self._nodes.node_for(keys[0])
         return await self._guarded(operation, node, lambda: script(keys=keys, args=argv))
+
+    async def _read_slot_map(self, cluster: RedisCluster) -> None:
+        """(Re)read the cluster's slot map when redis-py wants to, in one shared task that no
+        caller's timeout can cancel.
+
+        A workaround for redis-py (8.1): a command that finds the client needing a refresh (after
+        any connection error) runs `initialize()` itself, and a cancelled or failed
+        `initialize()` closes every node's connections, failing the calls in flight on healthy
+        masters too. Shielded, a refresh runs to its end whoever stops waiting for it.
+        """
+        if cluster.nodes_manager.slots_cache and not getattr(cluster, "_initialize", True):
+            return
+        if self._refresh is None or self._refresh.done():
+            self._refresh = asyncio.ensure_future(cluster.initialize())
+            self._refresh.add_done_callback(_retrieve)
+        refresh = self._refresh
+        await self._guarded("topology", UNMAPPED, lambda: asyncio.shield(refresh))
 
     async def _guarded(self, operation: str, node: str, call: Callable[[], Awaitable[Any]]) -> Any:
         try:

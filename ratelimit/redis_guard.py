@@ -12,9 +12,10 @@
 * **Breakers.** A timeout, connection failure, error reply or client exception counts against
   the circuit breaker of the node the call went to; an overloaded process (the ceiling passed
   while Redis' own budget had not) counts against none.
-* **Retries.** One immediate retry after a connection error: a pooled connection to a Redis that
-  restarted fails on first use. Never after a timeout. The caller makes its scripts safe to run
-  twice (see redis_backend).
+* **Retries.** One immediate retry after a connection error (a pooled connection to a Redis that
+  restarted fails on first use), or after the AttributeError/RuntimeError of a connection that
+  redis-py's cluster client closed under the call. Never after a timeout. The caller makes its
+  scripts safe to run twice (see redis_backend).
 """
 
 from __future__ import annotations
@@ -123,8 +124,11 @@ class RedisGuard:
     async def _attempts(self, call: Callable[[], Awaitable[T]]) -> T:
         try:
             return await call()
-        except RedisConnectionError:
-            # redis-py has dropped the broken connection; the retry gets a fresh one.
+        except (RedisTimeoutError, RedisClusterException):
+            raise
+        except (RedisConnectionError, AttributeError, RuntimeError):
+            # A connection that broke (redis-py has dropped it), or one a cluster client closed
+            # under us: the retry gets a fresh one.
             return await call()
 
     def _failed(
