@@ -37,11 +37,12 @@ from ratelimit.metrics import RateLimitMetrics, RedisErrorKind
 
 T = TypeVar("T")
 
-CEILING_SECONDS = 0.5
+CEILING_SECONDS = 1.0
 """Wall-clock bound on one call, queueing and loop lag included. Deliberately past Envoy's
-ext_authz timeout (250 ms in the shipped configs): a call still queued by then belongs to a Check
-Envoy has already answered, so failing it sooner would only turn slow successes into 503s; this
-only bounds the work. A Redis that does not answer fails at `timeout_seconds` (net of lag)."""
+ext_authz timeout (250 ms in the shipped configs): Envoy's gRPC deadline cancels a Check it has
+given up on (and its limiter call with it), so failing sooner would only turn slow successes
+into 503s; this bounds callers without a deadline. A Redis that does not answer fails at
+`timeout_seconds` (net of lag)."""
 
 LOG_INTERVAL_SECONDS = 10.0
 """At most one warning per node and kind in this interval; the rest are counted in metrics."""
