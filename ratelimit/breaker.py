@@ -48,6 +48,13 @@ class CircuitBreaker:
         self._since = 0.0
         """When the circuit opened, or when the current probe started."""
 
+    def copy(self) -> CircuitBreaker:
+        """A new, closed breaker with the same threshold, cool-down and clock (one per Redis
+        Cluster node); `on_state_change` is not copied, since it reports one breaker."""
+        return CircuitBreaker(
+            failure_threshold=self._threshold, cooldown_seconds=self._cooldown, clock=self._clock
+        )
+
     @property
     def state(self) -> BreakerState:
         """The current state (an expired OPEN still reads OPEN until a call probes)."""

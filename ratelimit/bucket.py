@@ -1,9 +1,9 @@
 """Token-bucket maths for a workspace's RPM and TPM buckets, with `now` passed in.
 
-The monthly quota checked before the buckets lives in `ratelimit.quota`; a `Decision` carries
+The monthly quota checked before the buckets lives in `ratelimit.quota`; a `LimitDecision` carries
 its outcome too, so one script reply holds both.
 
-This module is the reference for `buckets.lua`: the in-process limiter calls it directly and the
+This module is the reference for `the Lua scripts`: the in-process limiter calls it directly and the
 Redis script mirrors it line by line, so both give identical answers for identical inputs (a
 property test runs them side by side).
 
@@ -103,7 +103,7 @@ class BucketReport:
 
 
 @dataclass(frozen=True, slots=True)
-class Decision:
+class LimitDecision:
     """An exact, integer outcome of one acquire; both backends produce it."""
 
     allowed: bool
@@ -129,7 +129,7 @@ class Decision:
         )
 
     def to_wire(self) -> tuple[int, ...]:
-        """The flat integer tuple `buckets.lua` returns for the same decision."""
+        """The flat integer tuple `the Lua scripts` returns for the same decision."""
         denied = {None: _DENIED_NONE, LimitKind.REQUESTS: _DENIED_REQUESTS}.get(
             self.denied_by, _DENIED_TOKENS
         )
@@ -156,7 +156,7 @@ class Decision:
     @classmethod
     def from_wire(
         cls, wire: tuple[int, ...], limits: Limits, *, period: str | None = None
-    ) -> Decision:
+    ) -> LimitDecision:
         """Parse the script's reply; `limits` must be the (normalised) limits sent with it, and
         `period` the quota's period when one was sent (the reply then carries the counters)."""
         expected = WIRE_LENGTH if period is None else QUOTA_WIRE_LENGTH
@@ -195,7 +195,7 @@ class Decision:
 class Acquisition:
     """A decision plus the bucket states to store (None: leave that bucket's state as it is)."""
 
-    decision: Decision
+    decision: LimitDecision
     requests: BucketLevel | None
     tokens: BucketLevel | None
 
@@ -300,7 +300,7 @@ def acquire(
 
     if tok is not None and cost > limits.tpm:
         return Acquisition(
-            decision=Decision(
+            decision=LimitDecision(
                 allowed=False,
                 denied_by=LimitKind.TOKENS,
                 too_large=True,
@@ -319,7 +319,7 @@ def acquire(
 
     if req_wait > 0 or tok_wait > 0:
         return Acquisition(
-            decision=Decision(
+            decision=LimitDecision(
                 allowed=False,
                 denied_by=LimitKind.REQUESTS if req_wait > 0 else LimitKind.TOKENS,
                 too_large=False,
@@ -334,7 +334,7 @@ def acquire(
     req_after = BucketLevel(req.level - req_need, req.updated_ms) if req else None
     tok_after = BucketLevel(tok.level - tok_need, tok.updated_ms) if tok else None
     return Acquisition(
-        decision=Decision(
+        decision=LimitDecision(
             allowed=True,
             denied_by=None,
             too_large=False,

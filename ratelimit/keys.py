@@ -7,17 +7,21 @@ Lua script may touch them together on Redis Cluster:
     authz:rl:v1:{ws:<id>}:tok            token bucket   (hash: l, t)
     authz:rl:v1:{ws:<id>}:qt:<YYYY-MM>   tokens used in the period (integer string)
     authz:rl:v1:{ws:<id>}:qs:<YYYY-MM>   micro-USD spent in the period (integer string)
+    authz:rl:v1:{ws:<id>}:op:<id>        the reply of one adjust/record call, kept a minute so a
+                                         retry of that call is answered, not applied twice
 """
 
 from __future__ import annotations
 
-KEY_PREFIX = "authz:rl:v1"
-"""Bump the version when the stored bucket format changes, so old state is ignored, not misread."""
+REDIS_KEY_PREFIX = "authz:rl:v1"
+"""Bump the version when the stored bucket format changes, so old state is ignored, not misread.
+(Not to be confused with authz.keys.KEY_PREFIX, the API keys' prefix.)"""
 
 REQUESTS_SUFFIX = "req"
 TOKENS_SUFFIX = "tok"
 QUOTA_TOKENS_SUFFIX = "qt"
 QUOTA_SPEND_SUFFIX = "qs"
+OPERATION_SUFFIX = "op"
 
 
 def workspace_hash_tag(workspace_id: str) -> str:
@@ -29,8 +33,8 @@ def bucket_keys(workspace_id: str) -> tuple[str, str]:
     """The (requests, tokens) bucket keys of one workspace, in the order the script expects."""
     tag = workspace_hash_tag(workspace_id)
     return (
-        f"{KEY_PREFIX}:{tag}:{REQUESTS_SUFFIX}",
-        f"{KEY_PREFIX}:{tag}:{TOKENS_SUFFIX}",
+        f"{REDIS_KEY_PREFIX}:{tag}:{REQUESTS_SUFFIX}",
+        f"{REDIS_KEY_PREFIX}:{tag}:{TOKENS_SUFFIX}",
     )
 
 
@@ -38,11 +42,18 @@ def usage_keys(workspace_id: str, period: str) -> tuple[str, str]:
     """The (tokens used, spend used) counter keys of one workspace and period ("YYYY-MM")."""
     tag = workspace_hash_tag(workspace_id)
     return (
-        f"{KEY_PREFIX}:{tag}:{QUOTA_TOKENS_SUFFIX}:{period}",
-        f"{KEY_PREFIX}:{tag}:{QUOTA_SPEND_SUFFIX}:{period}",
+        f"{REDIS_KEY_PREFIX}:{tag}:{QUOTA_TOKENS_SUFFIX}:{period}",
+        f"{REDIS_KEY_PREFIX}:{tag}:{QUOTA_SPEND_SUFFIX}:{period}",
     )
 
 
 def script_keys(workspace_id: str, period: str) -> tuple[str, str, str, str]:
     """KEYS for a script call that touches the quota: both buckets, then both counters."""
     return (*bucket_keys(workspace_id), *usage_keys(workspace_id, period))
+
+
+def operation_key(workspace_id: str, operation_id: str) -> str:
+    """The key remembering one operation's reply, in the workspace's slot."""
+    return (
+        f"{REDIS_KEY_PREFIX}:{workspace_hash_tag(workspace_id)}:{OPERATION_SUFFIX}:{operation_id}"
+    )

@@ -33,7 +33,12 @@ class RedisErrorKind(StrEnum):
     TIMEOUT = "timeout"
     CONNECTION = "connection"
     OTHER = "other"
+    """An error reply from Redis (OOM, NOSCRIPT that could not be fixed, a cluster error...)."""
+    CLIENT = "client"
+    """Any other exception from the Redis client (e.g. a cluster client closed under us)."""
     CIRCUIT_OPEN = "circuit_open"
+    OVERLOAD = "overload"
+    """This process was too busy to get the call done in time; Redis itself is not blamed."""
 
 
 class RateLimitMetrics:

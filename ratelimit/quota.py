@@ -1,4 +1,4 @@
-"""Monthly token quota and spend cap: the pure maths, mirrored by `buckets.lua`.
+"""Monthly token quota and spend cap: the pure maths, mirrored by `the Lua scripts`.
 
 A workspace has two usage counters per period ("YYYY-MM", UTC, chosen by the caller): tokens
 used and spend used in micro-USD. Check time only *reads* them; reconciliation (`record`) adds
@@ -152,7 +152,7 @@ def acquire(
         outcome = bucket.acquire(limits, cost, now_ms=now_ms, requests=requests, tokens=tokens)
         return replace(outcome, decision=replace(outcome.decision, quota=state))
     req_report, tok_report = bucket.peek(limits, now_ms=now_ms, requests=requests, tokens=tokens)
-    decision = bucket.Decision(
+    decision = bucket.LimitDecision(
         allowed=False,
         denied_by=None,
         too_large=False,

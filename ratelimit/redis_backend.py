@@ -1,8 +1,9 @@
 """The Redis rate limiter: one Lua script call per request, shared by every sidecar replica.
 
-Every operation is one EVALSHA of `buckets.lua`: `acquire` (buckets, plus the monthly quota read
-from the usage counters when a `Quota` is given), `adjust_tokens`, `record_usage` (TPM delta and
-counter increments together) and `seed_usage` (set-if-absent counters).
+Every operation is one EVALSHA of its own script (`ratelimit.lua_scripts`): `acquire` (the
+buckets), `acquire_quota` (the monthly quota read from the usage counters, then the buckets),
+`adjust` (`adjust_tokens`), `record` (`record_usage`: TPM delta and counter increments together)
+and `seed` (`seed_usage`: set-if-absent counters).
 
 Redis URL forms understood by `connect_redis`:
 
@@ -16,25 +17,28 @@ Redis URL forms understood by `connect_redis`:
 
 Options in a `redis://` query string (e.g. `?socket_timeout=0.1`) override the defaults set here.
 
-Failure handling: every call is bounded by `timeout_seconds` (the socket timeout and an
-`asyncio.timeout` around the whole call, connection set-up and NOSCRIPT fallback included);
-any Redis error becomes `RateLimitUnavailable`, counted by kind. A circuit breaker refuses calls
-at once while Redis is down and lets one probe through per cool-down, so a dead Redis costs
-microseconds and a returning one is used again within about the cool-down.
+Failure handling (`ratelimit.redis_guard`): every call is bounded in time and in number in
+flight, and any exception from the client becomes `RateLimitUnavailable`, counted by kind. A
+circuit breaker refuses calls at once while Redis is down and lets one probe through per
+cool-down, so a dead Redis costs microseconds and a returning one is used again within about
+the cool-down.
 
-Retries: redis-py's own are off. The limiter retries a call once, at once, after a *connection*
+Retries: redis-py's own are off. The guard retries a call once, at once, after a *connection*
 error, never after a timeout: pooled connections to a Redis that restarted (or closed them when
 idle) each fail on first use, and without the retry every such connection would cost a request
-and push the breaker open. The price is rare and on the safe side: if a connection drops after
-the script ran but before its reply arrived, the retry debits that request twice.
+and push the breaker open. If a connection drops after a script ran but before its reply
+arrived, the retry runs it again: for `acquire` that debits the request twice (rare, and on the
+safe side); `adjust` and `record` carry an operation id that their script remembers for a
+minute, so their retry is applied once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable, Sequence
-from importlib import resources
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any
 from urllib.parse import unquote
 
@@ -42,21 +46,25 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException, RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ratelimit import bucket
 from ratelimit import quota as quotas
 from ratelimit.breaker import CircuitBreaker
-from ratelimit.keys import bucket_keys, script_keys
+from ratelimit.keys import bucket_keys, operation_key, usage_keys
 from ratelimit.limiter import LimitResult, Limits, Quota, QuotaState, RateLimitUnavailable
-from ratelimit.metrics import RateLimitMetrics, RedisErrorKind
+from ratelimit.lua_scripts import Operation, script_text
+from ratelimit.metrics import RateLimitMetrics
+from ratelimit.redis_guard import CEILING_SECONDS, RedisGuard
+from ratelimit.redis_nodes import STANDALONE, UNMAPPED, NodeBreakers
 
-SCRIPT_RESOURCE = "buckets.lua"
+_log = logging.getLogger(__name__)
+
 DEFAULT_TIMEOUT_SECONDS = 0.05
 DEFAULT_MAX_CONNECTIONS = 32
 """Per Redis node. One EVALSHA takes well under a millisecond, so few connections carry a lot."""
+
+OPERATION_TTL_SECONDS = 60
+"""How long `adjust` and `record` remember an operation id: far past any retry of the call."""
 
 _STANDALONE_SCHEMES = ("redis", "rediss", "unix")
 _CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}
@@ -64,13 +72,19 @@ _CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}
 RedisClient = Redis | RedisCluster
 
 
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark a shared task's exception as seen: its waiters report it, if any are left."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _cluster_ok(info: Any) -> bool:
+    """Whether a CLUSTER INFO reply (parsed by redis-py into a dict) says cluster_state:ok."""
+    return isinstance(info, dict) and info.get("cluster_state") == "ok"
+
+
 def _ints(reply: Sequence[Any]) -> tuple[int, ...]:
     return tuple(int(value) for value in reply)
-
-
-def load_script_text() -> str:
-    """The bucket script shipped as package data."""
-    return resources.files("ratelimit").joinpath(SCRIPT_RESOURCE).read_text(encoding="utf-8")
 
 
 def connect_redis(
@@ -83,14 +97,16 @@ def connect_redis(
     """
     scheme = url.partition("://")[0].lower()
     no_retry = Retry(NoBackoff(), 0)
+    backstop = max(timeout_seconds, CEILING_SECONDS)
     if scheme in _STANDALONE_SCHEMES:
         pool = BlockingConnectionPool.from_url(
             url,
             max_connections=max_connections,
-            # Waiting for a free connection counts against the same budget as the call.
-            timeout=timeout_seconds,
-            socket_timeout=timeout_seconds,
-            socket_connect_timeout=timeout_seconds,
+            # The limiter's guard enforces the real, lag-aware budget; these socket and pool
+            # timeouts are only a backstop at the guard's wall-clock ceiling.
+            timeout=backstop,
+            socket_timeout=backstop,
+            socket_connect_timeout=backstop,
             retry=no_retry,
         )
         return Redis.from_pool(pool)
@@ -102,8 +118,8 @@ def connect_redis(
             password=password,
             ssl=_CLUSTER_SCHEMES[scheme],
             max_connections=max_connections,
-            socket_timeout=timeout_seconds,
-            socket_connect_timeout=timeout_seconds,
+            socket_timeout=backstop,
+            socket_connect_timeout=backstop,
             retry=no_retry,
         )
     raise ValueError(
@@ -148,7 +164,7 @@ def _parse_host_port(item: str) -> tuple[str, int]:
 
 
 class RedisRateLimiter:
-    """`RateLimiter` on Redis (standalone or Cluster) through one atomic Lua script."""
+    """`RateLimiter` on Redis (standalone or Cluster), one atomic Lua script call per operation."""
 
     def __init__(
         self,
@@ -157,33 +173,41 @@ class RedisRateLimiter:
         timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
         breaker: CircuitBreaker | None = None,
         metrics: RateLimitMetrics | None = None,
-        test_clock_ms: Callable[[], int] | None = None,
+        max_in_flight: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
-        """`test_clock_ms` is for tests only: it replaces Redis' TIME as the buckets' clock."""
+        """`max_in_flight` bounds concurrent Redis calls; the rest queue (see redis_guard)."""
         self._client = client
-        self._timeout = timeout_seconds
         self._metrics = metrics
         self._breaker = breaker or CircuitBreaker()
-        self._test_clock_ms = test_clock_ms
+        self._nodes = NodeBreakers(client, self._breaker)
+        self._refresh: asyncio.Future[Any] | None = None
+        self._guard = RedisGuard(
+            timeout_seconds=timeout_seconds,
+            max_in_flight=max_in_flight,
+            metrics=metrics,
+            logger=_log,
+            describe=self._nodes.describe,
+        )
         # register_script gives EVALSHA with a SCRIPT LOAD fallback on NOSCRIPT.
-        self._script = client.register_script(load_script_text())
+        self._scripts = {op: client.register_script(self._script_text(op)) for op in Operation}
 
-    @classmethod
-    def from_url(
-        cls,
-        url: str,
-        *,
-        timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
-        metrics: RateLimitMetrics | None = None,
-    ) -> RedisRateLimiter:
-        """A limiter with its own client from `connect_redis`."""
-        client = connect_redis(url, timeout_seconds=timeout_seconds)
-        return cls(client, timeout_seconds=timeout_seconds, metrics=metrics)
+    def _script_text(self, operation: Operation) -> str:
+        """The script sent for `operation` (a test subclass swaps the clock)."""
+        return script_text(operation)
+
+    def _clock_args(self) -> list[int]:
+        """Arguments appended after each script's own (none: the scripts read Redis' TIME)."""
+        return []
 
     @property
     def breaker(self) -> CircuitBreaker:
-        """The circuit breaker guarding this limiter's Redis."""
+        """The circuit breaker guarding a standalone Redis (on a cluster: the prototype of the
+        per-node breakers, see `node_breaker`)."""
         return self._breaker
+
+    def node_breaker(self, workspace_id: str) -> CircuitBreaker:
+        """The breaker of the node that serves `workspace_id` now."""
+        return self._nodes.breaker(self._nodes.node_for(bucket_keys(workspace_id)[0]))
 
     async def acquire(
         self,
@@ -199,35 +223,37 @@ class RedisRateLimiter:
         limits = bucket.normalise_limits(limits)
         cost = bucket.normalise_cost(tokens)
         spend = quotas.normalise_amount(spend_micros, "spend")
+        buckets = bucket_keys(workspace_id)
         if quota is None:
-            reply = await self._run(
-                "acquire", bucket_keys(workspace_id), [limits.rpm, limits.tpm, cost]
-            )
-            return bucket.Decision.from_wire(_ints(reply), limits).to_result()
+            reply = await self._run(Operation.ACQUIRE, buckets, [limits.rpm, limits.tpm, cost])
+            return bucket.LimitDecision.from_wire(_ints(reply), limits).to_result()
         quota = quotas.normalise_quota(quota)
         reply = await self._run(
-            "acquire_quota",
-            script_keys(workspace_id, quota.period),
-            [limits.rpm, limits.tpm, cost],
-            usage=[
+            Operation.ACQUIRE_QUOTA,
+            (*buckets, *usage_keys(workspace_id, quota.period)),
+            [
+                limits.rpm,
+                limits.tpm,
+                cost,
                 quotas.normalise_amount(tokens, "token cost"),
                 spend,
                 quotas.to_wire_limit(quota.token_quota),
                 quotas.to_wire_limit(quota.spend_cap_micros),
             ],
         )
-        decision = bucket.Decision.from_wire(_ints(reply), limits, period=quota.period)
+        decision = bucket.LimitDecision.from_wire(_ints(reply), limits, period=quota.period)
         return decision.to_result()
 
     async def adjust_tokens(self, workspace_id: str, limits: Limits, delta: int) -> None:
-        """Charge (delta > 0) or refund (delta < 0) tokens; raises RateLimitUnavailable."""
+        """Charge (delta > 0) or refund (delta < 0) tokens; raises RateLimitUnavailable.
+        Applied once even when a lost reply makes the guard retry it."""
         limits = bucket.normalise_limits(limits)
         if not limits.tpm or not delta:
             return
         await self._run(
-            "adjust",
-            bucket_keys(workspace_id),
-            [limits.rpm, limits.tpm, bucket.normalise_delta(delta, limits.tpm)],
+            Operation.ADJUST,
+            self._once(workspace_id, bucket_keys(workspace_id)[1]),
+            [limits.tpm, bucket.normalise_delta(delta, limits.tpm), OPERATION_TTL_SECONDS],
         )
 
     async def record_usage(
@@ -244,19 +270,23 @@ class RedisRateLimiter:
         period's counters and restart their TTLs. Returns the counters after the increment;
         `known` says whether both existed before it. Raises RateLimitUnavailable.
 
-        Not idempotent: a retried call (see the module docstring) or a repeated report counts
-        twice, so the caller dedupes usage reports.
+        Applied once per call, even when a lost reply makes the guard retry it; a repeated
+        report is a new call and counts again, so the caller dedupes usage reports.
         """
         quotas.validate_period(period)
         limits = bucket.normalise_limits(limits)
         reply = await self._run(
-            "record",
-            script_keys(workspace_id, period),
-            [limits.rpm, limits.tpm, bucket.normalise_delta(tpm_delta, limits.tpm)],
-            usage=[
+            Operation.RECORD,
+            self._once(
+                workspace_id, bucket_keys(workspace_id)[1], *usage_keys(workspace_id, period)
+            ),
+            [
+                limits.tpm,
+                bucket.normalise_delta(tpm_delta, limits.tpm),
                 quotas.normalise_amount(tokens, "tokens"),
                 quotas.normalise_amount(spend_micros, "spend"),
                 quotas.COUNTER_TTL_SECONDS,
+                OPERATION_TTL_SECONDS,
             ],
         )
         tokens_used, spend_used, known = _ints(reply)
@@ -274,10 +304,9 @@ class RedisRateLimiter:
         raises RateLimitUnavailable."""
         quotas.validate_period(period)
         await self._run(
-            "seed",
-            script_keys(workspace_id, period),
-            [0, 0, 0],
-            usage=[
+            Operation.SEED,
+            usage_keys(workspace_id, period),
+            [
                 quotas.normalise_amount(tokens, "tokens"),
                 quotas.normalise_amount(spend_micros, "spend"),
                 quotas.COUNTER_TTL_SECONDS,
@@ -285,76 +314,74 @@ class RedisRateLimiter:
         )
 
     async def ping(self) -> bool:
-        """True when Redis answers PING in time; the outcome also feeds the breaker."""
+        """Readiness. Standalone: Redis answers PING in time. Cluster: redis-py has a slot map,
+        and every master in it answers CLUSTER INFO in time with cluster_state:ok. Outcomes feed
+        the nodes' breakers."""
+        if not isinstance(self._client, RedisCluster):
+            return await self._answers(STANDALONE, self._client.ping)
+        cluster = self._client
+        if not await self._answers(UNMAPPED, cluster.initialize):
+            return False
+        masters = cluster.get_primaries()
+        checks = [
+            self._answers(node.name, partial(cluster.cluster_info, target_nodes=node), _cluster_ok)
+            for node in masters
+        ]
+        return bool(masters) and all(await asyncio.gather(*checks))
+
+    async def _answers(
+        self,
+        node: str,
+        call: Callable[[], Awaitable[Any]],
+        healthy: Callable[[Any], bool] = lambda _: True,
+    ) -> bool:
         try:
-            await self._guarded("ping", self._client.ping)
+            return healthy(await self._guarded("ping", node, call))
         except RateLimitUnavailable:
             return False
-        return True
 
     async def close(self) -> None:
         """Close the client and its connection pools."""
+        self._guard.close()
         await self._client.aclose()
 
-    async def _run(
-        self,
-        mode: str,
-        keys: Sequence[str],
-        numbers: Sequence[int],
-        *,
-        usage: Sequence[int] = (),
-    ) -> Any:
-        """One script call: ARGV is mode, `numbers` (rpm, tpm, amount), now, then `usage`."""
-        args: list[str | int] = [mode, *numbers]
-        if self._test_clock_ms is not None:
-            args.append(self._test_clock_ms())
-        elif usage:
-            args.append("")  # no "now" override, but the usage arguments follow it
-        args.extend(usage)
-        allowed = self._breaker.allow()
-        self._export_state()
-        if not allowed:
-            self._count(RedisErrorKind.CIRCUIT_OPEN)
-            raise RateLimitUnavailable("Redis circuit is open: recent calls failed")
-        return await self._guarded(mode, lambda: self._script(keys=keys, args=args))
+    @staticmethod
+    def _once(workspace_id: str, *keys: str) -> tuple[str, ...]:
+        """`keys` plus a fresh operation key, which makes a non-idempotent script safe to
+        retry: the script stores its reply there and answers a repeat from it."""
+        return (*keys, operation_key(workspace_id, uuid.uuid4().hex))
 
-    async def _guarded(self, operation: str, call: Callable[[], Any]) -> Any:
-        """Run one Redis call under the timeout, translating failures and feeding the breaker."""
-        started = time.perf_counter()
+    async def _run(self, operation: Operation, keys: Sequence[str], args: Sequence[int]) -> Any:
+        """One script call with the operation's fixed ARGV, on the node that owns its slot."""
+        argv = [*args, *self._clock_args()]
+        script = self._scripts[operation]
+        if isinstance(self._client, RedisCluster):
+            await self._read_slot_map(self._client)
+        node = self._nodes.node_for(keys[0])
+        return await self._guarded(operation, node, lambda: script(keys=keys, args=argv))
+
+    async def _read_slot_map(self, cluster: RedisCluster) -> None:
+        """(Re)read the cluster's slot map when redis-py wants to, in one shared task that no
+        caller's timeout can cancel.
+
+        A workaround for redis-py (8.1): a command that finds the client needing a refresh (after
+        any connection error) runs `initialize()` itself, and a cancelled or failed
+        `initialize()` closes every node's connections, failing the calls in flight on healthy
+        masters too. Shielded, a refresh runs to its end whoever stops waiting for it.
+        """
+        if cluster.nodes_manager.slots_cache and not getattr(cluster, "_initialize", True):
+            return
+        if self._refresh is None or self._refresh.done():
+            self._refresh = asyncio.ensure_future(cluster.initialize())
+            self._refresh.add_done_callback(_retrieve)
+        refresh = self._refresh
+        await self._guarded("topology", UNMAPPED, lambda: asyncio.shield(refresh))
+
+    async def _guarded(self, operation: str, node: str, call: Callable[[], Awaitable[Any]]) -> Any:
         try:
-            async with asyncio.timeout(self._timeout):
-                try:
-                    result = await call()
-                except RedisConnectionError:
-                    # redis-py has dropped the broken connection; the retry gets a fresh one.
-                    result = await call()
-        except (TimeoutError, RedisTimeoutError) as exc:
-            raise self._failed(RedisErrorKind.TIMEOUT, operation, exc) from exc
-        except (RedisConnectionError, ConnectionError) as exc:
-            raise self._failed(RedisErrorKind.CONNECTION, operation, exc) from exc
-        except (RedisError, RedisClusterException, OSError) as exc:
-            raise self._failed(RedisErrorKind.OTHER, operation, exc) from exc
+            return await self._guard.call(operation, self._nodes.breaker(node), node, call)
         finally:
+            # Read after every call rather than hooked into the breakers, so the gauge is right
+            # whoever built the prototype breaker. On a cluster it shows the most open circuit.
             if self._metrics is not None:
-                self._metrics.observe_latency(operation, time.perf_counter() - started)
-        self._breaker.record_success()
-        self._export_state()
-        return result
-
-    def _failed(
-        self, kind: RedisErrorKind, operation: str, exc: BaseException
-    ) -> RateLimitUnavailable:
-        self._breaker.record_failure()
-        self._export_state()
-        self._count(kind)
-        return RateLimitUnavailable(f"Redis {operation} failed ({kind.value}): {exc!r}")
-
-    def _export_state(self) -> None:
-        # Read after every breaker step rather than hooked into the breaker, so the gauge is
-        # right whoever built the breaker.
-        if self._metrics is not None:
-            self._metrics.set_circuit_state(self._breaker.state)
-
-    def _count(self, kind: RedisErrorKind) -> None:
-        if self._metrics is not None:
-            self._metrics.count_error(kind)
+                self._metrics.set_circuit_state(self._nodes.worst_state())

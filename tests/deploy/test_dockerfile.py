@@ -244,4 +244,4 @@ def test_the_build_context_makes_a_complete_wheel(stages: list[Stage], tmp_path:
     assert any(re.fullmatch(r"authz/migrations/postgres/\d+_\w+\.sql", n) for n in names)
     assert any(re.fullmatch(r"authz/migrations/sqlite/\d+_\w+\.sql", n) for n in names)
     assert "authz/py.typed" in names
-    assert any(re.fullmatch(r"ratelimit/\w+\.lua", n) for n in names)
+    assert any(re.fullmatch(r"ratelimit/lua/\w+\.lua", n) for n in names)

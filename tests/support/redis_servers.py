@@ -248,33 +248,54 @@ def redis_url_for_tests() -> Iterator[str]:
 
 
 class RedisClusterServers(ClosesOnExit):
-    """A Redis Cluster of `n` masters (no replicas) on 127.0.0.1, each slot range on one node."""
+    """A Redis Cluster on 127.0.0.1: `masters` (each owning one slot range), and `replicas[i]`
+    replicating `masters[i]` when the cluster was started with replicas."""
 
-    def __init__(self, nodes: Sequence[RedisServer]) -> None:
+    def __init__(self, nodes: Sequence[RedisServer], replicas: Sequence[RedisServer] = ()) -> None:
         self.nodes = list(nodes)
+        """The original masters, in slot order."""
+        self.replicas = list(replicas)
 
     @property
     def url(self) -> str:
         """`redis+cluster://127.0.0.1:p1,127.0.0.1:p2,...`, the form `connect_redis` takes."""
-        return "redis+cluster://" + ",".join(f"{n.host}:{n.port}" for n in self.nodes)
+        return "redis+cluster://" + ",".join(
+            f"{n.host}:{n.port}" for n in [*self.nodes, *self.replicas]
+        )
+
+    def slot_range(self, index: int) -> range:
+        """The slots `nodes[index]` was given at start."""
+        n = len(self.nodes)
+        return range(index * CLUSTER_SLOTS // n, (index + 1) * CLUSTER_SLOTS // n)
 
     def close(self) -> None:
         """Stop every node and delete their directories."""
-        for node in self.nodes:
+        for node in [*self.nodes, *self.replicas]:
             node.close()
 
 
-def start_redis_cluster(n: int = 3) -> RedisClusterServers:
-    """Start `n` cluster-enabled servers, split the slots between them, join them, wait for ok."""
+def start_redis_cluster(
+    n: int = 3, *, replicas: bool = False, node_timeout_ms: int | None = None
+) -> RedisClusterServers:
+    """Start `n` cluster-enabled masters (plus one replica each with `replicas`), split the
+    slots between the masters, join them all, wait for ok (and for every replica's link).
+
+    With replicas, nodes run `cluster-require-full-coverage no`, as the README advises: with
+    `yes`, Redis itself refuses every shard's commands (CLUSTERDOWN) while one master is down.
+    """
     if n < 1:
         raise ValueError("a cluster needs at least one node")
+    extra = [] if node_timeout_ms is None else ["--cluster-node-timeout", str(node_timeout_ms)]
+    if replicas:
+        extra += ["--cluster-require-full-coverage", "no"]
     nodes: list[RedisServer] = []
     try:
-        for _ in range(n):
-            node = RedisServer(cluster=True)
+        for _ in range(2 * n if replicas else n):
+            node = RedisServer(cluster=True, extra_args=extra)
             nodes.append(node)
             node.start()
-        for index, node in enumerate(nodes):
+        masters, followers = nodes[:n], nodes[n:]
+        for index, node in enumerate(masters):
             first = index * CLUSTER_SLOTS // n
             last = (index + 1) * CLUSTER_SLOTS // n - 1
             _expect_ok(send_command(node.port, "CLUSTER", "ADDSLOTSRANGE", first, last))
@@ -283,18 +304,35 @@ def start_redis_cluster(n: int = 3) -> RedisClusterServers:
             for other in nodes[index + 1 :]:
                 _expect_ok(send_command(node.port, "CLUSTER", "MEET", other.host, other.port))
         _wait_for_cluster_ok(nodes)
+        for master, follower in zip(masters, followers, strict=False):
+            master_id = send_command(master.port, "CLUSTER", "MYID").split(b"\r\n")[1].decode()
+            _expect_ok(send_command(follower.port, "CLUSTER", "REPLICATE", master_id))
+        _wait_for_replicas(followers)
     except BaseException:
         for node in nodes:
             node.close()
         raise
-    return RedisClusterServers(nodes)
+    return RedisClusterServers(masters, followers)
 
 
 @contextlib.contextmanager
-def redis_cluster(n: int = 3) -> Iterator[RedisClusterServers]:
+def redis_cluster(
+    n: int = 3, *, replicas: bool = False, node_timeout_ms: int | None = None
+) -> Iterator[RedisClusterServers]:
     """`start_redis_cluster` as a context manager."""
-    with start_redis_cluster(n) as cluster:
+    with start_redis_cluster(n, replicas=replicas, node_timeout_ms=node_timeout_ms) as cluster:
         yield cluster
+
+
+def _wait_for_replicas(replicas: Sequence[RedisServer]) -> None:
+    """Poll until every replica's link to its master is up."""
+    deadline = time.monotonic() + _START_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        infos = [send_command(node.port, "INFO", "replication") for node in replicas]
+        if all(b"master_link_status:up" in info for info in infos):
+            return
+        time.sleep(_POLL_SECONDS)
+    raise RuntimeError("Redis Cluster replicas did not come up")
 
 
 def _expect_ok(reply: bytes) -> None:

@@ -12,7 +12,8 @@ import json
 import sys
 
 from ratelimit.limiter import Limits, RateLimitUnavailable
-from ratelimit.redis_backend import RedisRateLimiter, connect_redis
+from ratelimit.redis_backend import connect_redis
+from tests.support.clocked_redis import ClockedRedisRateLimiter
 
 TIMEOUT_SECONDS = 5.0
 """The point is atomicity under contention, not latency: no request may time out."""
@@ -20,11 +21,13 @@ TIMEOUT_SECONDS = 5.0
 
 async def burst(url: str, workspace: str, n: int, now_ms: int, limits: Limits, cost: int) -> None:
     client = connect_redis(url, timeout_seconds=TIMEOUT_SECONDS, max_connections=n)
-    limiter = RedisRateLimiter(
-        client, timeout_seconds=TIMEOUT_SECONDS, test_clock_ms=lambda: now_ms
+    limiter = ClockedRedisRateLimiter(
+        client, timeout_seconds=TIMEOUT_SECONDS, clock_ms=lambda: now_ms
     )
     try:
-        await limiter.adjust_tokens(f"{workspace}-warmup", limits, -1)  # loads the script
+        # Load the scripts the burst uses (one per operation).
+        await limiter.acquire(f"{workspace}-warmup", limits, 0)
+        await limiter.adjust_tokens(f"{workspace}-warmup", limits, -1)
         print("ready", flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
 

@@ -66,7 +66,7 @@ def worker_argv(module: str, *args: object) -> list[str]:
 
 
 class FakeClockMs:
-    """A test clock in epoch milliseconds, passed to limiters as `test_clock_ms`/`clock_ms`."""
+    """A test clock in epoch milliseconds, passed to limiters as `clock_ms`."""
 
     def __init__(self, start_ms: int = T0_MS) -> None:
         self.now = start_ms

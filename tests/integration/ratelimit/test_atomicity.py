@@ -6,13 +6,14 @@ import pytest
 
 from ratelimit.keys import bucket_keys
 from ratelimit.limiter import Limits
-from ratelimit.redis_backend import RedisClient, RedisRateLimiter
+from ratelimit.redis_backend import RedisClient
 from tests.integration.ratelimit.conftest import (
     GENEROUS_TIMEOUT_SECONDS,
     T0_MS,
     run_workers_together,
     worker_argv,
 )
+from tests.support.clocked_redis import ClockedRedisRateLimiter
 
 pytestmark = pytest.mark.integration
 
@@ -51,8 +52,8 @@ async def test_processes_racing_on_one_workspace_get_exactly_the_capacity(
     assert sum(c["denied"] for c in counts) == PROCESSES * REQUESTS_PER_PROCESS - admitted
 
     # All or nothing: the other bucket was debited exactly once per admitted request.
-    limiter = RedisRateLimiter(
-        redis_client, timeout_seconds=GENEROUS_TIMEOUT_SECONDS, test_clock_ms=lambda: T0_MS
+    limiter = ClockedRedisRateLimiter(
+        redis_client, timeout_seconds=GENEROUS_TIMEOUT_SECONDS, clock_ms=lambda: T0_MS
     )
     after = await limiter.acquire(workspace_id, limits, 0)
     if limits.tpm:

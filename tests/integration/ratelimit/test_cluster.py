@@ -8,11 +8,12 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio.cluster import RedisCluster
 
-from ratelimit.keys import bucket_keys, script_keys
+from ratelimit.keys import bucket_keys, operation_key, script_keys
 from ratelimit.limiter import LimitKind, Limits, Quota
 from ratelimit.memory import InMemoryRateLimiter
 from ratelimit.redis_backend import RedisRateLimiter, connect_redis
 from tests.integration.ratelimit.conftest import GENEROUS_TIMEOUT_SECONDS, FakeClockMs
+from tests.support.clocked_redis import ClockedRedisRateLimiter
 from tests.support.redis_servers import RedisClusterServers, send_command
 
 pytestmark = pytest.mark.integration
@@ -28,7 +29,7 @@ async def cluster_client(cluster: RedisClusterServers) -> AsyncIterator[RedisClu
 
 async def test_all_keys_of_a_workspace_share_a_slot(cluster_client: RedisCluster) -> None:
     for workspace in ("a", "ws_1", "x}y{z", "ünïcode"):
-        keys = script_keys(workspace, "2025-03")
+        keys = (*script_keys(workspace, "2025-03"), operation_key(workspace, "op-1"))
         assert keys[:2] == bucket_keys(workspace)
         assert len({cluster_client.keyslot(key) for key in keys}) == 1
 
@@ -49,8 +50,8 @@ async def test_workspaces_on_every_node_match_the_python_maths(
     cluster: RedisClusterServers, cluster_client: RedisCluster, workspace_id: str
 ) -> None:
     clock = FakeClockMs()
-    redis = RedisRateLimiter(
-        cluster_client, timeout_seconds=GENEROUS_TIMEOUT_SECONDS, test_clock_ms=clock
+    redis = ClockedRedisRateLimiter(
+        cluster_client, timeout_seconds=GENEROUS_TIMEOUT_SECONDS, clock_ms=clock
     )
     memory = InMemoryRateLimiter(clock_ms=clock)
     limits = Limits(rpm=3, tpm=100)

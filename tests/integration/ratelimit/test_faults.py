@@ -69,7 +69,10 @@ async def fill_pool(limiter: RedisRateLimiter, tick: Callable[[], None] = lambda
 async def test_dead_redis_fails_fast_then_recovers_within_a_second(own_redis: RedisServer) -> None:
     registry = CollectorRegistry()
     # Production defaults throughout: 50 ms timeout, breaker 3 failures / 0.25 s cool-down.
-    limiter = RedisRateLimiter.from_url(own_redis.url, metrics=RateLimitMetrics(registry))
+    limiter = RedisRateLimiter(
+        connect_redis(own_redis.url, timeout_seconds=PRODUCTION_TIMEOUT_SECONDS),
+        metrics=RateLimitMetrics(registry),
+    )
     try:
         await fill_pool(limiter)
         failures_before = errors(registry, "connection") + errors(registry, "timeout")
@@ -186,7 +189,11 @@ async def test_hung_redis_times_out_at_the_deadline(own_redis: RedisServer) -> N
 async def test_unreachable_redis_at_start_is_unavailable_not_a_crash() -> None:
     from tests.support.redis_servers import free_port
 
-    limiter = RedisRateLimiter.from_url(f"redis://127.0.0.1:{free_port()}/0")
+    limiter = RedisRateLimiter(
+        connect_redis(
+            f"redis://127.0.0.1:{free_port()}/0", timeout_seconds=PRODUCTION_TIMEOUT_SECONDS
+        )
+    )
     try:
         with pytest.raises(RateLimitUnavailable):
             await limiter.acquire("ws", LIMITS, 1)

@@ -25,6 +25,7 @@ from ratelimit.limiter import Limits, Quota
 from ratelimit.memory import InMemoryRateLimiter
 from ratelimit.redis_backend import RedisClient, RedisRateLimiter, connect_redis
 from tests.integration.ratelimit.conftest import GENEROUS_TIMEOUT_SECONDS, FakeClockMs
+from tests.support.clocked_redis import ClockedRedisRateLimiter
 
 pytestmark = pytest.mark.integration
 
@@ -229,7 +230,9 @@ async def run_op(
 async def run_scenario(client: RedisClient, scenario: Scenario) -> None:
     clock = FakeClockMs()
     memory = InMemoryRateLimiter(clock_ms=clock)
-    redis = RedisRateLimiter(client, timeout_seconds=GENEROUS_TIMEOUT_SECONDS, test_clock_ms=clock)
+    redis = ClockedRedisRateLimiter(
+        client, timeout_seconds=GENEROUS_TIMEOUT_SECONDS, clock_ms=clock
+    )
     reference = Reference(scenario.limits)
     workspace = f"parity-{uuid.uuid4().hex}"
     requests_key, tokens_key = bucket_keys(workspace)

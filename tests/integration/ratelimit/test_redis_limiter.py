@@ -13,6 +13,7 @@ from ratelimit.keys import bucket_keys
 from ratelimit.limiter import LimitKind, Limits
 from ratelimit.redis_backend import RedisClient, RedisRateLimiter, connect_redis
 from tests.integration.ratelimit.conftest import GENEROUS_TIMEOUT_SECONDS, FakeClockMs
+from tests.support.clocked_redis import ClockedRedisRateLimiter
 from tests.support.redis_servers import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -21,8 +22,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 async def limiter(redis_client: RedisClient, clock_ms: FakeClockMs) -> RedisRateLimiter:
     """A limiter on the shared test Redis, on the test-only frozen clock."""
-    return RedisRateLimiter(
-        redis_client, timeout_seconds=GENEROUS_TIMEOUT_SECONDS, test_clock_ms=clock_ms
+    return ClockedRedisRateLimiter(
+        redis_client, timeout_seconds=GENEROUS_TIMEOUT_SECONDS, clock_ms=clock_ms
     )
 
 
@@ -145,7 +146,9 @@ async def test_ping(limiter: RedisRateLimiter) -> None:
 async def test_exactly_one_evalsha_per_call(own_client: Redis, workspace_id: str) -> None:
     limiter = RedisRateLimiter(own_client, timeout_seconds=GENEROUS_TIMEOUT_SECONDS)
     limits = Limits(rpm=1000, tpm=100_000)
-    await limiter.acquire(workspace_id, limits, 1)  # loads the script (NOSCRIPT fallback)
+    # Load both scripts used below (the NOSCRIPT fallback), one per operation.
+    await limiter.acquire(workspace_id, limits, 1)
+    await limiter.adjust_tokens(workspace_id, limits, -1)
     await own_client.config_resetstat()
     for _ in range(20):
         await limiter.acquire(workspace_id, limits, 1)
@@ -168,9 +171,9 @@ async def test_script_flush_mid_run_costs_no_request(own_client: Redis, workspac
         assert (await limiter.acquire(workspace_id, limits, 0)).allowed
     await limiter.adjust_tokens(workspace_id, Limits(rpm=100, tpm=10), 1)
     stats = await commandstats(own_client)
-    assert stats["script|load"] == (1, 0)
-    # One per call, plus the single attempt that met NOSCRIPT and made redis-py reload.
-    assert stats["evalsha"] == (3 + 1 + 1, 1)
+    # One load per script (acquire, adjust), each after the single attempt that met NOSCRIPT.
+    assert stats["script|load"] == (2, 0)
+    assert stats["evalsha"] == (3 + 1 + 2, 2)
 
 
 async def test_works_over_a_unix_socket_url(tmp_path_factory: pytest.TempPathFactory) -> None:

@@ -14,7 +14,8 @@ import json
 import sys
 
 from ratelimit.limiter import Limits, RateLimitUnavailable
-from ratelimit.redis_backend import RedisRateLimiter, connect_redis
+from ratelimit.redis_backend import connect_redis
+from tests.support.clocked_redis import ClockedRedisRateLimiter
 
 TIMEOUT_SECONDS = 5.0
 """The point is atomicity under contention, not latency: no call may time out."""
@@ -22,8 +23,8 @@ TIMEOUT_SECONDS = 5.0
 
 async def burst(url: str, workspace: str, period: str, n: int, now_ms: int, tpm: int) -> None:
     client = connect_redis(url, timeout_seconds=TIMEOUT_SECONDS, max_connections=n)
-    limiter = RedisRateLimiter(
-        client, timeout_seconds=TIMEOUT_SECONDS, test_clock_ms=lambda: now_ms
+    limiter = ClockedRedisRateLimiter(
+        client, timeout_seconds=TIMEOUT_SECONDS, clock_ms=lambda: now_ms
     )
     limits = Limits(rpm=0, tpm=tpm)
     try:

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ratelimit import bucket
-from ratelimit.bucket import UNITS_PER_TOKEN, BucketLevel, Decision
+from ratelimit.bucket import UNITS_PER_TOKEN, BucketLevel, LimitDecision
 from ratelimit.limiter import LimitKind, Limits
 
 T0 = 1_700_000_000_000
@@ -23,7 +23,7 @@ class Buckets:
         self.requests: BucketLevel | None = None
         self.tokens: BucketLevel | None = None
 
-    def acquire(self, cost: int, now_ms: int) -> Decision:
+    def acquire(self, cost: int, now_ms: int) -> LimitDecision:
         outcome = bucket.acquire(
             self.limits,
             bucket.normalise_cost(cost),
@@ -239,12 +239,12 @@ def test_wire_round_trip() -> None:
     buckets = Buckets(limits)
     for cost in (10, 200, 50, 50, 0):
         decision = buckets.acquire(cost, T0)
-        assert Decision.from_wire(decision.to_wire(), limits) == decision
+        assert LimitDecision.from_wire(decision.to_wire(), limits) == decision
 
 
 def test_from_wire_rejects_a_short_reply() -> None:
     with pytest.raises(ValueError, match="expected 8"):
-        Decision.from_wire((1, 0), Limits(1, 1))
+        LimitDecision.from_wire((1, 0), Limits(1, 1))
 
 
 @settings(max_examples=200, deadline=None)

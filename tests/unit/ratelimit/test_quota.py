@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ratelimit import bucket, quota
-from ratelimit.bucket import BucketLevel, BucketReport, Decision
+from ratelimit.bucket import BucketLevel, BucketReport, LimitDecision
 from ratelimit.limiter import LimitKind, Limits, Quota, QuotaKind, QuotaState
 from ratelimit.quota import MAX_COUNTER, Counters
 
@@ -133,7 +133,7 @@ def test_within_the_quota_the_buckets_decide_exactly_as_without_it() -> None:
     assert outcome.decision.denied_by is LimitKind.REQUESTS
     assert outcome.decision.quota_exceeded is None
     assert outcome.decision.quota == QuotaState(PERIOD, 0, 0, known=False)
-    assert outcome.decision == Decision(
+    assert outcome.decision == LimitDecision(
         allowed=plain.decision.allowed,
         denied_by=plain.decision.denied_by,
         too_large=plain.decision.too_large,
@@ -214,9 +214,12 @@ def test_wire_round_trip_with_a_quota() -> None:
         decision = check(q, counters, tokens=tokens, spend=1).decision
         wire = decision.to_wire()
         assert len(wire) == bucket.QUOTA_WIRE_LENGTH
-        assert Decision.from_wire(wire, bucket.normalise_limits(LIMITS), period=PERIOD) == decision
+        assert (
+            LimitDecision.from_wire(wire, bucket.normalise_limits(LIMITS), period=PERIOD)
+            == decision
+        )
     with pytest.raises(ValueError, match="expected 12"):
-        Decision.from_wire(wire[:8], LIMITS, period=PERIOD)
+        LimitDecision.from_wire(wire[:8], LIMITS, period=PERIOD)
 
 
 @settings(max_examples=300, deadline=None)

@@ -13,7 +13,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ratelimit.breaker import BreakerState, CircuitBreaker
-from ratelimit.keys import bucket_keys, script_keys
+from ratelimit.keys import bucket_keys, operation_key, usage_keys
 from ratelimit.limiter import (
     LimitKind,
     Limits,
@@ -23,23 +23,28 @@ from ratelimit.limiter import (
     RateLimiter,
     RateLimitUnavailable,
 )
+from ratelimit.lua_scripts import Operation, script_text
 from ratelimit.metrics import RateLimitMetrics
 from ratelimit.quota import COUNTER_TTL_SECONDS, MAX_COUNTER
-from ratelimit.redis_backend import RedisClient, RedisRateLimiter, load_script_text
+from ratelimit.redis_backend import OPERATION_TTL_SECONDS, RedisClient, RedisRateLimiter
+from tests.support.clocked_redis import ClockedRedisRateLimiter
 
 
 class FakeScript:
-    """Stands in for redis-py's AsyncScript: records calls, replies or fails as told."""
+    """Stands in for redis-py's AsyncScripts (one per operation, sharing this state): records
+    calls and the operation each went to, replies or fails as told."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[Sequence[str], Sequence[Any]]] = []
+        self.operations: list[str] = []
         self.reply: list[int] = [1, 0, 0, 0, 4, 12000, 90, 6000]
         self.error: BaseException | None = None
         self.fail_next: list[BaseException] = []
         self.hang = False
 
-    async def __call__(self, keys: Sequence[str], args: Sequence[Any]) -> list[int]:
+    async def __call__(self, operation: str, keys: Sequence[str], args: Sequence[Any]) -> list[int]:
         self.calls.append((keys, args))
+        self.operations.append(operation)
         if self.hang:
             await asyncio.Event().wait()  # never set: a Redis that does not answer
         if self.fail_next:
@@ -49,16 +54,26 @@ class FakeScript:
         return self.reply
 
 
+class OneScript:
+    def __init__(self, shared: FakeScript, operation: str) -> None:
+        self.shared, self.operation = shared, operation
+
+    async def __call__(self, keys: Sequence[str], args: Sequence[Any]) -> list[int]:
+        return await self.shared(self.operation, keys, args)
+
+
 class FakeRedis:
     def __init__(self) -> None:
         self.script = FakeScript()
-        self.script_text = ""
+        self.script_texts: list[str] = []
         self.closed = False
         self.ping_error: BaseException | None = None
 
-    def register_script(self, text: str) -> FakeScript:
-        self.script_text = text
-        return self.script
+    def register_script(self, text: str) -> OneScript:
+        self.script_texts.append(text)
+        # Which operation: the one whose body the text ends with (test clocks differ in front).
+        [operation] = [op for op in Operation if text.endswith(script_text(op)[-200:])]
+        return OneScript(self.script, operation)
 
     async def ping(self) -> bool:
         if self.ping_error is not None:
@@ -115,15 +130,22 @@ def test_implements_the_protocol(limiter: RedisRateLimiter) -> None:
     assert as_protocol is limiter
 
 
-async def test_registers_the_packaged_script_and_sends_keys_and_args(
+async def test_registers_the_packaged_scripts_and_sends_keys_and_args(
     limiter: RedisRateLimiter, fake: FakeRedis
 ) -> None:
-    assert fake.script_text == load_script_text()
+    assert fake.script_texts == [script_text(op) for op in Operation]
     result = await limiter.acquire("ws1", Limits(rpm=5, tpm=100), 10)
     assert result.allowed
     assert result.requests.remaining == 4
     assert result.requests.reset_seconds == 12.0
-    assert fake.script.calls == [(bucket_keys("ws1"), ["acquire", 5, 100, 10])]
+    assert fake.script.calls == [(bucket_keys("ws1"), [5, 100, 10])]
+    assert fake.script.operations == ["acquire"]
+
+
+def sent_operation_key(keys: Sequence[str], workspace_id: str) -> None:
+    """The last key is a fresh operation key in the workspace's slot."""
+    assert keys[-1].startswith(operation_key(workspace_id, ""))
+    assert len(keys[-1]) > len(operation_key(workspace_id, ""))
 
 
 async def test_decodes_a_denial(limiter: RedisRateLimiter, fake: FakeRedis) -> None:
@@ -140,13 +162,17 @@ async def test_adjust_sends_a_clamped_delta_and_skips_no_ops(
     await limiter.adjust_tokens("ws1", Limits(rpm=5, tpm=100), 10**9)
     await limiter.adjust_tokens("ws1", Limits(rpm=5, tpm=0), 10)
     await limiter.adjust_tokens("ws1", Limits(rpm=5, tpm=100), 0)
-    assert fake.script.calls == [(bucket_keys("ws1"), ["adjust", 5, 100, 200])]
+    [(keys, args)] = fake.script.calls
+    assert keys[0] == bucket_keys("ws1")[1]
+    sent_operation_key(keys, "ws1")
+    assert args == [100, 200, OPERATION_TTL_SECONDS]
+    assert fake.script.operations == ["adjust"]
 
 
 async def test_test_clock_is_passed_as_the_now_override(fake: FakeRedis) -> None:
-    limiter = RedisRateLimiter(cast(RedisClient, fake), test_clock_ms=lambda: 1234)
+    limiter = ClockedRedisRateLimiter(cast(RedisClient, fake), clock_ms=lambda: 1234)
     await limiter.acquire("ws1", Limits(rpm=5, tpm=100), 10)
-    assert fake.script.calls[0][1] == ["acquire", 5, 100, 10, 1234]
+    assert fake.script.calls[0][1] == [5, 100, 10, 1234]
 
 
 @pytest.mark.parametrize(
@@ -204,10 +230,15 @@ async def test_a_second_connection_error_is_not_retried(
     assert len(fake.script.calls) == 2
 
 
-async def test_bugs_are_not_swallowed(limiter: RedisRateLimiter, fake: FakeRedis) -> None:
-    fake.script.error = KeyError("a bug")
-    with pytest.raises(KeyError):
-        await limiter.acquire("ws1", Limits(rpm=5, tpm=100), 10)
+async def test_any_client_exception_is_contained_and_counted(
+    limiter: RedisRateLimiter, fake: FakeRedis, registry: CollectorRegistry
+) -> None:
+    # redis-py's cluster client raises these when it closes itself under calls in flight.
+    for error in (RuntimeError("handler is closed"), AttributeError("'NoneType' object")):
+        fake.script.error = error
+        with pytest.raises(RateLimitUnavailable, match="client"):
+            await limiter.acquire("ws1", Limits(rpm=5, tpm=100), 10)
+    assert errors(registry, "client") == 2
 
 
 async def test_breaker_opens_fails_fast_probes_and_closes(
@@ -262,10 +293,11 @@ async def test_acquire_with_a_quota_sends_all_four_keys_in_one_call(
     assert result.allowed
     assert result.quota_exceeded is None
     assert result.quota == QuotaState(PERIOD, 70, 800, known=True)
-    keys = script_keys("ws1", PERIOD)
-    # ARGV: mode, rpm, tpm, cost, no "now" override, tokens, spend, token quota, spend cap
-    args = ["acquire_quota", 5, 100, 10, "", 10, 7, MAX_COUNTER, -1]
+    keys = (*bucket_keys("ws1"), *usage_keys("ws1", PERIOD))
+    # ARGV: rpm, tpm, cost, tokens, spend, token quota, spend cap
+    args = [5, 100, 10, 10, 7, MAX_COUNTER, -1]
     assert fake.script.calls == [(keys, args)]
+    assert fake.script.operations == ["acquire_quota"]
 
 
 async def test_the_quota_gets_the_unclamped_token_count(
@@ -276,7 +308,7 @@ async def test_the_quota_gets_the_unclamped_token_count(
     result = await limiter.acquire("ws1", Limits(rpm=0, tpm=0), 10**12, quota=quota)
     assert result.quota_exceeded is QuotaKind.TOKENS
     assert result.quota == QuotaState(PERIOD, 0, 0, known=False)
-    cost, tokens = fake.script.calls[0][1][3], fake.script.calls[0][1][5]
+    cost, tokens = fake.script.calls[0][1][2], fake.script.calls[0][1][3]
     assert (cost, tokens) == (10**10 + 1, 10**12)
 
 
@@ -284,7 +316,8 @@ async def test_acquire_without_a_quota_keeps_the_old_call(
     limiter: RedisRateLimiter, fake: FakeRedis
 ) -> None:
     await limiter.acquire("ws1", Limits(rpm=5, tpm=100), 10, spend_micros=99)
-    assert fake.script.calls == [(bucket_keys("ws1"), ["acquire", 5, 100, 10])]
+    assert fake.script.calls == [(bucket_keys("ws1"), [5, 100, 10])]
+    assert fake.script.operations == ["acquire"]
 
 
 async def test_record_usage_is_one_call_and_decodes_the_counters(
@@ -295,8 +328,11 @@ async def test_record_usage_is_one_call_and_decodes_the_counters(
         "ws1", Limits(rpm=5, tpm=100), period=PERIOD, tpm_delta=-(10**9), tokens=20, spend_micros=3
     )
     assert state == QuotaState(PERIOD, 120, 3400, known=False)
-    args = ["record", 5, 100, -200, "", 20, 3, COUNTER_TTL_SECONDS]
-    assert fake.script.calls == [(script_keys("ws1", PERIOD), args)]
+    [(keys, args)] = fake.script.calls
+    assert keys[:3] == (bucket_keys("ws1")[1], *usage_keys("ws1", PERIOD))
+    sent_operation_key(keys, "ws1")
+    assert args == [100, -200, 20, 3, COUNTER_TTL_SECONDS, OPERATION_TTL_SECONDS]
+    assert fake.script.operations == ["record"]
 
 
 async def test_record_usage_with_no_tpm_limit_sends_no_delta(
@@ -306,25 +342,27 @@ async def test_record_usage_with_no_tpm_limit_sends_no_delta(
     await limiter.record_usage(
         "ws1", Limits(rpm=5, tpm=0), period=PERIOD, tpm_delta=50, tokens=1, spend_micros=1
     )
-    assert fake.script.calls[0][1][:4] == ["record", 5, 0, 0]
+    assert fake.script.calls[0][1][:2] == [0, 0]
 
 
 async def test_seed_usage_is_one_call(limiter: RedisRateLimiter, fake: FakeRedis) -> None:
     fake.script.reply = [1, 0]
     await limiter.seed_usage("ws1", period=PERIOD, tokens=5, spend_micros=10**20)
-    args = ["seed", 0, 0, 0, "", 5, MAX_COUNTER + 1, COUNTER_TTL_SECONDS]
-    assert fake.script.calls == [(script_keys("ws1", PERIOD), args)]
+    args = [5, MAX_COUNTER + 1, COUNTER_TTL_SECONDS]
+    assert fake.script.calls == [(usage_keys("ws1", PERIOD), args)]
+    assert fake.script.operations == ["seed"]
 
 
-async def test_the_test_clock_takes_the_now_slot_before_the_usage_arguments(
+async def test_the_test_clock_comes_after_the_operation_arguments(
     fake: FakeRedis,
 ) -> None:
-    limiter = RedisRateLimiter(cast(RedisClient, fake), test_clock_ms=lambda: 1234)
+    limiter = ClockedRedisRateLimiter(cast(RedisClient, fake), clock_ms=lambda: 1234)
     fake.script.reply = [1, 1, 1]
     await limiter.record_usage(
         "ws1", Limits(rpm=5, tpm=100), period=PERIOD, tpm_delta=1, tokens=1, spend_micros=1
     )
-    assert fake.script.calls[0][1] == ["record", 5, 100, 1, 1234, 1, 1, COUNTER_TTL_SECONDS]
+    args = [100, 1, 1, 1, COUNTER_TTL_SECONDS, OPERATION_TTL_SECONDS, 1234]
+    assert fake.script.calls[0][1] == args
 
 
 async def test_usage_calls_fail_like_acquire(
@@ -361,3 +399,12 @@ async def test_a_short_quota_reply_is_an_error(limiter: RedisRateLimiter, fake: 
     quota = Quota(period=PERIOD, token_quota=1, spend_cap_micros=1)
     with pytest.raises(ValueError, match="expected 12"):
         await limiter.acquire("ws1", Limits(5, 100), 1, quota=quota)
+
+
+async def test_cancellation_is_not_contained(limiter: RedisRateLimiter, fake: FakeRedis) -> None:
+    fake.script.hang = True
+    call = asyncio.ensure_future(limiter.acquire("ws1", Limits(rpm=5, tpm=100), 10))
+    await asyncio.sleep(0)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call

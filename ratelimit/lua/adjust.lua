@@ -1,0 +1,11 @@
+-- adjust: charge (delta > 0) or refund (delta < 0) the token bucket, once per operation id.
+-- KEYS[1] token bucket, KEYS[2] this operation's key (see keys.py)
+-- ARGV[1] tpm limit (> 0), ARGV[2] token delta, ARGV[3] how long to remember the operation (s)
+-- Returns {tok_remaining, tok_reset_ms}; a repeat of the operation returns the first reply.
+local done = recall(KEYS[2])
+if done then
+  return done
+end
+local tpm = tonumber(ARGV[1])
+local level = adjust(KEYS[1], tpm, tonumber(ARGV[2]), now_ms())
+return remember(KEYS[2], {remaining(level), reset_ms(tpm, level)}, ARGV[3])

@@ -1,0 +1,207 @@
+-- The shared prelude of every rate-limit script: constants and the bucket and counter maths.
+--
+-- This is the Redis twin of ratelimit/bucket.py (the buckets) and ratelimit/quota.py (the
+-- quota); read those modules' docstrings for the rules and the integer scheme. Every function
+-- here mirrors the Python function of the same name, and a property test runs both on the same
+-- inputs and requires identical replies and identical stored state.
+--
+-- A script is sent as clock.lua (the `now_ms` function) + this prelude + one operation's body
+-- (acquire.lua, acquire_quota.lua, adjust.lua, record.lua, seed.lua). Each body documents its own
+-- KEYS and ARGV; an argument always means the same thing for a given script.
+--
+-- Buckets are hashes (l = level in units, t = updated at, in ms); usage counters are integer
+-- strings. All keys of one call share the hash tag {ws:<id>}, so they live in one slot.
+--
+-- Lua 5.1 numbers are doubles: every value stays an integer below 2^53, so all arithmetic here
+-- is exact, and numbers are written back with %d because tostring would keep only 14 digits.
+
+local UNITS_PER_TOKEN = 60000
+local TTL_MARGIN_MS = 1000
+local MAX_COUNTER = 1000000000000000 -- 10^15
+
+-- Integer floor division. For operands below 2^53, floor(a / b) on doubles is already exact; the
+-- correction (whose products are exact too) is defence in depth, so this never rests on how the
+-- division happened to round.
+local function floor_div(a, b)
+  local q = math.floor(a / b)
+  if q * b > a then
+    q = q - 1
+  elseif (q + 1) * b <= a then
+    q = q + 1
+  end
+  return q
+end
+
+local function ceil_div(a, b)
+  return floor_div(a + b - 1, b)
+end
+
+local function capacity(limit)
+  return limit * UNITS_PER_TOKEN
+end
+
+local function ms_to_reach(limit, level, target)
+  if level >= target then
+    return 0
+  end
+  return ceil_div(target - level, limit)
+end
+
+-- Returns level, updated_ms: the bucket refilled up to now (a missing key is a full bucket).
+local function level_at(key, limit, now)
+  local cap = capacity(limit)
+  local stored = redis.call('HMGET', key, 'l', 't')
+  local level, updated = tonumber(stored[1]), tonumber(stored[2])
+  if level == nil or updated == nil then
+    return cap, now
+  end
+  if level > cap then
+    level = cap
+  end
+  if now <= updated then
+    return level, updated
+  end
+  local elapsed = math.min(now - updated, ms_to_reach(limit, level, cap))
+  return math.min(cap, level + elapsed * limit), now
+end
+
+local function store(key, limit, level, updated)
+  redis.call('HSET', key, 'l', string.format('%d', level), 't', string.format('%d', updated))
+  local ttl = ms_to_reach(limit, level, capacity(limit)) + TTL_MARGIN_MS
+  redis.call('PEXPIRE', key, string.format('%d', ttl))
+end
+
+local function remaining(level)
+  if level > 0 then
+    return floor_div(level, UNITS_PER_TOKEN)
+  end
+  return 0
+end
+
+local function reset_ms(limit, level)
+  return ms_to_reach(limit, level, capacity(limit))
+end
+
+-- Charge or refund the token bucket (the caller checks tpm > 0); returns the new level.
+local function adjust(key, tpm, delta, now)
+  local cap = capacity(tpm)
+  local level, updated = level_at(key, tpm, now)
+  level = math.max(-cap, math.min(cap, level - delta * UNITS_PER_TOKEN))
+  store(key, tpm, level, updated)
+  return level
+end
+
+-- Both buckets refilled up to now; a bucket whose limit is 0 (unlimited) is not read.
+local function read_buckets(req_key, tok_key, rpm, tpm, now)
+  local b = {req_key = req_key, tok_key = tok_key, rpm = rpm, tpm = tpm}
+  if rpm > 0 then
+    b.req_level, b.req_updated = level_at(req_key, rpm, now)
+  end
+  if tpm > 0 then
+    b.tok_level, b.tok_updated = level_at(tok_key, tpm, now)
+  end
+  return b
+end
+
+-- {allowed, denied_by (0 none, 1 requests, 2 tokens), too_large, retry_ms,
+--  req_remaining, req_reset_ms, tok_remaining, tok_reset_ms}
+local function bucket_reply(b, allowed, denied_by, too_large, retry_ms)
+  local r = {allowed, denied_by, too_large, retry_ms, 0, 0, 0, 0}
+  if b.rpm > 0 then
+    r[5] = remaining(b.req_level)
+    r[6] = reset_ms(b.rpm, b.req_level)
+  end
+  if b.tpm > 0 then
+    r[7] = remaining(b.tok_level)
+    r[8] = reset_ms(b.tpm, b.tok_level)
+  end
+  return r
+end
+
+-- Take one request and `cost` tokens if both fit (all or nothing); returns the bucket reply.
+local function take(b, cost)
+  if b.tpm > 0 and cost > b.tpm then
+    return bucket_reply(b, 0, 2, 1, 0)
+  end
+  local req_need = UNITS_PER_TOKEN
+  local tok_need = cost * UNITS_PER_TOKEN
+  local req_wait, tok_wait = 0, 0
+  if b.rpm > 0 then
+    req_wait = ms_to_reach(b.rpm, b.req_level, req_need)
+  end
+  if b.tpm > 0 then
+    tok_wait = ms_to_reach(b.tpm, b.tok_level, tok_need)
+  end
+  if req_wait > 0 or tok_wait > 0 then
+    local denied_by = 2
+    if req_wait > 0 then
+      denied_by = 1
+    end
+    return bucket_reply(b, 0, denied_by, 0, math.max(req_wait, tok_wait))
+  end
+  if b.rpm > 0 then
+    b.req_level = b.req_level - req_need
+    store(b.req_key, b.rpm, b.req_level, b.req_updated)
+  end
+  if b.tpm > 0 then
+    b.tok_level = b.tok_level - tok_need
+    store(b.tok_key, b.tpm, b.tok_level, b.tok_updated)
+  end
+  return bucket_reply(b, 1, 0, 0, 0)
+end
+
+-- A usage counter, or nil when it does not exist. Values beyond MAX_COUNTER (never written by
+-- these scripts) read as MAX_COUNTER, so the sums below stay exact.
+local function read_counter(key)
+  local stored = redis.call('GET', key)
+  if not stored then
+    return nil
+  end
+  local value = tonumber(stored)
+  if value == nil then
+    error('usage counter ' .. key .. ' is not a number')
+  end
+  return math.min(value, MAX_COUNTER)
+end
+
+local function record(key, amount, ttl)
+  local value = redis.call('INCRBY', key, string.format('%d', amount))
+  if value > MAX_COUNTER then
+    value = MAX_COUNTER
+    redis.call('SET', key, string.format('%d', value))
+  end
+  redis.call('EXPIRE', key, ttl)
+  return value
+end
+
+local function seed(key, amount, ttl)
+  local set = redis.call('SET', key, string.format('%d', math.min(amount, MAX_COUNTER)), 'NX',
+    'EX', ttl)
+  if set then
+    return 1
+  end
+  return 0
+end
+
+-- The stored reply of an operation that already ran (a retry of it), or nil.
+local function recall(key)
+  local stored = redis.call('GET', key)
+  if not stored then
+    return nil
+  end
+  local reply = {}
+  for value in string.gmatch(stored, '[^,]+') do
+    reply[#reply + 1] = tonumber(value)
+  end
+  return reply
+end
+
+-- Remember an operation's reply for `ttl` seconds, so a retry of it is answered, not re-applied.
+local function remember(key, reply, ttl)
+  local parts = {}
+  for i, value in ipairs(reply) do
+    parts[i] = string.format('%d', value)
+  end
+  redis.call('SET', key, table.concat(parts, ','), 'EX', ttl)
+  return reply
+end

@@ -1,0 +1,36 @@
+"""The Redis scripts, one per operation, shipped as package data under `ratelimit/lua/`.
+
+A script's text is `clock.lua` (the `now_ms` function: Redis' TIME) + `prelude.lua` (the shared
+bucket and counter maths) + the operation's body, which documents its KEYS and ARGV.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from importlib import resources
+
+
+class Operation(StrEnum):
+    """One script per operation; the value names its body file and the latency label."""
+
+    ACQUIRE = "acquire"
+    ACQUIRE_QUOTA = "acquire_quota"
+    ADJUST = "adjust"
+    RECORD = "record"
+    SEED = "seed"
+
+
+def read_lua(name: str) -> str:
+    """One file of `ratelimit/lua/`, e.g. "prelude"."""
+    lua = resources.files("ratelimit").joinpath("lua")
+    return lua.joinpath(f"{name}.lua").read_text(encoding="utf-8")
+
+
+def script_text(operation: Operation, *, clock: str | None = None) -> str:
+    """The full script of `operation`. `clock` replaces `clock.lua` (tests pass a fixed clock)."""
+    parts = (
+        read_lua("clock") if clock is None else clock,
+        read_lua("prelude"),
+        read_lua(operation),
+    )
+    return "\n".join(parts)
