@@ -12,8 +12,12 @@ from urllib.parse import unquote
 
 from authz.keys import KEY_PREFIX, is_well_formed, mask_key
 from authz.models import KeyGrant, Workspace
+from authz.request import Generation, RequestSummary
 from authz.usage.periods import seconds_until_next_period
-from ratelimit.limiter import LimitKind, LimitResult, QuotaKind
+from authz.usage.pricing import PriceTable
+from ratelimit.estimate import estimate_tokens
+from ratelimit.limiter import LimitKind, LimitResult, Quota, QuotaKind
+from ratelimit.quota import month_period
 
 INVALID_REQUEST = "invalid_request_error"
 
@@ -42,7 +46,48 @@ class Allow:
     fail_open: bool = False
 
 
-Decision = Allow | Deny
+Outcome = Allow | Deny
+"""What one Check answers (not to be confused with the token bucket's own decision)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What a request takes from its workspace if admitted: tokens, and this month's quota."""
+
+    tokens: int
+    quota: Quota | None = None
+    spend_micros: int = 0
+    """Estimated spend in micro-USD (0 without a spend cap or a price)."""
+
+
+def reserve(
+    summary: RequestSummary, workspace: Workspace, prices: PriceTable, *, now_ts: float
+) -> Reservation:
+    """The tokens to reserve, and the month's quota and estimated spend when the workspace
+    has a quota or a spend cap (CONTRACT §3; the table per endpoint is in docs/contract.md §3)."""
+    completion = 0
+    if summary.generation is Generation.COMPLETION:
+        completion = summary.max_tokens or workspace.default_completion_tokens
+    tokens = estimate_tokens(
+        body_bytes=summary.body_bytes, completion_tokens=completion, choices=summary.choices
+    )
+    cap = workspace.monthly_spend_cap_usd
+    if workspace.monthly_token_quota is None and cap is None:
+        return Reservation(tokens=tokens)
+    spend = 0
+    if cap is not None:
+        # The split between prompt and completion is unknown yet: price all of it at the
+        # model's higher rate, so the cap is never passed by an underestimate.
+        price = prices.price_for(summary.model)
+        if price is not None:
+            spend = round(tokens * max(price.input_per_1m_usd, price.output_per_1m_usd))
+    quota = Quota(
+        period=month_period(now_ts),
+        token_quota=workspace.monthly_token_quota,
+        spend_cap_micros=None if cap is None else round(cap * 1e6),
+    )
+    return Reservation(tokens=tokens, quota=quota, spend_micros=spend)
+
 
 MISSING_KEY = Deny(
     status=401,
@@ -116,7 +161,8 @@ def check_grant(presented: str, grant: KeyGrant, now_ts: float) -> Deny | None:
     return None
 
 
-def estimate_unused(limit: int, remaining: int) -> int:
+def used_of(limit: int, remaining: int) -> int:
+    """How much of a bucket is in use, as OpenAI's messages report it."""
     return max(0, limit - remaining)
 
 
@@ -124,7 +170,7 @@ def rate_limited(workspace: Workspace, requested_tokens: int, rate: LimitResult)
     """OpenAI's 429 for an exhausted bucket, or for a request larger than the TPM limit."""
     retry = max(1, math.ceil(rate.retry_after_seconds))
     if rate.denied_by is LimitKind.REQUESTS:
-        used = estimate_unused(rate.requests.limit, rate.requests.remaining)
+        used = used_of(rate.requests.limit, rate.requests.remaining)
         message = (
             f"Rate limit reached for workspace {workspace.id} on requests per min (RPM): "
             f"Limit {rate.requests.limit}, Used {used}, Requested 1. "
@@ -139,7 +185,7 @@ def rate_limited(workspace: Workspace, requested_tokens: int, rate: LimitResult)
         )
         kind = LimitKind.TOKENS
     else:
-        used = estimate_unused(rate.tokens.limit, rate.tokens.remaining)
+        used = used_of(rate.tokens.limit, rate.tokens.remaining)
         message = (
             f"Rate limit reached for workspace {workspace.id} on tokens per min (TPM): "
             f"Limit {rate.tokens.limit}, Used {used}, Requested {requested_tokens}. "
@@ -188,35 +234,17 @@ def decide(
     grant: KeyGrant,
     workspace: Workspace,
     *,
-    requested_tokens: int,
+    reservation: Reservation,
     rate: LimitResult | None,
     now_ts: float,
     fail_open: bool = False,
-) -> Decision:
-    """The final answer for a live key, given the rate limiter's verdict (None: not asked)."""
+) -> Outcome:
+    """The answer for a live key, given its reservation and the rate limiter's verdict
+    (None: not asked). The servicer runs this after its I/O; tests call it directly."""
     expired = check_grant(presented, grant, now_ts)
     if expired is not None:
         return expired
-    return verdict(
-        grant,
-        workspace,
-        requested_tokens=requested_tokens,
-        rate=rate,
-        now_ts=now_ts,
-        fail_open=fail_open,
-    )
-
-
-def verdict(
-    grant: KeyGrant,
-    workspace: Workspace,
-    *,
-    requested_tokens: int,
-    rate: LimitResult | None,
-    now_ts: float,
-    fail_open: bool = False,
-) -> Decision:
-    """`decide` for a key whose grace deadline was already checked."""
+    requested_tokens = reservation.tokens
     if rate is not None and not rate.allowed:
         if rate.quota_exceeded is not None:
             denial = quota_exhausted(workspace, requested_tokens, rate, now_ts=now_ts)

@@ -124,15 +124,14 @@ async def test_allow_sets_identity_by_overwrite_and_drops_authorization(sidecar:
 
 
 async def test_keep_authorization_setting() -> None:
-    running, server, channel = await start_sidecar(keep_authorization=True)
+    running, started = await start_sidecar(keep_authorization=True)
     try:
         key = generate_key()
         running.store.add(key, workspace())
         response = await running.stub.Check(check_request(headers=bearer(key)))
         assert "authorization" not in response.ok_response.headers_to_remove
     finally:
-        await channel.close(None)
-        await server.stop(None)
+        await started.stop()
 
 
 async def test_repeated_key_costs_one_lookup(sidecar: Sidecar) -> None:
@@ -245,7 +244,7 @@ class DeadLimiter:
 
 @pytest.mark.parametrize("fail_open", [False, True])
 async def test_failure_modes(fail_open: bool) -> None:
-    running, server, channel = await start_sidecar(fail_open=fail_open, limiter=DeadLimiter())
+    running, started = await start_sidecar(fail_open=fail_open, limiter=DeadLimiter())
     try:
         key = generate_key()
         running.store.add(key, workspace(rpm=5))
@@ -261,8 +260,7 @@ async def test_failure_modes(fail_open: bool) -> None:
                 await running.stub.Check(check_request(headers=bearer(key)))
             assert error.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
-        await channel.close(None)
-        await server.stop(None)
+        await started.stop()
 
 
 async def test_last_used_is_recorded_in_one_batch(sidecar: Sidecar) -> None:
