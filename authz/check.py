@@ -100,6 +100,8 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         if isinstance(decision, Allow):
             (self._allowed_open if decision.fail_open else self._allowed).inc()
             self._last_used.touch(decision.grant.key_id)
+            if decision.strip_headers:
+                self._metrics.keys_stripped.inc(len(decision.strip_headers))
             return self._renderer.render(decision)
         self._metrics.checks.labels("deny", decision.code).inc()
         if decision.workspace_id is not None:
@@ -150,6 +152,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             rate=rate,
             now_ts=now_ts,
             fail_open=fail_open,
+            strip_headers=summary.key_headers,
         )
 
     def _count_rate(self, workspace_id: str, rate: LimitResult) -> None:

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from urllib.parse import unquote
 
-from authz.keys import KEY_PREFIX, is_well_formed, mask_key
+from authz.keys import is_well_formed, key_like_in, mask_key
 from authz.models import KeyGrant, Workspace
 from authz.request import Generation, RequestSummary
 from authz.usage.periods import seconds_until_next_period
@@ -44,6 +43,8 @@ class Allow:
     reserved_tokens: int
     rate: LimitResult | None
     fail_open: bool = False
+    strip_headers: tuple[str, ...] = ()
+    """Request headers to remove before the upstream because they hold a key."""
 
 
 Outcome = Allow | Deny
@@ -121,24 +122,12 @@ def key_in_url(found: str) -> Deny:
     )
 
 
-def _key_like_in(path: str) -> str | None:
-    start = path.find(KEY_PREFIX)
-    if start < 0:
-        return None
-    end = start + len(KEY_PREFIX)
-    while end < len(path) and (path[end].isalnum() or path[end] in "-_"):
-        end += 1
-    return path[start:end]
-
-
 def screen_request(path: str, authorization: str | None) -> str | Deny:
     """The presented key if the request may go on to a lookup, else the denial.
 
     A checksum-invalid key is refused here, before any cache, database or Redis work.
     """
-    in_url = _key_like_in(path)
-    if in_url is None and "%" in path:
-        in_url = _key_like_in(unquote(path))
+    in_url = key_like_in(path)
     if in_url is not None:
         return key_in_url(in_url)
     if authorization is None:
@@ -238,6 +227,7 @@ def decide(
     rate: LimitResult | None,
     now_ts: float,
     fail_open: bool = False,
+    strip_headers: tuple[str, ...] = (),
 ) -> Outcome:
     """The answer for a live key, given its reservation and the rate limiter's verdict
     (None: not asked). The servicer runs this after its I/O; tests call it directly."""
@@ -258,4 +248,5 @@ def decide(
         reserved_tokens=requested_tokens,
         rate=rate,
         fail_open=fail_open,
+        strip_headers=strip_headers,
     )

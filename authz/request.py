@@ -7,10 +7,13 @@ default, and Istio's), and JSON-parsed at most once. Nothing here raises on clie
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 
 from envoy.service.auth.v3.attribute_context_pb2 import AttributeContext
+
+from authz.keys import holds_live_key
 
 PARTIAL_BODY_HEADER = "x-envoy-auth-partial-body"
 
@@ -62,6 +65,8 @@ class RequestSummary:
     stream: bool = False
     include_usage: bool = False
     """`stream_options.include_usage` is true."""
+    key_headers: tuple[str, ...] = ()
+    """Headers other than `authorization` holding a live key: removed before the upstream."""
 
 
 def parse_content_length(value: str | None) -> int | None:
@@ -98,9 +103,12 @@ def summarize(http: AttributeContext.HttpRequest, *, max_request_bytes: int) -> 
     else:
         body_bytes = content_length or 0
     generation = _generation(http.method, http.path, body_bytes, content_length)
+    key_headers = headers_holding_keys(headers)
     document = None if cut or generation is Generation.NOTHING else _parse(body)
     if document is None:
-        return RequestSummary(body_bytes=body_bytes, cut=cut, generation=generation)
+        return RequestSummary(
+            body_bytes=body_bytes, cut=cut, generation=generation, key_headers=key_headers
+        )
     model = document.get("model")
     options = document.get("stream_options")
     return RequestSummary(
@@ -112,6 +120,20 @@ def summarize(http: AttributeContext.HttpRequest, *, max_request_bytes: int) -> 
         model=model[:_MAX_MODEL_CHARS] if isinstance(model, str) and model else None,
         stream=document.get("stream") is True,
         include_usage=isinstance(options, dict) and options.get("include_usage") is True,
+        key_headers=key_headers,
+    )
+
+
+def headers_holding_keys(headers: Mapping[str, str]) -> tuple[str, ...]:
+    """Names of the headers, other than `authorization` (and pseudo-headers, which a key in the
+    URL already answers with 400), whose value holds a checksum-valid key, encoded or not."""
+    return tuple(
+        name
+        for name, value in headers.items()
+        if ("oais" in value or "%" in value)  # cheap filter first: nearly every header fails it
+        and name != "authorization"
+        and not name.startswith(":")
+        and holds_live_key(value)
     )
 
 

@@ -121,6 +121,8 @@ class AllowRenderer:
         if allow.fail_open:
             upstream = (*upstream, _FAIL_OPEN)
             remove = self._remove_fail_open
+        if allow.strip_headers:
+            remove = [*remove, *allow.strip_headers]
         return CheckResponse(
             status=_OK_STATUS,
             ok_response=OkHttpResponse(

@@ -85,16 +85,19 @@ async def test_unknown_and_revoked_keys_get_byte_identical_answers(sidecar: Side
         "/v1/models?key=KEY",
         "/v1/KEY/chat",
         "/v1/models?api_key=sk-oais_short",
-        "/v1/models?key=sk%2Doais_x".replace("%2D", "-"),
+        "/v1/models?key=sk%2DREST",  # the key's "-" percent-encoded once
+        "/v1/models?key=sk%252DREST",  # twice
+        "/v1/models?key=sk%25252525252DREST",  # six times
         "/v1/models?k=%73k-oais_abc",
     ],
 )
 async def test_key_in_url_is_400(sidecar: Sidecar, path: str) -> None:
     key = generate_key()
     sidecar.store.add(key, workspace())
-    response = await sidecar.stub.Check(
-        check_request(path=path.replace("KEY", key), headers=bearer(key))
-    )
+    sent = path.replace("KEY", key).replace("REST", key[len("sk-") :])
+    if "REST" in path:
+        assert "sk-oais_" not in sent
+    response = await sidecar.stub.Check(check_request(path=sent, headers=bearer(key)))
     assert response.denied_response.status.code == 400
     assert response.status.code == code_pb2.PERMISSION_DENIED
     error = error_of(response.denied_response.body)
@@ -271,3 +274,26 @@ async def test_last_used_is_recorded_in_one_batch(sidecar: Sidecar) -> None:
     assert sidecar.store.used == {}
     await sidecar.last_used.flush()
     assert set(sidecar.store.used) == {grant.key_id}
+
+
+async def test_a_key_in_another_header_never_reaches_the_upstream(sidecar: Sidecar) -> None:
+    key = generate_key()
+    other = generate_key()
+    sidecar.store.add(key, workspace())
+    headers = {
+        **bearer(key),
+        "x-api-key": key,
+        "cookie": "session=1; k=" + other.replace("-", "%252D"),
+        "x-look-alike": key[:-1] + ("A" if key[-1] != "A" else "B"),
+        "x-note": "sk-oais_short",
+    }
+    response = await sidecar.stub.Check(check_request(headers=headers))
+    assert response.status.code == code_pb2.OK
+    removed = list(response.ok_response.headers_to_remove)
+    assert {"x-api-key", "cookie"} <= set(removed)
+    assert "x-look-alike" not in removed
+    assert "x-note" not in removed
+    assert removed.count("authorization") == 1
+    stripped = sidecar.metrics.registry.get_sample_value("authz_forwarded_keys_stripped_total")
+    assert stripped == 2
+    assert key not in response.SerializeToString().decode("utf-8", "replace")
