@@ -32,6 +32,9 @@ class Deny:
     rate: LimitResult | None = None
     workspace_id: str | None = None
     key_id: str | None = None
+    should_retry: bool = True
+    """False for a 429 that waiting cannot fix (too large, quota used up): the client is told
+    `x-should-retry: false`, which OpenAI's SDKs honour."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +191,7 @@ def rate_limited(workspace: Workspace, requested_tokens: int, rate: LimitResult)
         message=message,
         rate=rate,
         workspace_id=workspace.id,
+        should_retry=not rate.too_large,
     )
 
 
@@ -215,6 +219,7 @@ def quota_exhausted(
         "It renews at the start of the next month (UTC); ask an admin to raise it.",
         rate=replace(rate, retry_after_seconds=reset),
         workspace_id=workspace.id,
+        should_retry=False,
     )
 
 

@@ -177,6 +177,7 @@ async def test_rpm_burst_then_429_with_headers(sidecar: Sidecar) -> None:
     assert headers["retry-after"] == "12"
     assert headers["x-ratelimit-remaining-requests"] == "0"
     assert headers["x-ratelimit-reset-requests"] == "1m0s"
+    assert "x-should-retry" not in headers  # waiting helps: the SDKs may retry
     error = error_of(response.denied_response.body)
     assert (error["code"], error["type"]) == ("rate_limit_exceeded", "requests")
     assert "Limit 5, Used 5, Requested 1" in str(error["message"])
@@ -192,6 +193,23 @@ async def test_request_larger_than_tpm_is_429_tokens(sidecar: Sidecar) -> None:
     assert (error["code"], error["type"]) == ("rate_limit_exceeded", "tokens")
     assert "Request too large" in str(error["message"])
     assert f"Limit 1000, Requested {5000 + -(-len(body) // 4)}" in str(error["message"])
+    # Waiting never makes it fit: no retry-after, and the SDKs are told not to retry.
+    headers = denied_headers(response)
+    assert headers["x-should-retry"] == "false"
+    assert "retry-after" not in headers
+
+
+async def test_quota_used_up_is_not_worth_retrying(sidecar: Sidecar) -> None:
+    from dataclasses import replace
+
+    key = generate_key()
+    sidecar.store.add(key, replace(workspace(), monthly_token_quota=0))
+    response = await sidecar.stub.Check(check_request(headers=bearer(key)))
+    assert response.denied_response.status.code == 429
+    assert error_of(response.denied_response.body)["code"] == "insufficient_quota"
+    headers = denied_headers(response)
+    assert headers["x-should-retry"] == "false"
+    assert int(headers["retry-after"]) > 3600  # the month turn, as before
 
 
 async def test_expired_grace_key_answers_like_revoked(sidecar: Sidecar) -> None:
