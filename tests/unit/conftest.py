@@ -18,15 +18,8 @@ from authz.server import Running, start
 from authz.settings import Settings
 from ratelimit.limiter import RateLimiter
 from ratelimit.memory import InMemoryRateLimiter
+from tests.support.clock import FakeClock
 from tests.support.fakes import FakeStore
-
-
-class ManualClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass
@@ -35,8 +28,7 @@ class Sidecar:
     address: str
     store: FakeStore
     metrics: Metrics
-    clock: ManualClock
-    limiter_clock_ms: list[int]
+    clock: FakeClock[float]
     resolver: KeyResolver
     last_used: LastUsedRecorder
 
@@ -70,8 +62,8 @@ async def start_sidecar(
     *, keep_authorization: bool = False, fail_open: bool = False, limiter: RateLimiter | None = None
 ) -> tuple[Sidecar, Started]:
     store = FakeStore()
-    clock = ManualClock()
-    limiter_now = [10_000_000]
+    # One clock moves the cache, grace deadlines, last_used_at and the buckets together.
+    clock = FakeClock(1000.0)
     settings = replace(
         UNIT_SETTINGS,
         keep_authorization=keep_authorization,
@@ -80,16 +72,14 @@ async def start_sidecar(
     app = await build(
         settings,
         store=store,
-        limiter=limiter or InMemoryRateLimiter(clock_ms=lambda: limiter_now[0]),
+        limiter=limiter or InMemoryRateLimiter(clock_ms=clock.ms),
         clock=clock,
     )
     running = await start(app, serve_metrics=False)
     address = f"127.0.0.1:{running.grpc_port}"
     channel = grpc.aio.insecure_channel(address)
     stub = external_auth_pb2_grpc.AuthorizationStub(channel)
-    sidecar = Sidecar(
-        stub, address, store, app.metrics, clock, limiter_now, app.resolver, app.last_used
-    )
+    sidecar = Sidecar(stub, address, store, app.metrics, clock, app.resolver, app.last_used)
     return sidecar, Started(app, running, channel)
 
 
