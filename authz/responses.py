@@ -1,4 +1,4 @@
-"""Render a Decision as Envoy's CheckResponse. Pure: no I/O, no clock.
+"""Render a Check outcome (Allow or Deny) as Envoy's CheckResponse. Pure: no I/O, no clock.
 
 Bodies are OpenAI-shaped JSON. Constant answers are built once and reused.
 """
