@@ -86,7 +86,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
     ) -> CheckResponse:
         started = time.perf_counter()
         try:
-            decision = await self._decide(request)
+            outcome = await self._decide(request)
         except StoreUnavailable as error:
             self._metrics.checks.labels("error", "store_unavailable").inc()
             log.warning("check: database unavailable for an uncached key: %s", error)
@@ -97,18 +97,18 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             await context.abort(grpc.StatusCode.UNAVAILABLE, "rate limiter unavailable")
         finally:
             self._latency.observe(time.perf_counter() - started)
-        if isinstance(decision, Allow):
-            (self._allowed_open if decision.fail_open else self._allowed).inc()
-            self._last_used.touch(decision.grant.key_id)
-            if decision.strip_headers:
-                self._metrics.keys_stripped.inc(len(decision.strip_headers))
-            return self._renderer.render(decision)
-        self._metrics.checks.labels("deny", decision.code).inc()
-        if decision.workspace_id is not None:
+        if isinstance(outcome, Allow):
+            (self._allowed_open if outcome.fail_open else self._allowed).inc()
+            self._last_used.touch(outcome.grant.key_id)
+            if outcome.strip_headers:
+                self._metrics.keys_stripped.inc(len(outcome.strip_headers))
+            return self._renderer.render(outcome)
+        self._metrics.checks.labels("deny", outcome.code).inc()
+        if outcome.workspace_id is not None:
             self._metrics.workspace_denials.labels(
-                self._metrics.workspace(decision.workspace_id), f"{decision.code}:{decision.type}"
+                self._metrics.workspace(outcome.workspace_id), f"{outcome.code}:{outcome.type}"
             ).inc()
-        return render_deny(decision)
+        return render_deny(outcome)
 
     async def _decide(self, request: CheckRequest) -> Outcome:
         http = request.attributes.request.http

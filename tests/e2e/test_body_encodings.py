@@ -4,6 +4,7 @@ default, and Istio's): the body is read either way, and a body Envoy cut at
 
 from __future__ import annotations
 
+import http.client
 import json
 from collections.abc import Iterator
 
@@ -63,9 +64,24 @@ def test_reservation_at_the_envoy_limit(stack: Stack, size: int) -> None:
 
 def test_a_large_body_cannot_pass_for_its_head(stack: Stack) -> None:
     _, key = new_key(stack, tpm=1_000_000)
-    body = chat_of_size(5 * 1024 * 1024, 10)
-    answer = stack.request("/v1/chat/completions", headers=auth(key["secret"]), body=body)
-    assert answer.status == 429
-    error = answer.json()["error"]
+    size = 5 * 1024 * 1024
+    # Declare 5 MB and send only a head past Envoy's 65,536-byte buffer: Envoy asks the
+    # sidecar then, and answers before the rest would be read (so the client never has to
+    # push the whole body into a connection Envoy is closing).
+    head = chat_of_size(size, 10)[:70_000]
+    connection = http.client.HTTPConnection("127.0.0.1", stack.envoy_port, timeout=10)
+    try:
+        connection.putrequest("POST", "/v1/chat/completions")
+        for name, value in auth(key["secret"]).items():
+            connection.putheader(name, value)
+        connection.putheader("Content-Length", str(size))
+        connection.endheaders()
+        connection.send(head)
+        answer = connection.getresponse()
+        status, body = answer.status, answer.read()
+    finally:
+        connection.close()
+    assert status == 429
+    error = json.loads(body)["error"]
     assert "Request too large" in error["message"]
-    assert f"Requested {len(body) // 4 + DEFAULT_COMPLETION}" in error["message"]
+    assert f"Requested {size // 4 + DEFAULT_COMPLETION}" in error["message"]
