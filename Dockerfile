@@ -18,6 +18,7 @@ WORKDIR /src
 COPY pyproject.toml README.md constraints.txt ./
 COPY authz ./authz
 COPY ratelimit ./ratelimit
+COPY demo ./demo
 # Every dependency ships manylinux wheels, so no compiler is needed. pip compiles the
 # bytecode at install time, so the read-only runtime never has to. Versions are the ones
 # constraints.txt pins (`make lock`), the same as `make install`'s.

@@ -35,7 +35,7 @@ system-deps:
 install: $(STAMP) $(NODE_STAMP) system-deps
 
 run: $(STAMP) $(NODE_STAMP)
-	$(BIN)/python -m authz.demo.run --envoy-config envoy.yaml
+	$(BIN)/python -m demo.run --envoy-config envoy.yaml
 
 test: install lint
 	$(BIN)/python -m pytest -q

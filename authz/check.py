@@ -16,31 +16,35 @@ import grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from envoy.service.auth.v3.external_auth_pb2 import CheckRequest, CheckResponse
 
-from authz.decision import Allow, Deny, check_grant, invalid_key, screen_request, verdict
+from authz.decision import (
+    Allow,
+    Deny,
+    Outcome,
+    check_grant,
+    decide,
+    invalid_key,
+    reserve,
+    screen_request,
+)
 from authz.keys import hash_key
 from authz.lastused import LastUsedRecorder
 from authz.metrics import Metrics
-from authz.models import Workspace
+from authz.request import summarize
 from authz.resolver import KeyResolver
 from authz.responses import AllowRenderer, render_deny
 from authz.store.base import StoreUnavailable
-from authz.usage.pricing import PriceTable, model_in_body
+from authz.usage.pricing import PriceTable
 from authz.usage.seeding import QuotaSeeder
-from ratelimit.estimate import estimate_tokens
 from ratelimit.limiter import (
     BucketState,
     LimitKind,
     LimitResult,
     Limits,
-    Quota,
     RateLimiter,
     RateLimitUnavailable,
 )
-from ratelimit.quota import month_period
 
 log = logging.getLogger(__name__)
-
-PARTIAL_BODY_HEADER = "x-envoy-auth-partial-body"
 
 
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
@@ -57,6 +61,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         prices: PriceTable,
         seeder: QuotaSeeder,
         fail_open: bool,
+        max_request_bytes: int,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._resolver = resolver
@@ -67,6 +72,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         self._prices = prices
         self._seeder = seeder
         self._fail_open = fail_open
+        self._max_request_bytes = max_request_bytes
         self._wall_clock = wall_clock
         self._latency = metrics.check_latency
         self._allowed = metrics.checks.labels("allow", "")
@@ -80,7 +86,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
     ) -> CheckResponse:
         started = time.perf_counter()
         try:
-            decision = await self._decide(request)
+            outcome = await self._decide(request)
         except StoreUnavailable as error:
             self._metrics.checks.labels("error", "store_unavailable").inc()
             log.warning("check: database unavailable for an uncached key: %s", error)
@@ -91,21 +97,22 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             await context.abort(grpc.StatusCode.UNAVAILABLE, "rate limiter unavailable")
         finally:
             self._latency.observe(time.perf_counter() - started)
-        if isinstance(decision, Allow):
-            (self._allowed_open if decision.fail_open else self._allowed).inc()
-            self._last_used.touch(decision.grant.key_id)
-            return self._renderer.render(decision)
-        self._metrics.checks.labels("deny", decision.code).inc()
-        if decision.workspace_id is not None:
+        if isinstance(outcome, Allow):
+            (self._allowed_open if outcome.fail_open else self._allowed).inc()
+            self._last_used.touch(outcome.grant.key_id)
+            if outcome.strip_headers:
+                self._metrics.keys_stripped.inc(len(outcome.strip_headers))
+            return self._renderer.render(outcome)
+        self._metrics.checks.labels("deny", outcome.code).inc()
+        if outcome.workspace_id is not None:
             self._metrics.workspace_denials.labels(
-                self._metrics.workspace(decision.workspace_id), f"{decision.code}:{decision.type}"
+                self._metrics.workspace(outcome.workspace_id), f"{outcome.code}:{outcome.type}"
             ).inc()
-        return render_deny(decision)
+        return render_deny(outcome)
 
-    async def _decide(self, request: CheckRequest) -> Allow | Deny:
+    async def _decide(self, request: CheckRequest) -> Outcome:
         http = request.attributes.request.http
-        headers = http.headers
-        screened = screen_request(http.path, headers.get("authorization"))
+        screened = screen_request(http.path, http.headers.get("authorization"))
         if isinstance(screened, Deny):
             return screened
         resolved = await self._resolver.resolve(hash_key(screened))
@@ -113,27 +120,22 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             return invalid_key(screened)
         grant, workspace = resolved
         now_ts = self._wall_clock()
+        # An expired key is refused before it can take anything from the buckets.
         expired = check_grant(screened, grant, now_ts)
         if expired is not None:
             return expired
-        body = bytes(http.raw_body) if http.raw_body else None
-        tokens = estimate_tokens(
-            body=body,
-            content_length=headers.get("content-length"),
-            default_completion_tokens=workspace.default_completion_tokens,
-            partial=headers.get(PARTIAL_BODY_HEADER) == "true",
-        )
+        summary = summarize(http, max_request_bytes=self._max_request_bytes)
+        reservation = reserve(summary, workspace, self._prices, now_ts=now_ts)
         rate = None
         fail_open = False
-        quota, spend = self._quota(workspace, now_ts, body, tokens)
-        if workspace.rpm or workspace.tpm or quota is not None:
+        if workspace.rpm or workspace.tpm or reservation.quota is not None:
             try:
                 rate = await self._limiter.acquire(
                     workspace.id,
                     Limits(rpm=workspace.rpm, tpm=workspace.tpm),
-                    tokens,
-                    quota=quota,
-                    spend_micros=spend,
+                    reservation.tokens,
+                    quota=reservation.quota,
+                    spend_micros=reservation.spend_micros,
                 )
             except RateLimitUnavailable:
                 if not self._fail_open:
@@ -142,35 +144,16 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
                 fail_open = True
             else:
                 self._count_rate(workspace.id, rate)
-        return verdict(
+        return decide(
+            screened,
             grant,
             workspace,
-            requested_tokens=tokens,
+            reservation=reservation,
             rate=rate,
             now_ts=now_ts,
             fail_open=fail_open,
+            strip_headers=summary.key_headers,
         )
-
-    def _quota(
-        self, workspace: Workspace, now_ts: float, body: bytes | None, tokens: int
-    ) -> tuple[Quota | None, int]:
-        """This month's quota and the request's estimated spend, when the workspace has any."""
-        cap = workspace.monthly_spend_cap_usd
-        if workspace.monthly_token_quota is None and cap is None:
-            return None, 0
-        spend = 0
-        if cap is not None:
-            # The split between prompt and completion is unknown yet: price all of it at the
-            # model's higher rate, so the cap is never passed by an underestimate.
-            price = self._prices.price_for(model_in_body(body))
-            if price is not None:
-                spend = round(tokens * max(price.input_per_1m_usd, price.output_per_1m_usd))
-        quota = Quota(
-            period=month_period(now_ts),
-            token_quota=workspace.monthly_token_quota,
-            spend_cap_micros=None if cap is None else round(cap * 1e6),
-        )
-        return quota, spend
 
     def _count_rate(self, workspace_id: str, rate: LimitResult) -> None:
         if rate.quota is not None and not rate.quota.known:

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from urllib.parse import unquote
 
-from authz.keys import KEY_PREFIX, is_well_formed, mask_key
+from authz.keys import is_well_formed, key_like_in, mask_key
 from authz.models import KeyGrant, Workspace
+from authz.request import Generation, RequestSummary
 from authz.usage.periods import seconds_until_next_period
-from ratelimit.limiter import LimitKind, LimitResult, QuotaKind
+from authz.usage.pricing import PriceTable
+from ratelimit.estimate import estimate_tokens
+from ratelimit.limiter import LimitKind, LimitResult, Quota, QuotaKind
+from ratelimit.quota import month_period
 
 INVALID_REQUEST = "invalid_request_error"
 
@@ -29,6 +32,9 @@ class Deny:
     rate: LimitResult | None = None
     workspace_id: str | None = None
     key_id: str | None = None
+    should_retry: bool = True
+    """False for a 429 that waiting cannot fix (too large, quota used up): the client is told
+    `x-should-retry: false`, which OpenAI's SDKs honour."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,9 +46,52 @@ class Allow:
     reserved_tokens: int
     rate: LimitResult | None
     fail_open: bool = False
+    strip_headers: tuple[str, ...] = ()
+    """Request headers to remove before the upstream because they hold a key."""
 
 
-Decision = Allow | Deny
+Outcome = Allow | Deny
+"""What one Check answers (not to be confused with the token bucket's own decision)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What a request takes from its workspace if admitted: tokens, and this month's quota."""
+
+    tokens: int
+    quota: Quota | None = None
+    spend_micros: int = 0
+    """Estimated spend in micro-USD (0 without a spend cap or a price)."""
+
+
+def reserve(
+    summary: RequestSummary, workspace: Workspace, prices: PriceTable, *, now_ts: float
+) -> Reservation:
+    """The tokens to reserve, and the month's quota and estimated spend when the workspace
+    has a quota or a spend cap (CONTRACT §3; the table per endpoint is in docs/contract.md §3)."""
+    completion = 0
+    if summary.generation is Generation.COMPLETION:
+        completion = summary.max_tokens or workspace.default_completion_tokens
+    tokens = estimate_tokens(
+        body_bytes=summary.body_bytes, completion_tokens=completion, choices=summary.choices
+    )
+    cap = workspace.monthly_spend_cap_usd
+    if workspace.monthly_token_quota is None and cap is None:
+        return Reservation(tokens=tokens)
+    spend = 0
+    if cap is not None:
+        # The split between prompt and completion is unknown yet: price all of it at the
+        # model's higher rate, so the cap is never passed by an underestimate.
+        price = prices.price_for(summary.model)
+        if price is not None:
+            spend = round(tokens * max(price.input_per_1m_usd, price.output_per_1m_usd))
+    quota = Quota(
+        period=month_period(now_ts),
+        token_quota=workspace.monthly_token_quota,
+        spend_cap_micros=None if cap is None else round(cap * 1e6),
+    )
+    return Reservation(tokens=tokens, quota=quota, spend_micros=spend)
+
 
 MISSING_KEY = Deny(
     status=401,
@@ -76,24 +125,12 @@ def key_in_url(found: str) -> Deny:
     )
 
 
-def _key_like_in(path: str) -> str | None:
-    start = path.find(KEY_PREFIX)
-    if start < 0:
-        return None
-    end = start + len(KEY_PREFIX)
-    while end < len(path) and (path[end].isalnum() or path[end] in "-_"):
-        end += 1
-    return path[start:end]
-
-
 def screen_request(path: str, authorization: str | None) -> str | Deny:
     """The presented key if the request may go on to a lookup, else the denial.
 
     A checksum-invalid key is refused here, before any cache, database or Redis work.
     """
-    in_url = _key_like_in(path)
-    if in_url is None and "%" in path:
-        in_url = _key_like_in(unquote(path))
+    in_url = key_like_in(path)
     if in_url is not None:
         return key_in_url(in_url)
     if authorization is None:
@@ -116,7 +153,8 @@ def check_grant(presented: str, grant: KeyGrant, now_ts: float) -> Deny | None:
     return None
 
 
-def estimate_unused(limit: int, remaining: int) -> int:
+def used_of(limit: int, remaining: int) -> int:
+    """How much of a bucket is in use, as OpenAI's messages report it."""
     return max(0, limit - remaining)
 
 
@@ -124,7 +162,7 @@ def rate_limited(workspace: Workspace, requested_tokens: int, rate: LimitResult)
     """OpenAI's 429 for an exhausted bucket, or for a request larger than the TPM limit."""
     retry = max(1, math.ceil(rate.retry_after_seconds))
     if rate.denied_by is LimitKind.REQUESTS:
-        used = estimate_unused(rate.requests.limit, rate.requests.remaining)
+        used = used_of(rate.requests.limit, rate.requests.remaining)
         message = (
             f"Rate limit reached for workspace {workspace.id} on requests per min (RPM): "
             f"Limit {rate.requests.limit}, Used {used}, Requested 1. "
@@ -139,7 +177,7 @@ def rate_limited(workspace: Workspace, requested_tokens: int, rate: LimitResult)
         )
         kind = LimitKind.TOKENS
     else:
-        used = estimate_unused(rate.tokens.limit, rate.tokens.remaining)
+        used = used_of(rate.tokens.limit, rate.tokens.remaining)
         message = (
             f"Rate limit reached for workspace {workspace.id} on tokens per min (TPM): "
             f"Limit {rate.tokens.limit}, Used {used}, Requested {requested_tokens}. "
@@ -153,6 +191,7 @@ def rate_limited(workspace: Workspace, requested_tokens: int, rate: LimitResult)
         message=message,
         rate=rate,
         workspace_id=workspace.id,
+        should_retry=not rate.too_large,
     )
 
 
@@ -180,6 +219,7 @@ def quota_exhausted(
         "It renews at the start of the next month (UTC); ask an admin to raise it.",
         rate=replace(rate, retry_after_seconds=reset),
         workspace_id=workspace.id,
+        should_retry=False,
     )
 
 
@@ -188,35 +228,18 @@ def decide(
     grant: KeyGrant,
     workspace: Workspace,
     *,
-    requested_tokens: int,
+    reservation: Reservation,
     rate: LimitResult | None,
     now_ts: float,
     fail_open: bool = False,
-) -> Decision:
-    """The final answer for a live key, given the rate limiter's verdict (None: not asked)."""
+    strip_headers: tuple[str, ...] = (),
+) -> Outcome:
+    """The answer for a live key, given its reservation and the rate limiter's verdict
+    (None: not asked). The servicer runs this after its I/O; tests call it directly."""
     expired = check_grant(presented, grant, now_ts)
     if expired is not None:
         return expired
-    return verdict(
-        grant,
-        workspace,
-        requested_tokens=requested_tokens,
-        rate=rate,
-        now_ts=now_ts,
-        fail_open=fail_open,
-    )
-
-
-def verdict(
-    grant: KeyGrant,
-    workspace: Workspace,
-    *,
-    requested_tokens: int,
-    rate: LimitResult | None,
-    now_ts: float,
-    fail_open: bool = False,
-) -> Decision:
-    """`decide` for a key whose grace deadline was already checked."""
+    requested_tokens = reservation.tokens
     if rate is not None and not rate.allowed:
         if rate.quota_exceeded is not None:
             denial = quota_exhausted(workspace, requested_tokens, rate, now_ts=now_ts)
@@ -230,4 +253,5 @@ def verdict(
         reserved_tokens=requested_tokens,
         rate=rate,
         fail_open=fail_open,
+        strip_headers=strip_headers,
     )

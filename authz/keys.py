@@ -12,6 +12,7 @@ import re
 import secrets
 import string
 import zlib
+from urllib.parse import unquote
 
 from authz.models import NewKey
 
@@ -98,3 +99,36 @@ def mint_key(workspace_id: str, label: str) -> tuple[str, NewKey]:
 def find_keys(text: str) -> list[tuple[int, str]]:
     """Every checksum-valid key in `text`, with its character offset; look-alikes are skipped."""
     return [(m.start(), m.group()) for m in KEY_PATTERN.finditer(text) if is_well_formed(m.group())]
+
+
+MAX_DECODINGS = 8
+"""Percent-decoding rounds tried on text that may hide a key (`sk%252Doais_` is two)."""
+
+
+def decoded_forms(text: str) -> list[str]:
+    """`text` and each successive percent-decoding of it, until stable (bounded)."""
+    forms = [text]
+    while "%" in forms[-1] and len(forms) <= MAX_DECODINGS:
+        decoded = unquote(forms[-1])
+        if decoded == forms[-1]:
+            break
+        forms.append(decoded)
+    return forms
+
+
+def key_like_in(text: str) -> str | None:
+    """The first key-looking string (`sk-oais_` and what follows it) in `text` or in any of its
+    percent-decodings, checksum or not: the one rule for URLs and free-text fields."""
+    for form in decoded_forms(text):
+        start = form.find(KEY_PREFIX)
+        if start >= 0:
+            end = start + len(KEY_PREFIX)
+            while end < len(form) and (form[end].isalnum() or form[end] in "-_"):
+                end += 1
+            return form[start:end]
+    return None
+
+
+def holds_live_key(text: str) -> bool:
+    """True when `text`, or a percent-decoding of it, holds a checksum-valid key."""
+    return any(find_keys(form) for form in decoded_forms(text))

@@ -72,6 +72,12 @@ class Metrics:
             "AUTHZ_FAILURE_MODE=open.",
             registry=registry,
         )
+        self.keys_stripped = Counter(
+            "authz_forwarded_keys_stripped",
+            "Request headers other than Authorization removed before the upstream because "
+            "they held an API key.",
+            registry=registry,
+        )
         self.ratelimit_decisions = Counter(
             "authz_ratelimit_decisions",
             "Rate-limit outcomes: admitted, denied_requests, denied_tokens, too_large.",

@@ -1,4 +1,4 @@
-"""Render a Decision as Envoy's CheckResponse. Pure: no I/O, no clock.
+"""Render a Check outcome (Allow or Deny) as Envoy's CheckResponse. Pure: no I/O, no clock.
 
 Bodies are OpenAI-shaped JSON. Constant answers are built once and reused.
 """
@@ -30,6 +30,7 @@ FAIL_OPEN_HEADER = "x-authz-fail-open"
 _JSON = HeaderValueOption(header=HeaderValue(key="content-type", value="application/json"))
 _WWW_AUTHENTICATE = HeaderValueOption(header=HeaderValue(key="www-authenticate", value="Bearer"))
 _OK_STATUS = status_pb2.Status(code=code_pb2.OK)
+_NO_RETRY = HeaderValueOption(header=HeaderValue(key="x-should-retry", value="false"))
 
 
 def error_body(deny: Deny) -> str:
@@ -78,7 +79,11 @@ def render_deny(deny: Deny) -> CheckResponse:
         headers.append(_WWW_AUTHENTICATE)
     if deny.rate is not None:
         headers.extend(rate_limit_headers(deny.rate))
-        headers.append(_set("retry-after", retry_after_header(deny.rate.retry_after_seconds)))
+        # Too large never fits, so no time is offered; a quota renews when the month turns.
+        if not deny.rate.too_large:
+            headers.append(_set("retry-after", retry_after_header(deny.rate.retry_after_seconds)))
+    if not deny.should_retry:
+        headers.append(_NO_RETRY)
     grpc_code = code_pb2.UNAUTHENTICATED if deny.status == 401 else code_pb2.PERMISSION_DENIED
     fields: dict[str, str | int | bool] = {"decision": "deny", "code": deny.code}
     if deny.workspace_id is not None:
@@ -121,6 +126,8 @@ class AllowRenderer:
         if allow.fail_open:
             upstream = (*upstream, _FAIL_OPEN)
             remove = self._remove_fail_open
+        if allow.strip_headers:
+            remove = [*remove, *allow.strip_headers]
         return CheckResponse(
             status=_OK_STATUS,
             ok_response=OkHttpResponse(

@@ -39,6 +39,7 @@ class Settings:
     metrics_addr: str = "127.0.0.1:9464"
     failure_mode: Literal["closed", "open"] = "closed"
     keep_authorization: bool = False
+    max_request_bytes: int = 65536
     db_timeout_ms: int = 150
     redis_timeout_ms: int = 50
     redis_breaker_failures: int = 3
@@ -92,6 +93,7 @@ _HELP: dict[str, str] = {
     "metrics_addr": "host:port for Prometheus /metrics",
     "failure_mode": "closed (gRPC UNAVAILABLE) or open (allow) when the rate-limit backend fails",
     "keep_authorization": "forward the client's Authorization header to the upstream",
+    "max_request_bytes": "Envoy's with_request_body max_request_bytes: a body this long was cut",
     "db_timeout_ms": "timeout of every database call on the request path",
     "redis_timeout_ms": "timeout of every Redis call; keep far below Envoy's ext_authz timeout",
     "redis_breaker_failures": "consecutive Redis failures that open the circuit breaker",
@@ -213,6 +215,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "metrics_addr": _parse_addr,
     "failure_mode": _choice("closed", "open"),
     "keep_authorization": _parse_bool,
+    "max_request_bytes": _parse_positive_int,
     "db_timeout_ms": _parse_positive_int,
     "redis_timeout_ms": _parse_positive_int,
     "redis_breaker_failures": _parse_positive_int,

@@ -17,27 +17,16 @@ from typing import Any
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc
-from prometheus_client import CollectorRegistry
 
-from authz.check import AuthorizationServicer
+from authz.app import build
 from authz.keys import mint_key
-from authz.lastused import LastUsedRecorder
-from authz.metrics import Metrics
 from authz.models import CLI_ACTOR, NewWorkspace
-from authz.resolver import KeyResolver
-from authz.responses import AllowRenderer
-from authz.store.dialect import Timeouts
-from authz.store.sqlite import SqliteStore
-from authz.usage.pricing import PriceTable
-from authz.usage.seeding import QuotaSeeder
-from ratelimit.limiter import RateLimiter
-from ratelimit.memory import InMemoryRateLimiter
-from ratelimit.redis_backend import RedisRateLimiter, connect_redis
+from authz.server import start, stop
+from authz.settings import Settings
 from tests.support.checks import bearer, check_request
 
 ITERATIONS = int(os.environ.get("BENCH_N", "20000"))
 GRPC_ITERATIONS = int(os.environ.get("BENCH_GRPC_N", "5000"))
-CONCURRENCY = 64
 CONCURRENCY = 64
 
 
@@ -55,42 +44,26 @@ class _Context:
 
 async def main() -> None:
     folder = Path(tempfile.mkdtemp())
-    store = SqliteStore(str(folder / "bench.db"), timeouts=Timeouts(read=1.0))
-    await store.open()
-    await store.migrate()
-    workspace = await store.create_workspace(
+    redis_url = os.environ.get("AUTHZ_BENCH_REDIS_URL")
+    backend = "redis" if redis_url else "in-process"
+    # The production wiring, with the benchmark's store and a cache that outlives the run.
+    settings = Settings(
+        database_url=f"sqlite:///{folder / 'bench.db'}",
+        redis_url=redis_url,
+        grpc_addr="127.0.0.1:0",
+        cache_size=1000,
+        cache_ttl_s=600,
+        negative_cache_size=1000,
+        stale_if_error_s=0,
+        last_used_flush_s=60,
+    )
+    app = await build(settings)
+    workspace = await app.store.create_workspace(
         NewWorkspace(name="bench", rpm=10**9, tpm=10**9), actor=CLI_ACTOR
     )
     secret, new = mint_key(workspace.id, "bench")
-    await store.create_key(new, actor=CLI_ACTOR)
-    metrics = Metrics(CollectorRegistry())
-    redis_url = os.environ.get("AUTHZ_BENCH_REDIS_URL")
-    limiter: RateLimiter
-    if redis_url:
-        limiter = RedisRateLimiter(
-            connect_redis(redis_url, timeout_seconds=0.05), metrics=metrics.limiter
-        )
-    else:
-        limiter = InMemoryRateLimiter()
-    backend = "redis" if redis_url else "in-process"
-    servicer = AuthorizationServicer(
-        resolver=KeyResolver(
-            store,
-            metrics,
-            size=1000,
-            ttl=600,
-            negative_size=1000,
-            negative_ttl=10,
-            stale_if_error=0,
-        ),
-        limiter=limiter,
-        metrics=metrics,
-        renderer=AllowRenderer(keep_authorization=False),
-        last_used=LastUsedRecorder(store, interval=60),
-        prices=PriceTable(),
-        seeder=QuotaSeeder(store, limiter),
-        fail_open=False,
-    )
+    await app.store.create_key(new, actor=CLI_ACTOR)
+    servicer = app.authorization
     request = check_request(headers=bearer(secret), body=b'{"max_tokens": 10}')
     context: Any = _Context()
     await servicer.Check(request, context)  # warm the cache
@@ -102,11 +75,8 @@ async def main() -> None:
         samples.append(time.perf_counter() - started)
     _report(f"servicer.Check in-process ({backend} limiter)", samples)
 
-    server = grpc.aio.server()
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    running = await start(app, serve_metrics=False)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.grpc_port}") as channel:
         stub = external_auth_pb2_grpc.AuthorizationStub(channel)
         await stub.Check(request)
         samples = []
@@ -126,9 +96,7 @@ async def main() -> None:
         elapsed = time.perf_counter() - started
         label = f"throughput, {CONCURRENCY} in flight"
         print(f"{label:<44} {GRPC_ITERATIONS / elapsed:8.0f} checks/s")
-    await server.stop(None)
-    await limiter.close()
-    await store.close()
+    await stop(app, running, drain_delay_s=0, grace_s=0)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 
 from authz.models import ModelPrice
 
 DEFAULT_MODEL = "*"
-_MODEL_IN_BODY = re.compile(rb'"model"\s*:\s*"([^"\\]{1,128})"')
 
 
 class PriceTable:
@@ -32,11 +30,3 @@ class PriceTable:
         return round(
             prompt_tokens * price.input_per_1m_usd + completion_tokens * price.output_per_1m_usd
         )
-
-
-def model_in_body(body: bytes | None) -> str | None:
-    """The request's `model`, found without a JSON parse (only when a spend cap needs it)."""
-    if not body:
-        return None
-    found = _MODEL_IN_BODY.search(body[:4096])
-    return found.group(1).decode("utf-8", "replace") if found else None

@@ -240,7 +240,7 @@ def test_the_build_context_makes_a_complete_wheel(stages: list[Stage], tmp_path:
         names = archive.namelist()
         entry_points = next(n for n in names if n.endswith("entry_points.txt"))
         assert "authz = authz.cli:main" in archive.read(entry_points).decode()
-    assert "authz/demo/upstream.py" in names
+    assert "demo/upstream.py" in names
     assert any(re.fullmatch(r"authz/migrations/postgres/\d+_\w+\.sql", n) for n in names)
     assert any(re.fullmatch(r"authz/migrations/sqlite/\d+_\w+\.sql", n) for n in names)
     assert "authz/py.typed" in names

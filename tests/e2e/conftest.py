@@ -11,7 +11,11 @@ from tests.support.stack import Stack, start_envoy, start_sidecar, start_upstrea
 
 
 def build_stack(
-    log_dir: Path, database_url: str, env: dict[str, str] | None = None
+    log_dir: Path,
+    database_url: str,
+    env: dict[str, str] | None = None,
+    *,
+    pack_as_bytes: bool | None = None,
 ) -> Iterator[Stack]:
     upstream, upstream_port = start_upstream(log_dir)
     try:
@@ -21,6 +25,7 @@ def build_stack(
                 log_dir,
                 authz_port=int(sidecar.grpc_addr.rsplit(":", 1)[1]),
                 upstream_port=upstream_port,
+                pack_as_bytes=pack_as_bytes,
             )
             try:
                 stack = Stack(envoy, upstream, sidecar, database_url, envoy_port, upstream_port)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import pytest
 
@@ -131,3 +132,77 @@ def test_nothing_printed_holds_a_secret(embedded_stack: Stack) -> None:
     assert logs, "expected some output from the stack"
     assert key["secret"] not in logs
     assert key["secret"][8:] not in logs
+
+
+def test_a_key_outside_authorization_never_reaches_the_upstream(embedded_stack: Stack) -> None:
+    _, key = new_key(embedded_stack)
+    headers = {**auth(key["secret"]), "X-Api-Key": key["secret"]}
+    answer = embedded_stack.request("/v1/chat/completions", headers=headers, body=CHAT)
+    assert answer.status == 200
+    received = embedded_stack.upstream_requests()[-1]["headers"]
+    assert "x-api-key" not in received
+    assert key["secret"] not in json.dumps(embedded_stack.upstream_requests())
+    assert embedded_stack.sidecar.metric("authz_forwarded_keys_stripped_total") >= 1
+
+
+def test_a_double_encoded_key_in_the_url_is_400(embedded_stack: Stack) -> None:
+    _, key = new_key(embedded_stack)
+    encoded = key["secret"].replace("sk-", "sk%252D", 1)
+    answer = embedded_stack.request(f"/v1/models?key={encoded}", headers=auth(key["secret"]))
+    assert answer.status == 400
+    assert_openai_error(answer.body, "api_key_in_url", "invalid_request_error")
+
+
+def _sdk(stack: Stack, secret: str) -> Any:
+    import openai
+
+    # The SDK's defaults: it retries a 429 twice unless told `x-should-retry: false`.
+    return openai.OpenAI(
+        api_key=secret, base_url=f"http://127.0.0.1:{stack.envoy_port}/v1", max_retries=2
+    )
+
+
+def _checks(stack: Stack, code: str) -> float:
+    """The SDK's attempts, as the sidecar counted them: one Check per HTTP request."""
+    return stack.sidecar.metric("authz_checks_total", decision="deny", code=code)
+
+
+def test_the_openai_sdk_does_not_retry_a_request_too_large(embedded_stack: Stack) -> None:
+    import openai
+
+    _, key = new_key(embedded_stack, tpm=1000)
+    client = _sdk(embedded_stack, key["secret"])
+    before = _checks(embedded_stack, "rate_limit_exceeded")
+    with pytest.raises(openai.RateLimitError) as raised:
+        client.chat.completions.create(
+            model="demo-model", messages=[{"role": "user", "content": "hi"}], max_tokens=5000
+        )
+    assert raised.value.response.headers["x-should-retry"] == "false"
+    assert "retry-after" not in raised.value.response.headers
+    assert _checks(embedded_stack, "rate_limit_exceeded") - before == 1
+
+
+def test_the_openai_sdk_does_not_retry_insufficient_quota(embedded_stack: Stack) -> None:
+    import openai
+
+    workspace_id, key = new_key(embedded_stack)
+    authz_cli(
+        embedded_stack.database_url,
+        "workspace",
+        "update",
+        workspace_id,
+        "--monthly-token-quota",
+        "0",
+    )
+    client = _sdk(embedded_stack, key["secret"])
+    wait_until(
+        lambda: embedded_stack.request("/v1/models", headers=auth(key["secret"])).status == 429,
+        timeout=5,
+        what="the quota change reaches the sidecar",
+    )
+    before = _checks(embedded_stack, "insufficient_quota")
+    with pytest.raises(openai.RateLimitError) as raised:
+        client.models.list()
+    assert raised.value.code == "insufficient_quota"
+    assert raised.value.response.headers["x-should-retry"] == "false"
+    assert _checks(embedded_stack, "insufficient_quota") - before == 1

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from authz.demo.run import PORTS, _port_free
+from demo.run import PORTS, _port_free
 from tests.support.procs import ManagedProcess
 from tests.support.stack import ROOT, wait_until
 
@@ -24,7 +24,7 @@ def test_make_run_prints_a_curl_that_works_and_stops_cleanly(tmp_path: Path) -> 
     if busy:
         pytest.skip(f"make run needs its fixed ports, busy here: {busy}")
     demo = ManagedProcess(
-        [sys.executable, "-m", "authz.demo.run", "--envoy-config", str(ROOT / "envoy.yaml")],
+        [sys.executable, "-m", "demo.run", "--envoy-config", str(ROOT / "envoy.yaml")],
         log_dir=tmp_path,
         name="make-run",
         # As `make run` does: from the repository root (envoy.yaml names files relative to

@@ -35,9 +35,18 @@ def envoy_binary() -> str:
 
 
 def render_envoy_config(
-    path: Path, *, listen: int, admin: int, authz: int, upstream: int, source: Path | None = None
+    path: Path,
+    *,
+    listen: int,
+    admin: int,
+    authz: int,
+    upstream: int,
+    source: Path | None = None,
+    pack_as_bytes: bool | None = None,
 ) -> Path:
-    """The top-level envoy.yaml with its ports (and the descriptor's path) replaced."""
+    """The top-level envoy.yaml with its ports (and the descriptor's path) replaced; with
+    `pack_as_bytes` given, ext_authz's `with_request_body.pack_as_bytes` set to it (False is
+    Envoy's default and Istio's: the body arrives in `body`, not `raw_body`)."""
     config: dict[str, Any] = yaml.safe_load((source or ROOT / "envoy.yaml").read_text())
     config["admin"]["address"]["socket_address"]["port_value"] = admin
     config["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] = listen
@@ -57,6 +66,8 @@ def render_envoy_config(
                 typed = http_filter.get("typed_config", {})
                 if "proto_descriptor" in typed:
                     typed["proto_descriptor"] = str(ROOT / typed["proto_descriptor"])
+                if pack_as_bytes is not None and "with_request_body" in typed:
+                    typed["with_request_body"]["pack_as_bytes"] = pack_as_bytes
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -222,7 +233,7 @@ def _lower(items: Any) -> dict[str, str]:
 def start_upstream(log_dir: Path) -> tuple[ManagedProcess, int]:
     port = free_port()
     process = ManagedProcess(
-        [sys.executable, "-m", "authz.demo.upstream", "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "demo.upstream", "--host", "127.0.0.1", "--port", str(port)],
         log_dir=log_dir,
         name="upstream",
     )
@@ -231,11 +242,16 @@ def start_upstream(log_dir: Path) -> tuple[ManagedProcess, int]:
 
 
 def start_envoy(
-    log_dir: Path, *, authz_port: int, upstream_port: int
+    log_dir: Path, *, authz_port: int, upstream_port: int, pack_as_bytes: bool | None = None
 ) -> tuple[ManagedProcess, int]:
     listen, admin = free_port(), free_port()
     config = render_envoy_config(
-        log_dir / "envoy.yaml", listen=listen, admin=admin, authz=authz_port, upstream=upstream_port
+        log_dir / "envoy.yaml",
+        listen=listen,
+        admin=admin,
+        authz=authz_port,
+        upstream=upstream_port,
+        pack_as_bytes=pack_as_bytes,
     )
     process = ManagedProcess(
         [envoy_binary(), "-c", str(config), "--use-dynamic-base-id", "--log-level", "warn"],

@@ -85,16 +85,19 @@ async def test_unknown_and_revoked_keys_get_byte_identical_answers(sidecar: Side
         "/v1/models?key=KEY",
         "/v1/KEY/chat",
         "/v1/models?api_key=sk-oais_short",
-        "/v1/models?key=sk%2Doais_x".replace("%2D", "-"),
+        "/v1/models?key=sk%2DREST",  # the key's "-" percent-encoded once
+        "/v1/models?key=sk%252DREST",  # twice
+        "/v1/models?key=sk%25252525252DREST",  # six times
         "/v1/models?k=%73k-oais_abc",
     ],
 )
 async def test_key_in_url_is_400(sidecar: Sidecar, path: str) -> None:
     key = generate_key()
     sidecar.store.add(key, workspace())
-    response = await sidecar.stub.Check(
-        check_request(path=path.replace("KEY", key), headers=bearer(key))
-    )
+    sent = path.replace("KEY", key).replace("REST", key[len("sk-") :])
+    if "REST" in path:
+        assert "sk-oais_" not in sent
+    response = await sidecar.stub.Check(check_request(path=sent, headers=bearer(key)))
     assert response.denied_response.status.code == 400
     assert response.status.code == code_pb2.PERMISSION_DENIED
     error = error_of(response.denied_response.body)
@@ -124,15 +127,14 @@ async def test_allow_sets_identity_by_overwrite_and_drops_authorization(sidecar:
 
 
 async def test_keep_authorization_setting() -> None:
-    running, server, channel = await start_sidecar(keep_authorization=True)
+    running, started = await start_sidecar(keep_authorization=True)
     try:
         key = generate_key()
         running.store.add(key, workspace())
         response = await running.stub.Check(check_request(headers=bearer(key)))
         assert "authorization" not in response.ok_response.headers_to_remove
     finally:
-        await channel.close(None)
-        await server.stop(None)
+        await started.stop()
 
 
 async def test_repeated_key_costs_one_lookup(sidecar: Sidecar) -> None:
@@ -175,6 +177,7 @@ async def test_rpm_burst_then_429_with_headers(sidecar: Sidecar) -> None:
     assert headers["retry-after"] == "12"
     assert headers["x-ratelimit-remaining-requests"] == "0"
     assert headers["x-ratelimit-reset-requests"] == "1m0s"
+    assert "x-should-retry" not in headers  # waiting helps: the SDKs may retry
     error = error_of(response.denied_response.body)
     assert (error["code"], error["type"]) == ("rate_limit_exceeded", "requests")
     assert "Limit 5, Used 5, Requested 1" in str(error["message"])
@@ -190,6 +193,23 @@ async def test_request_larger_than_tpm_is_429_tokens(sidecar: Sidecar) -> None:
     assert (error["code"], error["type"]) == ("rate_limit_exceeded", "tokens")
     assert "Request too large" in str(error["message"])
     assert f"Limit 1000, Requested {5000 + -(-len(body) // 4)}" in str(error["message"])
+    # Waiting never makes it fit: no retry-after, and the SDKs are told not to retry.
+    headers = denied_headers(response)
+    assert headers["x-should-retry"] == "false"
+    assert "retry-after" not in headers
+
+
+async def test_quota_used_up_is_not_worth_retrying(sidecar: Sidecar) -> None:
+    from dataclasses import replace
+
+    key = generate_key()
+    sidecar.store.add(key, replace(workspace(), monthly_token_quota=0))
+    response = await sidecar.stub.Check(check_request(headers=bearer(key)))
+    assert response.denied_response.status.code == 429
+    assert error_of(response.denied_response.body)["code"] == "insufficient_quota"
+    headers = denied_headers(response)
+    assert headers["x-should-retry"] == "false"
+    assert int(headers["retry-after"]) > 3600  # the month turn, as before
 
 
 async def test_expired_grace_key_answers_like_revoked(sidecar: Sidecar) -> None:
@@ -245,7 +265,7 @@ class DeadLimiter:
 
 @pytest.mark.parametrize("fail_open", [False, True])
 async def test_failure_modes(fail_open: bool) -> None:
-    running, server, channel = await start_sidecar(fail_open=fail_open, limiter=DeadLimiter())
+    running, started = await start_sidecar(fail_open=fail_open, limiter=DeadLimiter())
     try:
         key = generate_key()
         running.store.add(key, workspace(rpm=5))
@@ -261,8 +281,7 @@ async def test_failure_modes(fail_open: bool) -> None:
                 await running.stub.Check(check_request(headers=bearer(key)))
             assert error.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
-        await channel.close(None)
-        await server.stop(None)
+        await started.stop()
 
 
 async def test_last_used_is_recorded_in_one_batch(sidecar: Sidecar) -> None:
@@ -273,3 +292,26 @@ async def test_last_used_is_recorded_in_one_batch(sidecar: Sidecar) -> None:
     assert sidecar.store.used == {}
     await sidecar.last_used.flush()
     assert set(sidecar.store.used) == {grant.key_id}
+
+
+async def test_a_key_in_another_header_never_reaches_the_upstream(sidecar: Sidecar) -> None:
+    key = generate_key()
+    other = generate_key()
+    sidecar.store.add(key, workspace())
+    headers = {
+        **bearer(key),
+        "x-api-key": key,
+        "cookie": "session=1; k=" + other.replace("-", "%252D"),
+        "x-look-alike": key[:-1] + ("A" if key[-1] != "A" else "B"),
+        "x-note": "sk-oais_short",
+    }
+    response = await sidecar.stub.Check(check_request(headers=headers))
+    assert response.status.code == code_pb2.OK
+    removed = list(response.ok_response.headers_to_remove)
+    assert {"x-api-key", "cookie"} <= set(removed)
+    assert "x-look-alike" not in removed
+    assert "x-note" not in removed
+    assert removed.count("authorization") == 1
+    stripped = sidecar.metrics.registry.get_sample_value("authz_forwarded_keys_stripped_total")
+    assert stripped == 2
+    assert key not in response.SerializeToString().decode("utf-8", "replace")

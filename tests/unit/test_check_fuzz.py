@@ -32,13 +32,12 @@ def stub() -> Iterator[external_auth_pb2_grpc.AuthorizationStub]:
 
     async def main() -> None:
         stop.append(asyncio.Event())
-        running, server, channel = await start_sidecar()
+        running, sidecar = await start_sidecar()
         running.store.add(KNOWN_KEY, workspace(rpm=1_000_000, tpm=1_000_000_000))
         addresses.append(running.address)
         started.set()
         await stop[0].wait()
-        await channel.close(None)
-        await server.stop(None)
+        await sidecar.stop()
 
     thread = threading.Thread(target=lambda: loop.run_until_complete(main()), daemon=True)
     thread.start()

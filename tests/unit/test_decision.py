@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from authz.decision import Allow, Deny, decide, screen_request
+from authz.decision import Allow, Deny, Reservation, decide, screen_request
 from authz.keys import generate_key
 from authz.models import KeyGrant
 from authz.usage.periods import seconds_until_next_period
@@ -54,7 +54,9 @@ def _rate(allowed: bool, kind: LimitKind | None = None, *, too_large: bool = Fal
 
 
 def test_allow_carries_identity_and_reservation() -> None:
-    decision = decide(KEY, GRANT, workspace(), requested_tokens=42, rate=_rate(True), now_ts=0)
+    decision = decide(
+        KEY, GRANT, workspace(), reservation=Reservation(42), rate=_rate(True), now_ts=0
+    )
     assert isinstance(decision, Allow)
     assert (decision.grant.key_id, decision.workspace.id, decision.reserved_tokens) == (
         "key_1",
@@ -65,7 +67,12 @@ def test_allow_carries_identity_and_reservation() -> None:
 
 def test_rpm_denial_message_names_limit_used_and_retry() -> None:
     decision = decide(
-        KEY, GRANT, workspace(), requested_tokens=1, rate=_rate(False, LimitKind.REQUESTS), now_ts=0
+        KEY,
+        GRANT,
+        workspace(),
+        reservation=Reservation(1),
+        rate=_rate(False, LimitKind.REQUESTS),
+        now_ts=0,
     )
     assert isinstance(decision, Deny)
     assert (decision.status, decision.code, decision.type) == (
@@ -80,7 +87,12 @@ def test_rpm_denial_message_names_limit_used_and_retry() -> None:
 
 def test_tpm_denials() -> None:
     exhausted = decide(
-        KEY, GRANT, workspace(), requested_tokens=300, rate=_rate(False, LimitKind.TOKENS), now_ts=0
+        KEY,
+        GRANT,
+        workspace(),
+        reservation=Reservation(300),
+        rate=_rate(False, LimitKind.TOKENS),
+        now_ts=0,
     )
     assert isinstance(exhausted, Deny)
     assert exhausted.type == "tokens"
@@ -89,7 +101,7 @@ def test_tpm_denials() -> None:
         KEY,
         GRANT,
         workspace(),
-        requested_tokens=5012,
+        reservation=Reservation(5012),
         rate=_rate(False, LimitKind.TOKENS, too_large=True),
         now_ts=0,
     )
@@ -101,9 +113,9 @@ def test_tpm_denials() -> None:
 def test_grace_deadline() -> None:
     grant = KeyGrant("key_1", "ws_test", "m", datetime.fromtimestamp(100, UTC))
     assert isinstance(
-        decide(KEY, grant, workspace(), requested_tokens=1, rate=None, now_ts=99.9), Allow
+        decide(KEY, grant, workspace(), reservation=Reservation(1), rate=None, now_ts=99.9), Allow
     )
-    late = decide(KEY, grant, workspace(), requested_tokens=1, rate=None, now_ts=100)
+    late = decide(KEY, grant, workspace(), reservation=Reservation(1), rate=None, now_ts=100)
     assert isinstance(late, Deny)
     assert late.code == "invalid_api_key"
 
@@ -118,7 +130,7 @@ def test_quota_denial_retries_when_the_month_turns() -> None:
         quota=QuotaState("2026-11", tokens_used=100, spend_used_micros=0, known=True),
     )
     ws = workspace()
-    decision = decide(KEY, GRANT, ws, requested_tokens=10, rate=rate, now_ts=now_ts)
+    decision = decide(KEY, GRANT, ws, reservation=Reservation(10), rate=rate, now_ts=now_ts)
     assert isinstance(decision, Deny)
     assert (decision.status, decision.code, decision.type) == (
         429,

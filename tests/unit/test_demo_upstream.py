@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from authz.demo.upstream import (
+from demo.upstream import (
     DEMO_MODEL,
     DEMO_REPLY,
     SHUTDOWN_POLL_SECONDS,
@@ -372,7 +372,7 @@ def test_recorded_requests_are_bounded() -> None:
 
 def test_cli_serves_logs_without_headers_and_exits_cleanly_on_sigterm(tmp_path: Path) -> None:
     port = free_port()
-    command = [sys.executable, "-m", "authz.demo.upstream", "--host", "127.0.0.1"]
+    command = [sys.executable, "-m", "demo.upstream", "--host", "127.0.0.1"]
     with ManagedProcess(
         [*command, "--port", str(port)],
         log_dir=tmp_path,
@@ -401,7 +401,7 @@ def test_cli_serves_logs_without_headers_and_exits_cleanly_on_sigterm(tmp_path: 
 
 def test_cli_exits_cleanly_on_sigint(tmp_path: Path) -> None:
     with ManagedProcess(
-        [sys.executable, "-m", "authz.demo.upstream", "--port", "0", "--quiet"],
+        [sys.executable, "-m", "demo.upstream", "--port", "0", "--quiet"],
         log_dir=tmp_path,
         env={"PYTHONPATH": str(REPO_ROOT)},
         cwd=REPO_ROOT,

@@ -3,6 +3,7 @@ from __future__ import annotations
 import re
 import zlib
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -76,3 +77,15 @@ def test_find_keys_skips_look_alikes() -> None:
     fake = real[:-1] + ("A" if real[-1] != "A" else "B")
     text = f"token={real}\nother={fake}\n"
     assert find_keys(text) == [(6, real)]
+
+
+def test_one_rule_refuses_keys_in_every_free_text_field() -> None:
+    from authz.store.common import InvalidInput, check_label, check_name
+
+    key = generate_key()
+    for text in (key, "prod " + key, "sk-oais_x", "see sk%252Doais_abc"):
+        with pytest.raises(InvalidInput, match=r"^workspace name must not contain an API key$"):
+            check_name(text)
+        with pytest.raises(InvalidInput, match=r"^label must not contain an API key$"):
+            check_label(text)
+    assert check_name("sk-other") == "sk-other"

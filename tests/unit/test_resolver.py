@@ -11,18 +11,11 @@ from authz.keys import generate_key, hash_key
 from authz.metrics import Metrics
 from authz.resolver import KeyResolver
 from authz.store.base import Change, ChangeKind
+from tests.support.clock import FakeClock
 from tests.support.fakes import FakeStore, workspace
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def resolver(store: FakeStore, clock: Clock) -> KeyResolver:
+def resolver(store: FakeStore, clock: FakeClock[float]) -> KeyResolver:
     return KeyResolver(
         store,
         Metrics(CollectorRegistry()),
@@ -36,7 +29,7 @@ def resolver(store: FakeStore, clock: Clock) -> KeyResolver:
 
 
 def test_ttl_cache_expiry_staleness_and_lru() -> None:
-    clock = Clock()
+    clock = FakeClock(0.0)
     cache: TtlCache[str, int] = TtlCache(max_size=2, ttl=10, clock=clock, max_stale=5)
     cache.put("a", 1)
     cache.put("b", 2)
@@ -50,7 +43,7 @@ def test_ttl_cache_expiry_staleness_and_lru() -> None:
 
 
 async def test_hits_misses_and_ttl_refresh() -> None:
-    store, clock = FakeStore(), Clock()
+    store, clock = FakeStore(), FakeClock(0.0)
     keys = resolver(store, clock)
     key = generate_key()
     store.add(key, workspace())
@@ -63,7 +56,7 @@ async def test_hits_misses_and_ttl_refresh() -> None:
 
 
 async def test_unknown_keys_are_remembered_briefly() -> None:
-    store, clock = FakeStore(), Clock()
+    store, clock = FakeStore(), FakeClock(0.0)
     keys = resolver(store, clock)
     unknown = hash_key(generate_key())
     assert await keys.resolve(unknown) is None
@@ -75,7 +68,7 @@ async def test_unknown_keys_are_remembered_briefly() -> None:
 
 
 async def test_invalidation_by_key_and_workspace_and_reset() -> None:
-    store, clock = FakeStore(), Clock()
+    store, clock = FakeStore(), FakeClock(0.0)
     keys = resolver(store, clock)
     key = generate_key()
     store.add(key, workspace(rpm=5))
@@ -95,7 +88,7 @@ async def test_invalidation_by_key_and_workspace_and_reset() -> None:
 
 
 async def test_concurrent_misses_share_one_query() -> None:
-    store, clock = FakeStore(), Clock()
+    store, clock = FakeStore(), FakeClock(0.0)
     keys = resolver(store, clock)
     key = generate_key()
     store.add(key, workspace())
@@ -109,7 +102,7 @@ async def test_concurrent_misses_share_one_query() -> None:
 
 
 async def test_a_lookup_racing_a_revocation_is_not_cached() -> None:
-    store, clock = FakeStore(), Clock()
+    store, clock = FakeStore(), FakeClock(0.0)
     keys = resolver(store, clock)
     key = generate_key()
     store.add(key, workspace())

@@ -19,7 +19,7 @@ from authz.store.base import Change, ChangeKind, StoreUnavailable
 from authz.usage.accountant import UsageAccountant
 from authz.usage.events import UsageEvent, parse_entry
 from authz.usage.periods import period_bounds, period_of, seconds_until_next_period
-from authz.usage.pricing import PriceTable, model_in_body
+from authz.usage.pricing import PriceTable
 from ratelimit.limiter import Limits, Quota
 from ratelimit.memory import InMemoryRateLimiter
 from tests.support.fakes import FakeStore, workspace
@@ -87,8 +87,6 @@ def test_prices_default_row_and_micros() -> None:
     assert table.spend_micros("gpt", 1000, 500) == 2000 + 4000
     assert table.spend_micros("other", 1000, 500) == 1500
     assert PriceTable().spend_micros("gpt", 1000, 500) == 0
-    assert model_in_body(b'{"model": "gpt-4o", "x": 1}') == "gpt-4o"
-    assert model_in_body(b"\xff\xfe") is None
 
 
 def test_periods_are_utc_months() -> None:

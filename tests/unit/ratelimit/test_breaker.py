@@ -5,14 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ratelimit.breaker import BreakerState, CircuitBreaker
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support.clock import FakeClock
 
 
 def state(breaker: CircuitBreaker) -> BreakerState:
@@ -21,8 +14,8 @@ def state(breaker: CircuitBreaker) -> BreakerState:
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+def clock() -> FakeClock[float]:
+    return FakeClock(100.0)
 
 
 @pytest.fixture
@@ -31,7 +24,7 @@ def changes() -> list[BreakerState]:
 
 
 @pytest.fixture
-def breaker(clock: FakeClock, changes: list[BreakerState]) -> CircuitBreaker:
+def breaker(clock: FakeClock[float], changes: list[BreakerState]) -> CircuitBreaker:
     return CircuitBreaker(
         failure_threshold=3, cooldown_seconds=0.25, clock=clock, on_state_change=changes.append
     )
@@ -69,7 +62,7 @@ def open_it(breaker: CircuitBreaker) -> None:
 
 
 def test_after_cooldown_exactly_one_probe_goes_through(
-    breaker: CircuitBreaker, clock: FakeClock
+    breaker: CircuitBreaker, clock: FakeClock[float]
 ) -> None:
     open_it(breaker)
     clock.now += 0.249
@@ -82,7 +75,7 @@ def test_after_cooldown_exactly_one_probe_goes_through(
 
 
 def test_probe_success_closes(
-    breaker: CircuitBreaker, clock: FakeClock, changes: list[BreakerState]
+    breaker: CircuitBreaker, clock: FakeClock[float], changes: list[BreakerState]
 ) -> None:
     open_it(breaker)
     clock.now += 0.25
@@ -94,7 +87,7 @@ def test_probe_success_closes(
 
 
 def test_probe_failure_reopens_for_another_cooldown(
-    breaker: CircuitBreaker, clock: FakeClock
+    breaker: CircuitBreaker, clock: FakeClock[float]
 ) -> None:
     open_it(breaker)
     clock.now += 0.25
@@ -107,7 +100,9 @@ def test_probe_failure_reopens_for_another_cooldown(
     assert breaker.allow()
 
 
-def test_a_lost_probe_expires_after_a_cooldown(breaker: CircuitBreaker, clock: FakeClock) -> None:
+def test_a_lost_probe_expires_after_a_cooldown(
+    breaker: CircuitBreaker, clock: FakeClock[float]
+) -> None:
     open_it(breaker)
     clock.now += 0.25
     assert breaker.allow()  # this probe's caller is cancelled and never reports back
@@ -117,7 +112,7 @@ def test_a_lost_probe_expires_after_a_cooldown(breaker: CircuitBreaker, clock: F
     assert breaker.allow()
 
 
-def test_threshold_one_opens_on_first_failure(clock: FakeClock) -> None:
+def test_threshold_one_opens_on_first_failure(clock: FakeClock[float]) -> None:
     breaker = CircuitBreaker(failure_threshold=1, cooldown_seconds=1, clock=clock)
     breaker.record_failure()
     assert state(breaker) is BreakerState.OPEN

