@@ -79,3 +79,14 @@ async def store(open_replica: StoreOpener) -> AsyncIterator[Store]:
         yield opened
     finally:
         await opened.close()
+
+
+@pytest.fixture
+async def url_store(database_url: str) -> AsyncIterator[Store]:
+    """A real store on `database_url`, for tests that also hand that URL to the CLI."""
+    opened = await open_store(database_url, poll_interval=0.02, read_timeout=2.0)
+    await opened.migrate()
+    try:
+        yield opened
+    finally:
+        await opened.close()

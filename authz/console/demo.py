@@ -45,6 +45,7 @@ def start_demo_console(start: Callable[[str, list[str]], None], workspace_id: st
                     {
                         "issuer": issuer,
                         "audience": "oais-keys",
+                        "workspaces": [workspace_id],
                         "workspace_claim": "workspaces",
                         "permission_claim": "permissions",
                         "manage_permission": "keys:manage",

@@ -169,6 +169,7 @@ def console_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsoleS
                 {
                     "issuer": issuer,
                     "audience": "oais-keys",
+                    "workspaces": granted,
                     "workspace_claim": "workspaces",
                     "permission_claim": "permissions",
                     "manage_permission": "keys:manage",

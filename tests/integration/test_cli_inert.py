@@ -41,7 +41,8 @@ def assert_inert(text: str, lines: int) -> None:
     assert not any(line.startswith(("INCIDENT", "by mallory")) for line in text.splitlines())
 
 
-async def test_audit_prints_a_hostile_subject_escaped(database_url: str, store: Store) -> None:
+async def test_audit_prints_a_hostile_subject_escaped(database_url: str, url_store: Store) -> None:
+    store = url_store
     workspace = await store.create_workspace(NewWorkspace(name="acme"), actor=CLI_ACTOR)
     actor = Actor(kind="user", subject=FORGED, issuer="https://idp\x1b]0;t\x07", address="a\nb")
     _, new = mint_key(workspace.id, "svc")
@@ -52,8 +53,9 @@ async def test_audit_prints_a_hostile_subject_escaped(database_url: str, store: 
 
 
 async def test_usage_and_key_list_print_hostile_models_and_labels_escaped(
-    database_url: str, store: Store
+    database_url: str, url_store: Store
 ) -> None:
+    store = url_store
     workspace = await store.create_workspace(NewWorkspace(name="acme"), actor=CLI_ACTOR)
     _, new = mint_key(workspace.id, "svc")
     key = await store.create_key(new, actor=CLI_ACTOR)

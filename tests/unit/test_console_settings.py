@@ -12,6 +12,7 @@ from authz.settings import SettingsError
 ISSUER = {
     "issuer": "https://idp.example",
     "audience": "oais-keys",
+    "workspaces": ["ws"],
     "workspace_claim": "workspaces",
     "permission_claim": "permissions",
     "manage_permission": "keys:manage",

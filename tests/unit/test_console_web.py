@@ -29,6 +29,7 @@ ORIGIN = "http://127.0.0.1:8080"
 ISSUER = {
     "issuer": "https://idp.example",
     "audience": "oais-keys",
+    "workspaces": ["ws"],
     "workspace_claim": "workspaces",
     "permission_claim": "permissions",
     "manage_permission": "keys:manage",
