@@ -184,3 +184,37 @@ def test_each_edge_setting_in_the_source_says_why() -> None:
 
 def test_envoy_yaml_is_one_of_the_checked_files() -> None:
     assert Path("envoy.yaml") in {Path(p) for p in ENVOY_CONFIGS}
+
+
+# Deny by default: the routes on which ext_authz is off, and why each is safe. The key API is
+# served by the sidecar itself (JWT sign-in); unknown /keys/v1/ paths are answered by Envoy.
+EXT_AUTHZ_EXEMPT = {
+    "/tokenfactory.keys.v1.KeyService/": "routed to the sidecar, which checks the caller's JWT",
+    "/keys/v1/": "direct 404, nothing is forwarded",
+}
+
+
+def ext_authz_disabled(route: dict[str, Any]) -> bool:
+    per_filter = route.get("typed_per_filter_config") or {}
+    return bool((per_filter.get("envoy.filters.http.ext_authz") or {}).get("disabled"))
+
+
+@pytest.mark.parametrize("relative", ENVOY_CONFIGS)
+def test_every_route_to_the_upstream_asks_the_authorizer(relative: str) -> None:
+    for manager in managers(load_yaml(REPO / relative)):
+        names = [f["name"] for f in manager["http_filters"]]
+        assert "envoy.filters.http.ext_authz" in names
+        for vhost in manager["route_config"]["virtual_hosts"]:
+            exempt = {}
+            for route in vhost["routes"]:
+                if ext_authz_disabled(route):
+                    exempt[route["match"]["prefix"]] = route
+                    # An exempt route never reaches the API.
+                    assert "direct_response" in route or route["route"]["cluster"] == "authz"
+                else:
+                    assert route.get("route", {}).get("cluster") in {"upstream", None}
+            assert set(exempt) == set(EXT_AUTHZ_EXEMPT), relative
+            # The catch-all is last and authorized: every other path goes through ext_authz.
+            last = vhost["routes"][-1]
+            assert last["match"] == {"prefix": "/"}
+            assert not ext_authz_disabled(last)
