@@ -7,11 +7,15 @@ downstream connections are unlimited.
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import pytest
+import yaml
 
 from tests.e2e.test_envoy_contract import auth, new_key
-from tests.support.edge import raw_request
-from tests.support.stack import Stack
+from tests.support.edge import SlowClientEnd, raw_request, slow_header_client
+from tests.support.stack import ROOT, Stack
 
 pytestmark = pytest.mark.e2e
 
@@ -38,6 +42,17 @@ ENCODED_SLASHES = (
     "/tokenfactory.keys.v1.KeyService%2F..%2Fv1/models",
     "/v1%5Cmodels",
 )
+
+
+def edge_setting(name: str) -> Any:
+    """A setting of the shipped envoy.yaml's HTTP connection manager."""
+    config = yaml.safe_load((ROOT / "envoy.yaml").read_text(encoding="utf-8"))
+    listener = config["static_resources"]["listeners"][0]
+    return listener["filter_chains"][0]["filters"][0]["typed_config"][name]
+
+
+def seconds(duration: str) -> float:
+    return float(duration.removesuffix("s"))
 
 
 def upstream_paths(stack: Stack) -> list[str]:
@@ -142,3 +157,37 @@ def test_envoy_does_not_warn_about_unlimited_downstream_connections(
     assert raw_request(embedded_stack.envoy_port, "/v1/models").status == 401
     log = embedded_stack.envoy.read_log()
     assert "no configured limit" not in log
+
+
+def test_slow_header_clients_are_cut_off_while_normal_traffic_gets_200(
+    embedded_stack: Stack,
+) -> None:
+    """500 slowloris connections, one header byte a second: Envoy closes each at its request
+    headers timeout (10 s) while a client with a key keeps getting 200."""
+    _, key = new_key(embedded_stack, rpm=100_000)
+    headers = auth(key["secret"])
+    timeout = seconds(edge_setting("request_headers_timeout"))
+    ceiling = timeout * 6  # generous: the machine is shared; the figure asserted is Envoy's own
+
+    async def scenario() -> tuple[list[SlowClientEnd], list[int]]:
+        slow = [
+            asyncio.ensure_future(slow_header_client(embedded_stack.envoy_port, ceiling=ceiling))
+            for _ in range(500)
+        ]
+        statuses: list[int] = []
+        while not all(task.done() for task in slow):
+            answer = await asyncio.to_thread(
+                raw_request, embedded_stack.envoy_port, "/v1/models", headers=headers
+            )
+            statuses.append(answer.status)
+        return await asyncio.gather(*slow), statuses
+
+    ends, statuses = asyncio.run(scenario())
+    assert len(ends) == 500
+    # Each trickled at most as many bytes as it had seconds before Envoy's cut-off (plus the
+    # machine's slack), never the whole header: Envoy closed it, the client did not finish.
+    assert all(end.bytes_sent < 100_000 for end in ends)
+    assert all(end.answer.startswith(b"HTTP/1.1 408") for end in ends)  # Envoy's timeout
+    assert all(end.seconds >= timeout - 1 for end in ends)
+    assert statuses
+    assert set(statuses) == {200}

@@ -79,3 +79,46 @@ def burst(
         return Counter(answers)
 
     return asyncio.run(run())
+
+
+@dataclass(frozen=True)
+class SlowClientEnd:
+    """How a slow client's connection ended: after how long, how many header bytes it had sent,
+    and what (if anything) Envoy answered before closing."""
+
+    seconds: float
+    bytes_sent: int
+    answer: bytes
+
+
+async def slow_header_client(port: int, *, ceiling: float) -> SlowClientEnd:
+    """Send a request's headers one byte a second until Envoy closes the connection.
+
+    Returns when the connection ends (Envoy's doing); raises TimeoutError if it is still open
+    after `ceiling` seconds, which is the failure the test looks for.
+    """
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    header = b"GET /v1/models HTTP/1.1\r\nHost: edge.test\r\nx-trickle: " + b"a" * 100_000
+    closed = asyncio.ensure_future(reader.read(65536))
+    sent = 0
+    try:
+        while loop.time() - started < ceiling:
+            try:
+                writer.write(header[sent : sent + 1])
+                await writer.drain()
+            except OSError:
+                break
+            sent += 1
+            # The pace is the behaviour under test (one byte a second), not a wait for an event.
+            done, _ = await asyncio.wait({closed}, timeout=1.0)
+            if done:
+                break
+        else:
+            raise TimeoutError(f"connection still open after {ceiling:.0f}s")
+        answer = await asyncio.wait_for(closed, timeout=ceiling)
+        return SlowClientEnd(loop.time() - started, sent, answer)
+    finally:
+        closed.cancel()
+        writer.close()
