@@ -125,6 +125,22 @@ def path_normalization(config: dict[str, Any]) -> None:
         }
 
 
+def authz_sized_for_bursts(config: dict[str, Any]) -> None:
+    """The authz breakers never trip before the listener's own connection limit does."""
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+    (threshold,) = clusters["authz"]["circuit_breakers"]["thresholds"]
+    admitted = max(
+        runtime(config)[f"envoy.resource_limits.listener.{listener['name']}.connection_limit"]
+        for listener in listeners(config)
+    )
+    assert threshold["max_requests"] > admitted
+    assert threshold["max_pending_requests"] > admitted
+    options = clusters["authz"]["typed_extension_protocol_options"]
+    http2 = next(iter(options.values()))["explicit_http_config"]["http2_protocol_options"]
+    assert http2["initial_stream_window_size"] > 65536  # a whole 64 KiB body sample at once
+    assert http2["max_concurrent_streams"] > 0
+
+
 EDGE_ITEMS: dict[str, Callable[[dict[str, Any]], None]] = {
     "overload manager": overload_manager,
     "global downstream connection limit": global_connection_limit,
@@ -136,6 +152,7 @@ EDGE_ITEMS: dict[str, Callable[[dict[str, Any]], None]] = {
     "HTTP/2 limits": http2_limits,
     "headers_with_underscores_action": underscores_rejected,
     "path normalization": path_normalization,
+    "authz cluster sized for bursts": authz_sized_for_bursts,
 }
 
 
@@ -155,6 +172,7 @@ def test_a_config_without_an_edge_item_fails_the_check() -> None:
             listener.pop("per_connection_buffer_limit_bytes")
         for cluster in config["static_resources"]["clusters"]:
             cluster.pop("per_connection_buffer_limit_bytes")
+            cluster.pop("circuit_breakers", None)
         for manager in managers(config):
             for key in ("use_remote_address", "normalize_path", "common_http_protocol_options",
                         "http2_protocol_options", "request_headers_timeout"):  # fmt: skip
@@ -167,7 +185,7 @@ EXPLAINED = (
     "overload_manager", "max_active_downstream_connections", "layered_runtime",
     "per_connection_buffer_limit_bytes", "normalize_path", "path_with_escaped_slashes_action",
     "idle_timeout", "headers_with_underscores_action", "request_headers_timeout",
-    "stream_idle_timeout", "http2_protocol_options",
+    "stream_idle_timeout", "http2_protocol_options", "circuit_breakers",
 )  # fmt: skip
 
 

@@ -9,9 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import urllib.request
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from tests.support.procs import ManagedProcess, free_port
+from tests.support.stack import envoy_binary, render_envoy_config
 
 
 @dataclass(frozen=True)
@@ -122,3 +129,57 @@ async def slow_header_client(port: int, *, ceiling: float) -> SlowClientEnd:
     finally:
         closed.cancel()
         writer.close()
+
+
+@dataclass
+class EdgeEnvoy:
+    """The shipped envoy.yaml running with its admin port known, for its own counters."""
+
+    process: ManagedProcess
+    port: int
+    admin_port: int
+
+    def stats(self) -> dict[str, int]:
+        """Envoy's counters and gauges (name -> value)."""
+        url = f"http://127.0.0.1:{self.admin_port}/stats"
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            text = answer.read().decode()
+        found: dict[str, int] = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(": ")
+            if value.strip().lstrip("-").isdigit():
+                found[name] = int(value)
+        return found
+
+
+def start_edge_envoy(
+    log_dir: Path, *, authz_ports: Sequence[int], upstream_port: int, name: str = "envoy"
+) -> EdgeEnvoy:
+    """The shipped envoy.yaml (ports rewritten) with one `authz` endpoint per port given, so
+    several replicas sit behind it with the shipped health checks and circuit breakers."""
+    listen, admin = free_port(), free_port()
+    path = render_envoy_config(
+        log_dir / f"{name}.yaml",
+        listen=listen,
+        admin=admin,
+        authz=authz_ports[0],
+        upstream=upstream_port,
+    )
+    config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    authz = next(c for c in config["static_resources"]["clusters"] if c["name"] == "authz")
+    (group,) = authz["load_assignment"]["endpoints"]
+    (template,) = group["lb_endpoints"]
+    group["lb_endpoints"] = [
+        {"endpoint": {"address": {"socket_address": {
+            **template["endpoint"]["address"]["socket_address"], "port_value": port,
+        }}}}
+        for port in authz_ports
+    ]  # fmt: skip
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    process = ManagedProcess(
+        [envoy_binary(), "-c", str(path), "--use-dynamic-base-id", "--log-level", "warn"],
+        log_dir=log_dir,
+        name=name,
+    )
+    process.wait_for_port(listen, timeout=20)
+    return EdgeEnvoy(process, listen, admin)
