@@ -2,9 +2,9 @@
 
 Envoy's default circuit breakers (1,024 requests) used to trip and fail the Check itself,
 a 503 for a valid key far below its limits. The shipped `authz` cluster's breakers sit above
-everything the listener admits, so a burst never overflows them. What is left is the sidecar's
-own throughput: a Check still waiting at the 250 ms ext_authz timeout is a 503 (see
-docs/deploy.md, "Bursts", for the measured figures).
+everything the listener admits, so a burst never overflows them. What is left is throughput:
+a Check still waiting at the 250 ms ext_authz timeout is a 503, and so is a request the stdlib
+demo upstream's small accept backlog refuses (see docs/deploy.md, "Bursts", for the figures).
 """
 
 from __future__ import annotations
@@ -61,15 +61,10 @@ def test_a_burst_of_2000_never_overflows_the_authz_circuit_breakers(
     assert sum(statuses.values()) == BURST
     assert set(statuses) <= {200, 429, 503}, statuses
     assert statuses[200] > 0
-    # Not one Check failed because a circuit breaker was full ...
+    # Not one Check failed because a circuit breaker was full.
     assert {name: after.get(name, 0) - before.get(name, 0) for name in OVERFLOWS} == dict.fromkeys(
         OVERFLOWS, 0
     )
-    # ... so every 503 is a Check that the sidecar did not answer within 250 ms.
-    timeouts = after["cluster.authz.upstream_rq_timeout"] - before.get(
-        "cluster.authz.upstream_rq_timeout", 0
-    )
-    assert statuses[503] == timeouts
 
 
 def test_the_breakers_sit_above_what_the_listener_admits(edge: tuple[Stack, EdgeEnvoy]) -> None:
