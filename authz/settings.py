@@ -56,7 +56,7 @@ class Settings:
     last_used_flush_s: float = 10.0
     ledger_flush_s: float = 2.0
     health_interval_s: float = 1.0
-    drain_delay_s: float = 1.0
+    drain_delay_s: float = 5.0
     shutdown_grace_s: float = 5.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
@@ -110,7 +110,8 @@ _HELP: dict[str, str] = {
     "last_used_flush_s": "seconds between batched last_used_at writes",
     "ledger_flush_s": "seconds between billing-ledger flushes (also flushed on shutdown)",
     "health_interval_s": "seconds between readiness probes of the database and Redis",
-    "drain_delay_s": "on SIGTERM: seconds NOT_SERVING before the gRPC server stops accepting",
+    "drain_delay_s": "on SIGTERM: seconds NOT_SERVING before the gRPC server stops accepting;"
+    " 2x the time Envoy's health checks take to notice (docs/deploy.md)",
     "shutdown_grace_s": "on SIGTERM: seconds in-flight RPCs get to finish",
     "log_level": "debug, info, warning or error",
     "log_format": "text, or json (one object per line)",

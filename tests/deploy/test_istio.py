@@ -70,13 +70,14 @@ def test_authorization_policy_validates(
     assert errors(policy_schema, policy) == []
 
 
-def test_policy_is_custom_on_v1_paths_with_the_shipped_provider(
+def test_policy_is_custom_on_every_path_with_the_shipped_provider(
     policy: dict[str, Any], provider: dict[str, Any]
 ) -> None:
+    """Deny by default: one empty rule, which Istio matches against every request."""
     spec = policy["spec"]
     assert spec["action"] == "CUSTOM"
     assert spec["provider"]["name"] == provider["name"]
-    assert spec["rules"] == [{"to": [{"operation": {"paths": ["/v1/*"]}}]}]
+    assert spec["rules"] == [{}]
 
 
 @pytest.mark.parametrize(
@@ -84,7 +85,7 @@ def test_policy_is_custom_on_v1_paths_with_the_shipped_provider(
     [
         (lambda p: p["spec"].update(action="ALLOWED"), "unknown action"),
         (lambda p: p["spec"].pop("provider"), "CUSTOM without a provider"),
-        (lambda p: p["spec"]["rules"][0]["to"][0]["operation"].update(path=["/v1/*"]), "typo"),
+        (lambda p: p["spec"]["rules"][0].update(to=[{"operation": {"path": ["/v1/*"]}}]), "typo"),
         (lambda p: p["spec"].update(targetRefs=[{"kind": "Gateway", "name": "g"}]), "both"),
         (lambda p: p.update(apiVersion="security.istio.io/v2"), "no such version"),
     ],
