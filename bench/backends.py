@@ -79,14 +79,27 @@ def redis_url() -> Iterator[str]:
         yield server.url
 
 
-def redis_commands(url: str) -> int:
-    """Commands Redis has executed so far, not counting the INFO calls that read this."""
+def redis_commands(url: str) -> dict[str, int]:
+    """Calls per command Redis has executed so far, not counting the INFO calls that read this."""
     client = redis.Redis.from_url(url, socket_timeout=5)
     try:
         stats: dict[str, dict[str, int]] = client.info("commandstats")
     finally:
         client.close()
-    return sum(v["calls"] for k, v in stats.items() if k != "cmdstat_info")
+    return {
+        name.removeprefix("cmdstat_"): int(v["calls"])
+        for name, v in stats.items()
+        if name != "cmdstat_info"
+    }
+
+
+def per_check(before: dict[str, int], after: dict[str, int], checks: int) -> dict[str, float]:
+    """Each command's calls between two readings, divided by the Checks in between."""
+    return {
+        name: (calls - before.get(name, 0)) / checks
+        for name, calls in sorted(after.items())
+        if calls != before.get(name, 0)
+    }
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,13 @@ from typing import Any
 
 import yaml
 
-from bench.backends import StatementCounter, bench_database, postgres_base_dsn, redis_commands
+from bench.backends import (
+    StatementCounter,
+    bench_database,
+    per_check,
+    postgres_base_dsn,
+    redis_commands,
+)
 from bench.backends import redis_url as redis_url_for_bench
 from bench.envoy_config import ListenerPlan, build_config
 from bench.loadgen import PATH, run_openloop, run_wrk
@@ -72,7 +78,7 @@ def _measure(target: Target, envoy_pid: int, plan: Plan, log_dir: Path, round_: 
     running = target.running
     uses_redis = bool(running.redis_url)
     cpu0, envoy0 = running.cpu_seconds(), process_tree_cpu_seconds([envoy_pid])
-    redis0 = redis_commands(running.redis_url) if uses_redis else 0
+    redis0 = redis_commands(running.redis_url) if uses_redis else {}
     pg0 = target.statements.read() if target.statements else 0
     closed = run_wrk(
         target.url,
@@ -82,7 +88,7 @@ def _measure(target: Target, envoy_pid: int, plan: Plan, log_dir: Path, round_: 
         script_dir=log_dir,
     )
     cpu1, envoy1 = running.cpu_seconds(), process_tree_cpu_seconds([envoy_pid])
-    redis1 = redis_commands(running.redis_url) if uses_redis else 0
+    redis1 = redis_commands(running.redis_url) if uses_redis else {}
     pg1 = target.statements.read() if target.statements else 0
     opened = run_openloop(
         target.url,
@@ -92,13 +98,15 @@ def _measure(target: Target, envoy_pid: int, plan: Plan, log_dir: Path, round_: 
         seconds=plan.open_seconds,
     )
     checks = max(closed.requests, 1)
+    redis = per_check(redis0, redis1, checks)
     return Sample(
         round=round_,
         closed=closed,
         open=opened,
         sidecar_cpu_us=(cpu1 - cpu0) / checks * 1e6 if running.processes else None,
         envoy_cpu_us=(envoy1 - envoy0) / checks * 1e6,
-        redis_per_check=(redis1 - redis0) / checks if uses_redis else None,
+        redis_per_check=sum(redis.values()) if uses_redis else None,
+        redis_by_command=redis,
         pg_per_check=(pg1 - pg0) / checks if target.statements else None,
     )
 

@@ -124,9 +124,9 @@ def _listener(template: dict[str, Any], plan: ListenerPlan, cluster: str) -> dic
     hcm["http_filters"] = filters
     if plan.authz_ports:
         for log in hcm.get("access_log", []):
-            log["typed_config"]["common_config"]["grpc_service"]["envoy_grpc"][
-                "cluster_name"
-            ] = cluster
+            log["typed_config"]["common_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = (
+                cluster
+            )
     else:
         hcm.pop("access_log", None)
     return listener

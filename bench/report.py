@@ -23,6 +23,7 @@ class Sample:
     envoy_cpu_us: float
     redis_per_check: float | None
     pg_per_check: float | None
+    redis_by_command: dict[str, float]
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -51,6 +52,10 @@ def summarize(samples: Sequence[Sample]) -> dict[str, Any]:
         "envoy_cpu_us": med(lambda s: s.envoy_cpu_us),
         "redis_per_check": med(lambda s: s.redis_per_check),
         "pg_per_check": med(lambda s: s.pg_per_check),
+        "redis_by_command": {
+            command: _median([s.redis_by_command.get(command, 0.0) for s in samples])
+            for command in sorted({c for s in samples for c in s.redis_by_command})
+        },
         "non_2xx": sum(s.closed.non_2xx for s in samples),
         "socket_errors": sum(s.closed.socket_errors for s in samples),
         "open_rps": med(lambda s: s.open.rps),
@@ -99,6 +104,11 @@ def render_tables(results: dict[str, Any]) -> str:
             f"{m['open_non_2xx']} / {m['open_socket_errors']}",
         ])  # fmt: skip
     load = machine["loadavg_before"], machine["loadavg_after"]
+    breakdown = [
+        f"{name}: " + ", ".join(f"{cmd} {n:.2f}" for cmd, n in m["redis_by_command"].items())
+        for name, m in ((n, s["median"]) for n, s in setups.items())
+        if m["redis_by_command"]
+    ]
     return "\n".join([
         f"Closed loop: wrk -t1 -c{plan['connections']} -d{plan['closed_seconds']:g}s, "
         f"median of {plan['rounds']} interleaved round(s); ratios to b, same run",
@@ -116,6 +126,7 @@ def render_tables(results: dict[str, Any]) -> str:
             open_rows,
         ),
         "",
+        "Redis commands per Check, by command: " + ("; ".join(breakdown) or "none"),
         f"PG statements counted with: {results['pg_statement_method']}. "
         f"{machine['cpus']} CPUs, load average (1/5/15 min) before "
         f"{'/'.join(f'{x:.2f}' for x in load[0])}, after {'/'.join(f'{x:.2f}' for x in load[1])}; "
