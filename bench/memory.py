@@ -28,6 +28,7 @@ from authz.keys import mint_key
 from authz.models import CLI_ACTOR, NewWorkspace
 from authz.settings import load_settings
 from authz.store import open_store
+from authz.store.base import StoreUnavailable
 from bench.backends import bench_database, postgres_base_dsn, redis_url
 from bench.loadgen import REQUEST_BODY
 from bench.memprobe import SNAPSHOT_DIR_ENV
@@ -39,6 +40,8 @@ from tests.support.stack import authz_cli, wait_until
 _CONCURRENCY = 16
 _LIMIT = 2_000_000_000
 _TOP = 15
+_SEED_WRITERS = 4
+_SEED_ATTEMPTS = 5
 
 
 async def _seed(dsn: str, *, keys: int, workspaces: int) -> list[str]:
@@ -52,15 +55,23 @@ async def _seed(dsn: str, *, keys: int, workspaces: int) -> list[str]:
             )
             for i in range(workspaces)
         ]
-        gate = asyncio.Semaphore(_CONCURRENCY // 2)
+        secrets: list[str] = []
+        pending = iter(range(keys))
 
-        async def one(index: int) -> str:
-            secret, new = mint_key(made[index % workspaces].id, f"k{index}")
-            async with gate:
-                await store.create_key(new, actor=CLI_ACTOR)
-            return secret
+        async def worker() -> None:
+            for index in pending:
+                secret, new = mint_key(made[index % workspaces].id, f"k{index}")
+                for attempt in range(_SEED_ATTEMPTS):  # a busy machine can miss a timeout
+                    try:
+                        await store.create_key(new, actor=CLI_ACTOR)
+                        break
+                    except StoreUnavailable:
+                        if attempt == _SEED_ATTEMPTS - 1:
+                            raise
+                secrets.append(secret)
 
-        return list(await asyncio.gather(*(one(i) for i in range(keys))))
+        await asyncio.gather(*(worker() for _ in range(_SEED_WRITERS)))
+        return secrets
     finally:
         await store.close()
 
@@ -164,15 +175,17 @@ def run_memory(*, keys: int, workspaces: int, trace: bool) -> int:
             second = _snapshot(process.pid, folder, 2) if trace else None
         finally:
             process.stop()
-        details = _breakdown(folder, first, second, keys) if first and second else []
+        cached = outcomes.get("allowed", 0)  # an UNAVAILABLE answer caches nothing
+        details = _breakdown(folder, first, second, max(cached, 1)) if first and second else []
     growth = rss_after - rss_before
     lines = [
         f"checked {len(secrets)} keys in {took:.0f} s: {outcomes}"
         + (" (under tracemalloc: slower, and RSS includes its own bookkeeping)" if trace else ""),
         f"sidecar RSS: {rss_before / 2**20:.0f} MB after start-up, "
-        f"{rss_after / 2**20:.0f} MB with {keys} keys cached",
-        f"growth: {growth / 2**20:.0f} MB, {growth / keys:.0f} B per key, "
-        f"{growth / keys * 100_000 / 2**20:.0f} MB per 100k keys",
+        f"{rss_after / 2**20:.0f} MB after checking {keys} keys",
+        f"growth: {growth / 2**20:.0f} MB for {cached} cached keys: "
+        f"{growth / max(cached, 1):.0f} B per key, "
+        f"{growth / max(cached, 1) * 100_000 / 2**20:.0f} MB per 100k keys",
     ]
     print("\n".join(lines + details))
-    return 0 if outcomes.get("allowed", 0) == keys else 1
+    return 0 if cached == keys else 1
