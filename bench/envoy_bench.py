@@ -45,6 +45,7 @@ from tests.support.procs import ManagedProcess, free_port
 from tests.support.stack import envoy_binary
 
 ROOT = Path(__file__).resolve().parent.parent
+_BIND_ATTEMPTS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,19 +128,28 @@ def _backends(setups: Sequence[Setup]) -> Iterator[tuple[str, str]]:
 def _start_envoy(
     log_dir: Path, targets: dict[str, Running]
 ) -> tuple[ManagedProcess, dict[str, int]]:
-    ports = {name: free_port() for name in targets}
-    plans = [ListenerPlan(name, ports[name], targets[name].ports) for name in targets]
-    config = build_config(plans, admin_port=free_port())
-    path = log_dir / "envoy-bench.yaml"
-    path.write_text(yaml.safe_dump(config))
-    envoy = ManagedProcess(
-        [envoy_binary(), "-c", str(path), "--use-dynamic-base-id", "--log-level", "error"],
-        log_dir=log_dir,
-        name="envoy",
-    )
-    for port in ports.values():
-        envoy.wait_for_port(port, timeout=60)
-    return envoy, ports
+    """Envoy with a listener per target, on free ports (again on others if one was taken)."""
+    for attempt in range(1, _BIND_ATTEMPTS + 1):
+        ports = {name: free_port() for name in targets}
+        plans = [ListenerPlan(name, ports[name], targets[name].ports) for name in targets]
+        config = build_config(plans, admin_port=free_port())
+        path = log_dir / "envoy-bench.yaml"
+        path.write_text(yaml.safe_dump(config))
+        envoy = ManagedProcess(
+            [envoy_binary(), "-c", str(path), "--use-dynamic-base-id", "--log-level", "error"],
+            log_dir=log_dir,
+            name=f"envoy-{attempt}",
+        )
+        try:
+            for port in ports.values():
+                envoy.wait_for_port(port, timeout=60)
+        except RuntimeError:
+            envoy.stop()
+            if attempt == _BIND_ATTEMPTS or "Address already in use" not in envoy.read_log():
+                raise
+            continue
+        return envoy, ports
+    raise AssertionError("unreachable")
 
 
 def run(plan: Plan, setups: Sequence[Setup], log_dir: Path) -> dict[str, Any]:
