@@ -101,6 +101,8 @@ class OpenLoop:
         self.outstanding = 0
         self.all_sent = False
         self.drained = asyncio.Event()
+        self.address = ("127.0.0.1", 0)
+        self.reconnecting: set[asyncio.Task[None]] = set()
 
     def _check_drained(self) -> None:
         if self.all_sent and self.outstanding <= 0:
@@ -112,18 +114,31 @@ class OpenLoop:
             self.non_2xx += 1
         self.outstanding -= 1
         self._check_drained()
+        self._ready(conn)
+
+    def _ready(self, conn: _Connection) -> None:
         if self.waiting:
             conn.send(self.waiting.popleft())
         else:
             self.idle.append(conn)
 
     def broken(self, conn: _Connection) -> None:
+        """A connection closed: count the request it carried, and open another in its place."""
         if conn in self.idle:
             self.idle.remove(conn)
         else:
             self.errors += 1
             self.outstanding -= 1
             self._check_drained()
+        if not self.drained.is_set():
+            task = asyncio.get_running_loop().create_task(self._connect())
+            self.reconnecting.add(task)
+            task.add_done_callback(self.reconnecting.discard)
+
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        _, conn = await loop.create_connection(lambda: _Connection(self), *self.address)
+        self._ready(conn)
 
     def submit(self, scheduled: float) -> None:
         self.outstanding += 1
@@ -133,10 +148,9 @@ class OpenLoop:
             self.waiting.append(scheduled)
 
     async def run(self, host: str, port: int, *, rate: float, seconds: float) -> LoadResult:
-        loop = asyncio.get_running_loop()
+        self.address = (host, port)
         for _ in range(self.connections):
-            _, conn = await loop.create_connection(lambda: _Connection(self), host, port)
-            self.idle.append(conn)
+            await self._connect()
         total = int(rate * seconds)
         started = time.monotonic()
         for index in range(total):
