@@ -40,8 +40,9 @@ def http_request(host: str, path: str, headers: list[str], body: str) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + data
 
 
-def response_length(buffer: bytes) -> tuple[int, int] | None:
-    """(status, total bytes) of the first complete response in `buffer`, or None if partial.
+def response_length(buffer: bytes) -> tuple[int, int, bool] | None:
+    """(status, total bytes, server closes) of the first complete response in `buffer`, or
+    None while it is partial.
 
     Only what Envoy sends here: a Content-Length body (no chunked encoding).
     """
@@ -50,13 +51,16 @@ def response_length(buffer: bytes) -> tuple[int, int] | None:
         return None
     head = buffer[:end].decode("latin-1").split("\r\n")
     status = int(head[0].split(" ", 2)[1])
-    length = 0
+    length, closes = 0, False
     for line in head[1:]:
         name, _, value = line.partition(":")
-        if name.strip().lower() == "content-length":
+        name = name.strip().lower()
+        if name == "content-length":
             length = int(value)
+        elif name == "connection":
+            closes = value.strip().lower() == "close"
     total = end + 4 + length
-    return (status, total) if len(buffer) >= total else None
+    return (status, total, closes) if len(buffer) >= total else None
 
 
 class _Connection(asyncio.Protocol):
@@ -65,6 +69,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.WriteTransport | None = None
         self.buffer = b""
         self.scheduled = 0.0
+        self.closing = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TCP transport has the methods but not the asyncio base classes.
@@ -79,7 +84,7 @@ class _Connection(asyncio.Protocol):
         self.buffer += data
         parsed = response_length(self.buffer)
         if parsed is not None:
-            status, total = parsed
+            status, total, self.closing = parsed
             self.buffer = self.buffer[total:]
             self.generator.finished(self, status, time.monotonic() - self.scheduled)
 
@@ -103,6 +108,7 @@ class OpenLoop:
         self.drained = asyncio.Event()
         self.address = ("127.0.0.1", 0)
         self.reconnecting: set[asyncio.Task[None]] = set()
+        self.open: set[_Connection] = set()
 
     def _check_drained(self) -> None:
         if self.all_sent and self.outstanding <= 0:
@@ -114,7 +120,8 @@ class OpenLoop:
             self.non_2xx += 1
         self.outstanding -= 1
         self._check_drained()
-        self._ready(conn)
+        if not conn.closing:  # else wait for the close, then replace it
+            self._ready(conn)
 
     def _ready(self, conn: _Connection) -> None:
         if self.waiting:
@@ -124,9 +131,10 @@ class OpenLoop:
 
     def broken(self, conn: _Connection) -> None:
         """A connection closed: count the request it carried, and open another in its place."""
+        self.open.discard(conn)
         if conn in self.idle:
             self.idle.remove(conn)
-        else:
+        elif not conn.closing:
             self.errors += 1
             self.outstanding -= 1
             self._check_drained()
@@ -138,6 +146,7 @@ class OpenLoop:
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
         _, conn = await loop.create_connection(lambda: _Connection(self), *self.address)
+        self.open.add(conn)
         self._ready(conn)
 
     def submit(self, scheduled: float) -> None:
@@ -163,6 +172,10 @@ class OpenLoop:
         self._check_drained()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.drained.wait(), _DRAIN_SECONDS)
+        for conn in list(self.open):
+            if conn.transport is not None:
+                conn.transport.close()
+        await asyncio.sleep(0)  # let the transports finish closing
         elapsed = time.monotonic() - started
         done = len(self.latencies)
         return LoadResult(

@@ -87,7 +87,9 @@ def test_response_length_waits_for_the_whole_body() -> None:
     head = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 5\r\n\r\n"
 
     assert response_length(head + b"abc") is None
-    assert response_length(head + b"abcde" + b"HTTP/1.1") == (503, len(head) + 5)
+    assert response_length(head + b"abcde" + b"HTTP/1.1") == (503, len(head) + 5, False)
+    closing = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    assert response_length(closing) == (200, len(closing), True)
     assert response_length(b"HTTP/1.1 200 OK\r\n") is None
 
 
