@@ -112,6 +112,7 @@ def render_tables(results: dict[str, Any]) -> str:
     return "\n".join([
         f"Closed loop: wrk -t1 -c{plan['connections']} -d{plan['closed_seconds']:g}s, "
         f"median of {plan['rounds']} interleaved round(s); ratios to b, same run",
+        "",
         _table(
             ["setup", "RPS", "RPS/b", "p50 ms", "p99 ms", "p99.9 ms", "sidecar CPU µs/req",
              "CPU/b", "Envoy CPU µs/req", "Redis cmds/Check", "PG stmts/Check",
@@ -121,6 +122,7 @@ def render_tables(results: dict[str, Any]) -> str:
         "",
         f"Open loop: bench.openloop at {plan['open_rate']} rps for "
         f"{plan['open_seconds']:g}s, latency from each request's scheduled time",
+        "",
         _table(
             ["setup", "achieved rps", "p50 ms", "p99 ms", "p99.9 ms", "non-2xx / errors"],
             open_rows,
