@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
 
-.PHONY: install system-deps run test lint fmt bench clean deploy-configs protos lock
+.PHONY: install system-deps run test lint fmt bench bench-quick bench-memory bench-micro wrk clean \
+	deploy-configs protos lock
 
 # Every dependency at the version constraints.txt pins (`make lock` refreshes it), here and in
 # the Dockerfile, so a build never picks a new release by chance.
@@ -58,7 +59,26 @@ fmt: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-bench: $(STAMP)
+# Through a real Envoy with wrk (installed from Debian when missing); see README "Performance".
+WRK := $(shell command -v wrk)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+wrk:
+ifeq ($(WRK),)
+	$(SUDO) apt-get install -y wrk || { $(SUDO) apt-get update && $(SUDO) apt-get install -y wrk; }
+endif
+
+bench: $(STAMP) wrk
+	$(BIN)/python -m bench.envoy_bench
+
+bench-quick: $(STAMP) wrk
+	$(BIN)/python -m bench.envoy_bench --quick
+
+bench-memory: $(STAMP)
+	$(BIN)/python -m bench.envoy_bench --memory
+
+# In-process micro-benchmarks of the limiter and the servicer (no Envoy, no network).
+bench-micro: $(STAMP)
 	$(BIN)/python -m bench.bench_ratelimit
 	$(BIN)/python -m bench.bench_check
 
