@@ -15,6 +15,7 @@ from collections.abc import Callable
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from envoy.service.auth.v3.external_auth_pb2 import CheckRequest, CheckResponse
+from prometheus_client import Counter
 
 from authz.decision import (
     Allow,
@@ -102,13 +103,18 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             self._last_used.touch(outcome.grant.key_id)
             if outcome.strip_headers:
                 self._metrics.keys_stripped.inc(len(outcome.strip_headers))
+            if outcome.shadow_denial is not None:
+                self._count_denial(self._metrics.shadow_denials, outcome.shadow_denial)
             return self._renderer.render(outcome)
         self._metrics.checks.labels("deny", outcome.code).inc()
-        if outcome.workspace_id is not None:
-            self._metrics.workspace_denials.labels(
-                self._metrics.workspace(outcome.workspace_id), f"{outcome.code}:{outcome.type}"
-            ).inc()
+        self._count_denial(self._metrics.workspace_denials, outcome)
         return render_deny(outcome)
+
+    def _count_denial(self, counter: Counter, denial: Deny) -> None:
+        """One denial (real or shadow) of a known workspace, by `code:type`."""
+        if denial.workspace_id is not None:
+            label = self._metrics.workspace(denial.workspace_id)
+            counter.labels(label, f"{denial.code}:{denial.type}").inc()
 
     async def _decide(self, request: CheckRequest) -> Outcome:
         http = request.attributes.request.http
