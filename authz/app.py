@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from authz.server import StartupError, serve
 from authz.settings import Settings, SettingsError
 from authz.store import open_store
 from authz.store.base import Store
+from authz.tracing import Tracing
 from authz.usage.accesslog import AccessLogServicer
 from authz.usage.accountant import UsageAccountant
 from authz.usage.pricing import PriceTable
@@ -65,6 +67,7 @@ class App:
     health: health_aio.HealthServicer
     readiness: Readiness
     server: grpc.aio.Server
+    tracing: Tracing
 
 
 def build_limiter(settings: Settings, metrics: Metrics) -> RateLimiter:
@@ -91,6 +94,7 @@ async def build(
     limiter: RateLimiter | None = None,
     clock: Callable[[], float] | None = None,
     registry: CollectorRegistry | None = None,
+    tracing: Tracing | None = None,
 ) -> App:
     """Build everything `settings` describes; each override replaces one collaborator.
 
@@ -100,6 +104,8 @@ async def build(
     metrics = Metrics(
         registry or CollectorRegistry(), workspace_label=settings.metrics_workspace_label
     )
+    if tracing is None:
+        tracing = Tracing.from_environment(os.environ)
     if store is None:
         store = await open_store(settings.database_url, **settings.store_options())
     if limiter is None:
@@ -113,6 +119,7 @@ async def build(
         negative_ttl=settings.negative_cache_ttl_s,
         stale_if_error=settings.stale_if_error_s,
         clock=clock or time.monotonic,
+        tracing=tracing.check,
     )
     last_used = LastUsedRecorder(
         store, interval=settings.last_used_flush_s, clock=clock or time.time
@@ -137,6 +144,7 @@ async def build(
         fail_open=settings.failure_mode == "open",
         max_request_bytes=settings.max_request_bytes,
         wall_clock=clock or time.time,
+        tracing=tracing.check,
     )
     health = health_aio.HealthServicer()
     readiness = Readiness(
@@ -184,6 +192,7 @@ async def build(
         health=health,
         readiness=readiness,
         server=server,
+        tracing=tracing,
     )
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from envoy.service.auth.v3.external_auth_pb2 import CheckRequest, CheckResponse
+from prometheus_client import Counter
 
 from authz.decision import (
     Allow,
@@ -33,6 +34,7 @@ from authz.request import summarize
 from authz.resolver import KeyResolver
 from authz.responses import AllowRenderer, render_deny
 from authz.store.base import StoreUnavailable
+from authz.tracing import CheckTracing, traced_call
 from authz.usage.pricing import PriceTable
 from authz.usage.seeding import QuotaSeeder
 from ratelimit.limiter import (
@@ -45,6 +47,8 @@ from ratelimit.limiter import (
 )
 
 log = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext[CheckRequest, CheckResponse]
 
 
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
@@ -63,6 +67,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         fail_open: bool,
         max_request_bytes: int,
         wall_clock: Callable[[], float] = time.time,
+        tracing: CheckTracing | None = None,
     ) -> None:
         self._resolver = resolver
         self._limiter = limiter
@@ -74,6 +79,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         self._fail_open = fail_open
         self._max_request_bytes = max_request_bytes
         self._wall_clock = wall_clock
+        self._tracing = tracing
         self._latency = metrics.check_latency
         self._allowed = metrics.checks.labels("allow", "")
         self._allowed_open = metrics.checks.labels("allow_fail_open", "")
@@ -81,9 +87,13 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         self._near_requests = metrics.near_limit.labels(LimitKind.REQUESTS.value)
         self._near_tokens = metrics.near_limit.labels(LimitKind.TOKENS.value)
 
-    async def Check(
-        self, request: CheckRequest, context: grpc.aio.ServicerContext[CheckRequest, CheckResponse]
-    ) -> CheckResponse:
+    async def Check(self, request: CheckRequest, context: Context) -> CheckResponse:
+        if self._tracing is None:
+            return await self._check(request, context)
+        with self._tracing.check(request.attributes.request.http.headers):
+            return await self._check(request, context)
+
+    async def _check(self, request: CheckRequest, context: Context) -> CheckResponse:
         started = time.perf_counter()
         try:
             outcome = await self._decide(request)
@@ -97,18 +107,25 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             await context.abort(grpc.StatusCode.UNAVAILABLE, "rate limiter unavailable")
         finally:
             self._latency.observe(time.perf_counter() - started)
+        if self._tracing is not None:
+            self._tracing.outcome(outcome)
         if isinstance(outcome, Allow):
             (self._allowed_open if outcome.fail_open else self._allowed).inc()
             self._last_used.touch(outcome.grant.key_id)
             if outcome.strip_headers:
                 self._metrics.keys_stripped.inc(len(outcome.strip_headers))
+            if outcome.shadow_denial is not None:
+                self._count_denial(self._metrics.shadow_denials, outcome.shadow_denial)
             return self._renderer.render(outcome)
         self._metrics.checks.labels("deny", outcome.code).inc()
-        if outcome.workspace_id is not None:
-            self._metrics.workspace_denials.labels(
-                self._metrics.workspace(outcome.workspace_id), f"{outcome.code}:{outcome.type}"
-            ).inc()
+        self._count_denial(self._metrics.workspace_denials, outcome)
         return render_deny(outcome)
+
+    def _count_denial(self, counter: Counter, denial: Deny) -> None:
+        """One denial (real or shadow) of a known workspace, by `code:type`."""
+        if denial.workspace_id is not None:
+            label = self._metrics.workspace(denial.workspace_id)
+            counter.labels(label, f"{denial.code}:{denial.type}").inc()
 
     async def _decide(self, request: CheckRequest) -> Outcome:
         http = request.attributes.request.http
@@ -130,13 +147,14 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         fail_open = False
         if workspace.rpm or workspace.tpm or reservation.quota is not None:
             try:
-                rate = await self._limiter.acquire(
-                    workspace.id,
-                    Limits(rpm=workspace.rpm, tpm=workspace.tpm),
-                    reservation.tokens,
-                    quota=reservation.quota,
-                    spend_micros=reservation.spend_micros,
-                )
+                with traced_call(self._tracing, "ratelimit acquire"):
+                    rate = await self._limiter.acquire(
+                        workspace.id,
+                        Limits(rpm=workspace.rpm, tpm=workspace.tpm),
+                        reservation.tokens,
+                        quota=reservation.quota,
+                        spend_micros=reservation.spend_micros,
+                    )
             except RateLimitUnavailable:
                 if not self._fail_open:
                     raise

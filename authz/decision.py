@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, replace
 
 from authz.keys import is_well_formed, key_like_in, mask_key
-from authz.models import KeyGrant, Workspace
+from authz.models import Enforcement, KeyGrant, Workspace
 from authz.request import Generation, RequestSummary
 from authz.usage.periods import seconds_until_next_period
 from authz.usage.pricing import PriceTable
@@ -48,6 +48,9 @@ class Allow:
     fail_open: bool = False
     strip_headers: tuple[str, ...] = ()
     """Request headers to remove before the upstream because they hold a key."""
+    shadow_denial: Deny | None = None
+    """The 429 a shadow workspace's limits would have answered: admitted anyway, counted, and
+    marked upstream."""
 
 
 Outcome = Allow | Deny
@@ -240,18 +243,25 @@ def decide(
     if expired is not None:
         return expired
     requested_tokens = reservation.tokens
+    shadow_denial = None
     if rate is not None and not rate.allowed:
         if rate.quota_exceeded is not None:
             denial = quota_exhausted(workspace, requested_tokens, rate, now_ts=now_ts)
         else:
             denial = rate_limited(workspace, requested_tokens, rate)
         # The denial keeps its own rate view: a quota's retry-after runs to the next month.
-        return replace(denial, key_id=grant.key_id)
+        denial = replace(denial, key_id=grant.key_id)
+        if workspace.enforcement is not Enforcement.SHADOW:
+            return denial
+        # Shadow admits it. The limiter took nothing (all buckets or none), so nothing is
+        # reserved: reconciliation charges the request's real usage afterwards.
+        shadow_denial = denial
     return Allow(
         grant=grant,
         workspace=workspace,
-        reserved_tokens=requested_tokens,
+        reserved_tokens=0 if shadow_denial else requested_tokens,
         rate=rate,
         fail_open=fail_open,
         strip_headers=strip_headers,
+        shadow_denial=shadow_denial,
     )

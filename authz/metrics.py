@@ -128,6 +128,13 @@ class Metrics:
             ["workspace", "reason"],
             registry=registry,
         )
+        self.shadow_denials = Counter(
+            "authz_shadow_denials",
+            "Requests a shadow workspace admitted that its limits would have denied, by "
+            "workspace and reason (error code and type).",
+            ["workspace", "reason"],
+            registry=registry,
+        )
         self.reconciliations = Counter(
             "authz_usage_reconciliations",
             "Access-log entries reconciled, by result: reported, no_usage (reservation "

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 
 DEFAULT_RPM = 60
 DEFAULT_TPM = 100_000
 DEFAULT_KEY_LIMIT = 10
 DEFAULT_COMPLETION_TOKENS = 256
 """Tokens reserved for the completion when a request names no max_tokens (CONTRACT §3)."""
+
+
+class Enforcement(StrEnum):
+    """What a workspace does with a request its limits would refuse (CONTRACT §3)."""
+
+    ENFORCE = "enforce"
+    SHADOW = "shadow"
+    """Evaluate and reserve as usual, but admit: a dry run for rolling limits out."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +35,7 @@ class Workspace:
     monthly_spend_cap_usd: float | None
     created_at: datetime
     updated_at: datetime
+    enforcement: Enforcement = Enforcement.ENFORCE
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +79,7 @@ class WorkspaceUpdate:
     monthly_spend_cap_usd: float | None = None
     clear_quota: bool = False
     clear_spend_cap: bool = False
+    enforcement: Enforcement | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +93,7 @@ class NewWorkspace:
     default_completion_tokens: int = DEFAULT_COMPLETION_TOKENS
     monthly_token_quota: int | None = None
     monthly_spend_cap_usd: float | None = None
+    enforcement: Enforcement = Enforcement.ENFORCE
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,10 +11,13 @@ import asyncio
 import time
 from collections.abc import Callable
 
+from prometheus_client import Counter
+
 from authz.cache import TtlCache
 from authz.metrics import Metrics
 from authz.models import KeyGrant, Workspace
 from authz.store.base import Change, ChangeKind, Store, StoreUnavailable
+from authz.tracing import CheckTracing, traced_call
 
 Resolved = tuple[KeyGrant, Workspace]
 
@@ -33,8 +36,10 @@ class KeyResolver:
         negative_ttl: float,
         stale_if_error: float,
         clock: Callable[[], float] = time.monotonic,
+        tracing: CheckTracing | None = None,
     ) -> None:
         self._store = store
+        self._tracing = tracing
         self._metrics = metrics
         self._keys: TtlCache[bytes, KeyGrant] = TtlCache(
             max_size=size, ttl=ttl, clock=clock, max_stale=stale_if_error
@@ -58,21 +63,21 @@ class KeyResolver:
         if cached is not None and cached[1]:
             workspace = self._workspaces.get(cached[0].workspace_id)
             if workspace is not None and workspace[1]:
-                self._hit.inc()
+                self._count(self._hit, "hit")
                 return cached[0], workspace[0]
         elif cached is None:
             unknown = self._unknown.get(key_hash)
             if unknown is not None and unknown[1]:
-                self._negative_hit.inc()
+                self._count(self._negative_hit, "negative_hit")
                 return None
-        self._miss.inc()
+        self._count(self._miss, "miss")
         try:
             return await self._load_shared(key_hash)
         except StoreUnavailable:
             stale = self._stale_answer(key_hash)
             if stale is None:
                 raise
-            self._stale.inc()
+            self._count(self._stale, "stale")
             return stale
 
     async def workspace(self, workspace_id: str) -> Workspace | None:
@@ -120,7 +125,8 @@ class KeyResolver:
         epoch = self._epoch
         started = time.perf_counter()
         try:
-            result = await self._store.lookup_key(key_hash)
+            with traced_call(self._tracing, "store lookup_key"):
+                result = await self._store.lookup_key(key_hash)
         except StoreUnavailable:
             self._metrics.store_errors.labels("lookup_key").inc()
             raise
@@ -135,6 +141,12 @@ class KeyResolver:
                 self._keys.put(key_hash, result[0])
                 self._workspaces.put(result[1].id, result[1])
         return result
+
+    def _count(self, counter: Counter, result: str) -> None:
+        """A cache lookup's result, on the metrics and, when tracing, on the Check's span."""
+        counter.inc()
+        if self._tracing is not None:
+            self._tracing.cache(result)
 
     # ChangeSink
 

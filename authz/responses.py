@@ -27,6 +27,7 @@ OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 WORKSPACE_HEADER = "x-workspace-id"
 KEY_ID_HEADER = "x-api-key-id"
 FAIL_OPEN_HEADER = "x-authz-fail-open"
+SHADOW_DENY_HEADER = "x-authz-shadow-deny"
 _JSON = HeaderValueOption(header=HeaderValue(key="content-type", value="application/json"))
 _WWW_AUTHENTICATE = HeaderValueOption(header=HeaderValue(key="www-authenticate", value="Bearer"))
 _OK_STATUS = status_pb2.Status(code=code_pb2.OK)
@@ -114,11 +115,11 @@ class AllowRenderer:
     def __init__(self, *, keep_authorization: bool, identity_cache_size: int = 100_000) -> None:
         # The identity headers depend only on the key: built once per key, not per request.
         self._identity = lru_cache(maxsize=identity_cache_size)(_identity_headers)
-        # A client must never be able to claim fail-open on its own.
-        self._remove = (
-            [FAIL_OPEN_HEADER] if keep_authorization else ["authorization", FAIL_OPEN_HEADER]
-        )
+        # A client must never be able to claim fail-open or a shadow denial on its own.
+        ours = [FAIL_OPEN_HEADER, SHADOW_DENY_HEADER]
+        self._remove = ours if keep_authorization else ["authorization", *ours]
         self._remove_fail_open = [h for h in self._remove if h != FAIL_OPEN_HEADER]
+        self._remove_shadow = [h for h in self._remove if h != SHADOW_DENY_HEADER]
 
     def render(self, allow: Allow) -> CheckResponse:
         upstream = self._identity(allow.workspace.id, allow.grant.key_id)
@@ -126,6 +127,10 @@ class AllowRenderer:
         if allow.fail_open:
             upstream = (*upstream, _FAIL_OPEN)
             remove = self._remove_fail_open
+        elif allow.shadow_denial is not None:
+            mark = f"{allow.shadow_denial.code}:{allow.shadow_denial.type}"
+            upstream = (*upstream, _set(SHADOW_DENY_HEADER, mark))
+            remove = self._remove_shadow
         if allow.strip_headers:
             remove = [*remove, *allow.strip_headers]
         return CheckResponse(

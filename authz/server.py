@@ -83,6 +83,7 @@ async def stop(app: App, running: Running, *, drain_delay_s: float, grace_s: flo
     await asyncio.gather(*running.background, return_exceptions=True)
     await app.last_used.flush()
     await app.accountant.flush()
+    await app.tracing.shutdown()
     await app.limiter.close()
     await app.store.close()
     if running.http is not None:

@@ -51,6 +51,7 @@ def workspace_message(workspace: Workspace, *, active_keys: int) -> keys_pb2.Wor
         active_keys=active_keys,
         created_at=timestamp(workspace.created_at),
         updated_at=timestamp(workspace.updated_at),
+        enforcement=workspace.enforcement.value,
     )
     if workspace.monthly_token_quota is not None:
         message.monthly_token_quota = workspace.monthly_token_quota

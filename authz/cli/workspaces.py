@@ -7,11 +7,11 @@ from typing import Any, TextIO
 
 from authz.cli.output import CliError, emit, table, workspace_dict
 from authz.cli.parser import Commands, action_group, non_negative, usd
-from authz.models import CLI_ACTOR, NewWorkspace, Workspace, WorkspaceUpdate
+from authz.models import CLI_ACTOR, Enforcement, NewWorkspace, Workspace, WorkspaceUpdate
 from authz.store.base import Store
 from authz.textsafe import printable
 
-_COLUMNS = ("id", "name", "rpm", "tpm", "key_limit", "monthly_token_quota")
+_COLUMNS = ("id", "name", "rpm", "tpm", "key_limit", "monthly_token_quota", "enforcement")
 
 
 def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +25,11 @@ def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--monthly-token-quota", type=non_negative, help="tokens per UTC month")
     parser.add_argument("--monthly-spend-cap", type=usd, help="USD per UTC month")
+    parser.add_argument(
+        "--enforcement",
+        choices=[mode.value for mode in Enforcement],
+        help="enforce the limits (the default), or shadow: evaluate and count, but admit",
+    )
 
 
 def add_commands(commands: Commands, common: argparse.ArgumentParser) -> None:
@@ -51,6 +56,7 @@ def _limits(args: argparse.Namespace) -> dict[str, Any]:
         "default_completion_tokens": args.default_completion_tokens,
         "monthly_token_quota": args.monthly_token_quota,
         "monthly_spend_cap_usd": args.monthly_spend_cap,
+        "enforcement": None if args.enforcement is None else Enforcement(args.enforcement),
     }
     return {k: v for k, v in values.items() if v is not None}
 

@@ -86,6 +86,7 @@ def apply_update(current: Workspace, update: WorkspaceUpdate, *, updated_at: dat
         ),
         monthly_token_quota=quota,
         monthly_spend_cap_usd=cap,
+        enforcement=current.enforcement if update.enforcement is None else update.enforcement,
         updated_at=updated_at,
     )
 
@@ -151,6 +152,7 @@ _WORKSPACE_FIELDS = (
     "default_completion_tokens",
     "monthly_token_quota",
     "monthly_spend_cap_usd",
+    "enforcement",
 )
 _PRICE_FIELDS = ("input_per_1m_usd", "output_per_1m_usd")
 

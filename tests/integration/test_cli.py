@@ -50,6 +50,26 @@ def test_workspace_lifecycle(cli: Cli) -> None:
     assert cli("workspace", "show", created["id"]) == updated
 
 
+def test_workspace_enforcement_flag(cli: Cli) -> None:
+    assert cli("workspace", "create", "plain")["enforcement"] == "enforce"
+    created = cli("workspace", "create", "acme", "--enforcement", "shadow")
+    assert created["enforcement"] == "shadow"
+    updated = cli("workspace", "update", created["id"], "--enforcement", "enforce")
+    assert updated["enforcement"] == "enforce"
+    assert cli("workspace", "update", created["id"], "--rpm", "3")["enforcement"] == "enforce"
+    audit = cli("audit", "--workspace", created["id"])
+    assert "enforcement shadow \u2192 enforce" in [entry["detail"] for entry in audit]
+
+
+def test_unknown_enforcement_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["workspace", "update", "ws_x", "--enforcement", "dry-run"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("authz: error: argument --enforcement: invalid choice: 'dry-run'")
+    assert err.count("\n") == 1
+
+
 def test_key_secret_only_at_creation_and_limit_message(cli: Cli) -> None:
     workspace = cli("workspace", "create", "acme", "--key-limit", "1")
     key = cli("key", "create", "--workspace", workspace["id"], "--label", "svc")

@@ -19,7 +19,7 @@ from authz.api.gen import keys_pb2, keys_pb2_grpc
 from authz.identity import IdentityVerifier, load_issuers
 from authz.keys import generate_key, hash_key, is_well_formed
 from authz.keyservice import KeyServicer, client_address
-from authz.models import CLI_ACTOR, NewWorkspace, UsageRow
+from authz.models import CLI_ACTOR, Enforcement, NewWorkspace, UsageRow, WorkspaceUpdate
 from authz.rotation import rotation_label
 from authz.store.base import Change, ChangeKind, Store
 from tests.support.idp import TestIdp, new_ec_key
@@ -393,6 +393,7 @@ async def test_workspace_limits_and_usage(api: Api) -> None:
     )
     assert (workspace.name, workspace.key_limit, workspace.active_keys) == ("acme", 3, 1)
     assert not workspace.HasField("monthly_token_quota")
+    assert workspace.enforcement == "enforce"
     usage = await api.stub.GetUsage(
         keys_pb2.GetUsageRequest(workspace_id=api.workspace_id, key_id=key.key.id),
         metadata=api.auth(),
@@ -409,6 +410,15 @@ async def test_workspace_limits_and_usage(api: Api) -> None:
             "spend_usd": 0.25,
         }
     ]
+
+
+async def test_workspace_view_shows_shadow_enforcement(api: Api) -> None:
+    update = WorkspaceUpdate(enforcement=Enforcement.SHADOW)
+    await api.store.update_workspace(api.workspace_id, update, actor=CLI_ACTOR)
+    workspace = await api.stub.GetWorkspace(
+        keys_pb2.GetWorkspaceRequest(workspace_id=api.workspace_id), metadata=api.auth()
+    )
+    assert MessageToDict(workspace)["enforcement"] == "shadow"
 
 
 async def test_unknown_workspace_is_not_found_for_a_member(api: Api) -> None:

@@ -8,7 +8,15 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from authz.keys import generate_key, hash_key, mask_key, mint_key
-from authz.models import CLI_ACTOR, Actor, ModelPrice, NewKey, NewWorkspace, WorkspaceUpdate
+from authz.models import (
+    CLI_ACTOR,
+    Actor,
+    Enforcement,
+    ModelPrice,
+    NewKey,
+    NewWorkspace,
+    WorkspaceUpdate,
+)
 from authz.store.base import (
     PRICES_AUDIT,
     Change,
@@ -205,6 +213,34 @@ async def test_every_workspace_change_is_audited_field_by_field(store: Store) ->
         "name acme \u2192 acme2",
         "no change",
     ]
+
+
+async def test_enforcement_is_stored_looked_up_and_audited(
+    store: Store, open_replica: StoreOpener
+) -> None:
+    default = await store.create_workspace(NewWorkspace(name="plain"), actor=CLI_ACTOR)
+    assert default.enforcement is Enforcement.ENFORCE
+    created = await store.create_workspace(
+        NewWorkspace(name="acme", rpm=5, enforcement=Enforcement.SHADOW), actor=CLI_ACTOR
+    )
+    assert created.enforcement is Enforcement.SHADOW
+    secret, key = new_key(created.id)
+    await store.create_key(key, actor=CLI_ACTOR)
+    found = await store.lookup_key(hash_key(secret))
+    assert found is not None
+    assert found[1].enforcement is Enforcement.SHADOW  # what the Check path sees
+    other = await open_replica()
+    try:
+        update = WorkspaceUpdate(enforcement=Enforcement.ENFORCE)
+        updated = await other.update_workspace(created.id, update, actor=CLI_ACTOR)
+        # An update that names no mode keeps it.
+        again = await other.update_workspace(created.id, WorkspaceUpdate(rpm=6), actor=CLI_ACTOR)
+    finally:
+        await other.close()
+    assert updated.enforcement is again.enforcement is Enforcement.ENFORCE
+    assert await store.get_workspace(created.id) == again
+    details = [e.detail for e in await store.list_audit(created.id) if e.action.endswith("update")]
+    assert details == ["enforcement shadow \u2192 enforce", "rpm 5 \u2192 6"]
 
 
 async def test_price_changes_are_audited_with_old_and_new_prices(store: Store) -> None:

@@ -19,6 +19,7 @@ from authz.models import (
     Actor,
     ApiKey,
     AuditEntry,
+    Enforcement,
     KeyGrant,
     ModelPrice,
     NewKey,
@@ -57,7 +58,12 @@ EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def workspace(
-    ws_id: str = "ws_test", *, rpm: int = 0, tpm: int = 0, default_completion: int = 16
+    ws_id: str = "ws_test",
+    *,
+    rpm: int = 0,
+    tpm: int = 0,
+    default_completion: int = 16,
+    enforcement: Enforcement = Enforcement.ENFORCE,
 ) -> Workspace:
     return Workspace(
         id=ws_id,
@@ -70,6 +76,7 @@ def workspace(
         monthly_spend_cap_usd=None,
         created_at=EPOCH,
         updated_at=EPOCH,
+        enforcement=enforcement,
     )
 
 
@@ -164,6 +171,7 @@ class FakeStore:
             monthly_spend_cap_usd=new.monthly_spend_cap_usd,
             created_at=now,
             updated_at=now,
+            enforcement=new.enforcement,
         )
         self.workspaces[created.id] = created
         self._audit(now, created.id, None, "workspace.create", actor, new.name)

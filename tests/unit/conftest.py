@@ -16,6 +16,7 @@ from authz.metrics import Metrics
 from authz.resolver import KeyResolver
 from authz.server import Running, start
 from authz.settings import Settings
+from authz.tracing import Tracing
 from ratelimit.limiter import RateLimiter
 from ratelimit.memory import InMemoryRateLimiter
 from tests.support.clock import FakeClock
@@ -59,7 +60,11 @@ UNIT_SETTINGS = Settings(
 
 
 async def start_sidecar(
-    *, keep_authorization: bool = False, fail_open: bool = False, limiter: RateLimiter | None = None
+    *,
+    keep_authorization: bool = False,
+    fail_open: bool = False,
+    limiter: RateLimiter | None = None,
+    tracing: Tracing | None = None,
 ) -> tuple[Sidecar, Started]:
     store = FakeStore()
     # One clock moves the cache, grace deadlines, last_used_at and the buckets together.
@@ -74,6 +79,7 @@ async def start_sidecar(
         store=store,
         limiter=limiter or InMemoryRateLimiter(clock_ms=clock.ms),
         clock=clock,
+        tracing=tracing or Tracing(),
     )
     running = await start(app, serve_metrics=False)
     address = f"127.0.0.1:{running.grpc_port}"

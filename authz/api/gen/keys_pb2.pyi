@@ -115,7 +115,7 @@ class GetWorkspaceRequest(_message.Message):
     def __init__(self, workspace_id: _Optional[str] = ...) -> None: ...
 
 class Workspace(_message.Message):
-    __slots__ = ("id", "name", "rpm", "tpm", "key_limit", "default_completion_tokens", "monthly_token_quota", "monthly_spend_cap_usd", "active_keys", "created_at", "updated_at")
+    __slots__ = ("id", "name", "rpm", "tpm", "key_limit", "default_completion_tokens", "monthly_token_quota", "monthly_spend_cap_usd", "active_keys", "created_at", "updated_at", "enforcement")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     RPM_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +127,7 @@ class Workspace(_message.Message):
     ACTIVE_KEYS_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    ENFORCEMENT_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     rpm: int
@@ -138,7 +139,8 @@ class Workspace(_message.Message):
     active_keys: int
     created_at: _timestamp_pb2.Timestamp
     updated_at: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., rpm: _Optional[int] = ..., tpm: _Optional[int] = ..., key_limit: _Optional[int] = ..., default_completion_tokens: _Optional[int] = ..., monthly_token_quota: _Optional[int] = ..., monthly_spend_cap_usd: _Optional[float] = ..., active_keys: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    enforcement: str
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., rpm: _Optional[int] = ..., tpm: _Optional[int] = ..., key_limit: _Optional[int] = ..., default_completion_tokens: _Optional[int] = ..., monthly_token_quota: _Optional[int] = ..., monthly_spend_cap_usd: _Optional[float] = ..., active_keys: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., enforcement: _Optional[str] = ...) -> None: ...
 
 class GetUsageRequest(_message.Message):
     __slots__ = ("workspace_id", "key_id", "since", "until")
