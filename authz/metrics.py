@@ -105,7 +105,8 @@ class Metrics:
         )
         self.workspace_tokens = Counter(
             "authz_workspace_tokens",
-            "Tokens the upstream reported, by workspace and kind (prompt, completion).",
+            "Tokens charged, by workspace and kind: prompt and completion (reported by the "
+            "upstream), estimated (usage not reported: the reservation charged).",
             ["workspace", "kind"],
             registry=registry,
         )
@@ -130,8 +131,9 @@ class Metrics:
         )
         self.reconciliations = Counter(
             "authz_usage_reconciliations",
-            "Access-log entries reconciled, by result: reported, no_usage (reservation "
-            "refunded), limiter_unavailable (bucket not adjusted).",
+            "Access-log entries reconciled, by result: reported, estimated (no usage "
+            "reported: the reservation charged), no_usage (an error answer or nothing "
+            "reserved: refunded), limiter_unavailable (bucket not adjusted).",
             ["result"],
             registry=registry,
         )

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 
 DEFAULT_RPM = 60
 DEFAULT_TPM = 100_000
 DEFAULT_KEY_LIMIT = 10
 DEFAULT_COMPLETION_TOKENS = 256
 """Tokens reserved for the completion when a request names no max_tokens (CONTRACT §3)."""
+
+
+class StreamingUsage(StrEnum):
+    """What a workspace does with a stream that will not report its usage (no
+    `stream_options.include_usage`): charge the reservation as an estimate, or refuse it (400)."""
+
+    ESTIMATE = "estimate"
+    REQUIRE = "require"
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +35,7 @@ class Workspace:
     monthly_spend_cap_usd: float | None
     created_at: datetime
     updated_at: datetime
+    streaming_usage: StreamingUsage = StreamingUsage.ESTIMATE
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +79,7 @@ class WorkspaceUpdate:
     monthly_spend_cap_usd: float | None = None
     clear_quota: bool = False
     clear_spend_cap: bool = False
+    streaming_usage: StreamingUsage | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +93,7 @@ class NewWorkspace:
     default_completion_tokens: int = DEFAULT_COMPLETION_TOKENS
     monthly_token_quota: int | None = None
     monthly_spend_cap_usd: float | None = None
+    streaming_usage: StreamingUsage = StreamingUsage.ESTIMATE
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +150,16 @@ class UsageRow:
     errors_4xx: int
     errors_5xx: int
     spend_usd: float
+    estimated_requests: int = 0
+    """Requests whose usage the upstream did not report, charged their reservation instead."""
+    estimated_tokens: int = 0
+    """Tokens charged by estimate for those requests; not in prompt/completion_tokens, which
+    hold only what the upstream reported."""
+
+    @property
+    def tokens(self) -> int:
+        """Every token charged: reported and estimated."""
+        return self.prompt_tokens + self.completion_tokens + self.estimated_tokens
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,7 @@ from typing import Any, TextIO
 
 from authz.cli.output import CliError, emit, table, workspace_dict
 from authz.cli.parser import Commands, action_group, non_negative, usd
-from authz.models import CLI_ACTOR, NewWorkspace, Workspace, WorkspaceUpdate
+from authz.models import CLI_ACTOR, NewWorkspace, StreamingUsage, Workspace, WorkspaceUpdate
 from authz.store.base import Store
 from authz.textsafe import printable
 
@@ -25,6 +25,13 @@ def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--monthly-token-quota", type=non_negative, help="tokens per UTC month")
     parser.add_argument("--monthly-spend-cap", type=usd, help="USD per UTC month")
+    parser.add_argument(
+        "--streaming-usage",
+        type=StreamingUsage,
+        choices=list(StreamingUsage),
+        help="a stream without stream_options.include_usage: estimate (charge its reservation, "
+        "the default) or require (refuse it with 400)",
+    )
 
 
 def add_commands(commands: Commands, common: argparse.ArgumentParser) -> None:
@@ -51,6 +58,7 @@ def _limits(args: argparse.Namespace) -> dict[str, Any]:
         "default_completion_tokens": args.default_completion_tokens,
         "monthly_token_quota": args.monthly_token_quota,
         "monthly_spend_cap_usd": args.monthly_spend_cap,
+        "streaming_usage": args.streaming_usage,
     }
     return {k: v for k, v in values.items() if v is not None}
 

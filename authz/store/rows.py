@@ -6,11 +6,19 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Protocol
 
-from authz.models import ApiKey, AuditEntry, KeyGrant, ModelPrice, UsageRow, Workspace
+from authz.models import (
+    ApiKey,
+    AuditEntry,
+    KeyGrant,
+    ModelPrice,
+    StreamingUsage,
+    UsageRow,
+    Workspace,
+)
 
 WORKSPACE_COLUMNS = (
     "id, name, rpm, tpm, key_limit, default_completion_tokens, monthly_token_quota, "
-    "monthly_spend_cap_usd, created_at, updated_at"
+    "monthly_spend_cap_usd, created_at, updated_at, streaming_usage"
 )
 KEY_COLUMNS = "id, workspace_id, label, mask, created_at, revoked_at, last_used_at, expires_at"
 AUDIT_COLUMNS = (
@@ -45,6 +53,7 @@ def workspace_from_row(row: Row, parse: TimeParser, prefix: str = "") -> Workspa
         monthly_spend_cap_usd=None if cap is None else float(cap),
         created_at=parse(row[prefix + "created_at"]),
         updated_at=parse(row[prefix + "updated_at"]),
+        streaming_usage=StreamingUsage(row[prefix + "streaming_usage"]),
     )
 
 
@@ -91,7 +100,8 @@ LOOKUP_COLUMNS = (
     "w.key_limit AS ws_key_limit, w.default_completion_tokens AS ws_default_completion_tokens, "
     "w.monthly_token_quota AS ws_monthly_token_quota, "
     "w.monthly_spend_cap_usd AS ws_monthly_spend_cap_usd, "
-    "w.created_at AS ws_created_at, w.updated_at AS ws_updated_at"
+    "w.created_at AS ws_created_at, w.updated_at AS ws_updated_at, "
+    "w.streaming_usage AS ws_streaming_usage"
 )
 
 
@@ -107,6 +117,8 @@ def usage_from_row(row: Row, parse: TimeParser) -> UsageRow:
         errors_4xx=int(row["errors_4xx"]),
         errors_5xx=int(row["errors_5xx"]),
         spend_usd=float(row["spend_usd"]),
+        estimated_requests=int(row["estimated_requests"]),
+        estimated_tokens=int(row["estimated_tokens"]),
     )
 
 

@@ -113,7 +113,7 @@ class SqlStore(KeyRules):
         async def work(tx: Tx) -> Workspace:
             await tx.execute(
                 f"INSERT INTO workspaces ({WORKSPACE_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 workspace_id,
                 new.name,
                 new.rpm,
@@ -124,6 +124,7 @@ class SqlStore(KeyRules):
                 new.monthly_spend_cap_usd,
                 self._t(now),
                 self._t(now),
+                new.streaming_usage.value,
             )
             await self._audit(tx, now, workspace_id, None, "workspace.create", actor, new.name)
             return await self._locked_workspace(tx, workspace_id)
@@ -144,7 +145,7 @@ class SqlStore(KeyRules):
             await tx.execute(
                 "UPDATE workspaces SET name = ?, rpm = ?, tpm = ?, key_limit = ?, "
                 "default_completion_tokens = ?, monthly_token_quota = ?, "
-                "monthly_spend_cap_usd = ?, updated_at = ? WHERE id = ?",
+                "monthly_spend_cap_usd = ?, streaming_usage = ?, updated_at = ? WHERE id = ?",
                 updated.name,
                 updated.rpm,
                 updated.tpm,
@@ -152,6 +153,7 @@ class SqlStore(KeyRules):
                 updated.default_completion_tokens,
                 updated.monthly_token_quota,
                 updated.monthly_spend_cap_usd,
+                updated.streaming_usage.value,
                 self._t(now),
                 workspace_id,
             )
@@ -210,7 +212,7 @@ class SqlStore(KeyRules):
                 return False
             await tx.executemany(
                 f"INSERT INTO usage_hourly ({USAGE_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) " + USAGE_UPSERT,
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) " + USAGE_UPSERT,
                 values,
             )
             return True
@@ -223,7 +225,8 @@ class SqlStore(KeyRules):
     ) -> tuple[int, float]:
         row = await self._read(
             lambda tx: tx.fetchrow(
-                "SELECT coalesce(sum(prompt_tokens + completion_tokens), 0) AS tokens, "
+                "SELECT coalesce(sum(prompt_tokens + completion_tokens + estimated_tokens), 0) "
+                "AS tokens, "
                 "coalesce(sum(spend_usd), 0) AS spend FROM usage_hourly "
                 "WHERE workspace_id = ? AND hour >= ? AND hour < ?",
                 workspace_id,

@@ -1,7 +1,8 @@
 """Reconciliation: what each allowed request really used, charged where it belongs.
 
 For every access-log entry: the TPM bucket gets the difference between reserved and used
-tokens (a full refund when the upstream reported nothing), the month's token and spend
+tokens (usage the upstream did not report is charged by estimate, never free: see
+`UsageEvent.estimated_tokens`), the month's token and spend
 counters grow, per-workspace metrics move, and the hourly ledger aggregates in memory until
 the next flush. A flush is one idempotent batch: a retry after an error reuses its batch id,
 so it can never be counted twice.
@@ -18,12 +19,12 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from authz.metrics import Metrics
-from authz.models import UsageRow
+from authz.models import ModelPrice, UsageRow
 from authz.resolver import KeyResolver
 from authz.store.base import Change, ChangeKind, Store, StoreUnavailable
 from authz.usage.events import UsageEvent
 from authz.usage.periods import hour_of, period_of
-from authz.usage.pricing import PriceTable
+from authz.usage.pricing import PriceTable, estimate_micros, spend_micros
 from authz.usage.seeding import month_from_ledger
 from ratelimit.limiter import Limits, RateLimiter, RateLimitUnavailable
 
@@ -40,6 +41,8 @@ class _Tally:
     errors_4xx: int = 0
     errors_5xx: int = 0
     spend_micros: int = 0
+    estimated_requests: int = 0
+    estimated_tokens: int = 0
 
 
 class UsageAccountant:
@@ -69,12 +72,17 @@ class UsageAccountant:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def record(self, event: UsageEvent) -> None:
-        spend = self._prices.spend_micros(
-            event.model, event.prompt_tokens or 0, event.completion_tokens or 0
-        )
+        price = self._price_of(event)
+        spend = spend_micros(
+            price, event.prompt_tokens or 0, event.completion_tokens or 0
+        ) + estimate_micros(price, event.estimated_tokens)
         await self._reconcile(event, spend)
         self._tally(event, spend)
         self._observe(event, spend)
+
+    def _price_of(self, event: UsageEvent) -> ModelPrice | None:
+        """The one place an event's price is chosen."""
+        return self._prices.price_for(event.model)
 
     async def _reconcile(self, event: UsageEvent, spend_micros: int) -> None:
         workspace = await self._resolver.workspace(event.workspace_id)
@@ -98,7 +106,13 @@ class UsageAccountant:
             self._metrics.reconciliations.labels("limiter_unavailable").inc()
             log.warning("usage: bucket not adjusted for %s: %s", event.workspace_id, error)
             return
-        self._metrics.reconciliations.labels("reported" if event.reported else "no_usage").inc()
+        if event.reported:
+            outcome = "reported"
+        elif event.estimated_tokens:
+            outcome = "estimated"
+        else:
+            outcome = "no_usage"
+        self._metrics.reconciliations.labels(outcome).inc()
 
     async def _restore_month(self, workspace_id: str, limits: Limits, period: str) -> None:
         """This call created the month's counters (Redis lost them, or a new process): add what
@@ -133,6 +147,8 @@ class UsageAccountant:
         tally.errors_4xx += 400 <= event.status < 500
         tally.errors_5xx += event.status >= 500 or event.status == 0
         tally.spend_micros += spend_micros
+        tally.estimated_requests += event.estimated_tokens > 0
+        tally.estimated_tokens += event.estimated_tokens
 
     def _observe(self, event: UsageEvent, spend_micros: int) -> None:
         metrics = self._metrics
@@ -143,6 +159,8 @@ class UsageAccountant:
             metrics.workspace_tokens.labels(label, "prompt").inc(event.prompt_tokens)
         if event.completion_tokens:
             metrics.workspace_tokens.labels(label, "completion").inc(event.completion_tokens)
+        if event.estimated_tokens:
+            metrics.workspace_tokens.labels(label, "estimated").inc(event.estimated_tokens)
         if spend_micros:
             metrics.workspace_spend.labels(label).inc(spend_micros / 1e6)
         if event.upstream_seconds is not None:
@@ -164,6 +182,8 @@ class UsageAccountant:
                         errors_4xx=t.errors_4xx,
                         errors_5xx=t.errors_5xx,
                         spend_usd=t.spend_micros / 1e6,
+                        estimated_requests=t.estimated_requests,
+                        estimated_tokens=t.estimated_tokens,
                     )
                     for (hour, workspace_id, key_id, model), t in self._pending.items()
                 ]

@@ -19,6 +19,10 @@ EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
 USAGE_NAMESPACE = "oais.usage"
 UNKNOWN_MODEL = "unknown"
 _MAX_TOKENS = 10**12
+PROVEN_BYTES_PER_TOKEN = 400
+"""A response of N body bytes carried at least N // 400 tokens: no SSE chunk or JSON choice that
+holds a token is longer than this (OpenAI's are about 150-250 bytes), so a hung-up stream's bytes
+prove a floor on what it generated, never more than it did."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +38,7 @@ class UsageEvent:
     status: int
     started_at: datetime
     upstream_seconds: float | None
+    response_bytes: int = 0
 
     @property
     def reported(self) -> bool:
@@ -41,8 +46,20 @@ class UsageEvent:
         return self.prompt_tokens is not None or self.completion_tokens is not None
 
     @property
+    def estimated_tokens(self) -> int:
+        """Tokens charged by estimate: 0 when the upstream reported usage, or answered with an
+        error (4xx/5xx, which generates nothing billable). Otherwise unknown usage is never free:
+        the reservation, or more when the response's bytes prove more (a stream without
+        `include_usage`, or a client that hung up before the final chunk)."""
+        if self.reported or 400 <= self.status < 600:
+            return 0
+        return max(self.reserved_tokens, self.response_bytes // PROVEN_BYTES_PER_TOKEN)
+
+    @property
     def tokens_used(self) -> int:
-        return (self.prompt_tokens or 0) + (self.completion_tokens or 0)
+        """Every token charged: what the upstream reported, else the estimate."""
+        reported = (self.prompt_tokens or 0) + (self.completion_tokens or 0)
+        return reported + self.estimated_tokens
 
 
 def _count(fields: Struct, name: str) -> int | None:
@@ -103,4 +120,5 @@ def parse_entry(entry: HTTPAccessLogEntry) -> UsageEvent | None:
         status=entry.response.response_code.value,
         started_at=common.start_time.ToDatetime(tzinfo=UTC),
         upstream_seconds=upstream,
+        response_bytes=min(entry.response.response_body_bytes, _MAX_TOKENS),
     )

@@ -8,7 +8,15 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from authz.keys import generate_key, hash_key, mask_key, mint_key
-from authz.models import CLI_ACTOR, Actor, ModelPrice, NewKey, NewWorkspace, WorkspaceUpdate
+from authz.models import (
+    CLI_ACTOR,
+    Actor,
+    ModelPrice,
+    NewKey,
+    NewWorkspace,
+    StreamingUsage,
+    WorkspaceUpdate,
+)
 from authz.store.base import (
     PRICES_AUDIT,
     Change,
@@ -220,3 +228,19 @@ async def test_price_changes_are_audited_with_old_and_new_prices(store: Store) -
         ),
         ("price.set", "cli", "gpt: input_per_1m_usd 1.5 \u2192 2.0"),
     ]
+
+
+async def test_streaming_usage_policy_is_stored_and_audited(store: Store) -> None:
+    created = await store.create_workspace(
+        NewWorkspace(name="streams", streaming_usage=StreamingUsage.REQUIRE), actor=CLI_ACTOR
+    )
+    assert created.streaming_usage is StreamingUsage.REQUIRE
+    assert (await store.get_workspace(created.id)) == created
+    updated = await store.update_workspace(
+        created.id, WorkspaceUpdate(streaming_usage=StreamingUsage.ESTIMATE), actor=CLI_ACTOR
+    )
+    assert updated.streaming_usage is StreamingUsage.ESTIMATE
+    details = [e.detail for e in await store.list_audit(created.id)]
+    assert details[-1] == "streaming_usage require \u2192 estimate"
+    default = await store.create_workspace(NewWorkspace(name="plain"), actor=CLI_ACTOR)
+    assert default.streaming_usage is StreamingUsage.ESTIMATE
