@@ -139,8 +139,26 @@ class Metrics:
         )
         self.ledger_flushes = Counter(
             "authz_ledger_flushes",
-            "Ledger flushes by result: applied, duplicate (a retry already applied), failed.",
+            "Ledger flushes by result: applied, duplicate (a retry already applied), failed "
+            "(an outage: retried), split (refused for a reason other than an outage: retried "
+            "row by row).",
             ["result"],
+            registry=registry,
+        )
+        self.ledger_rows_set_aside = Counter(
+            "authz_ledger_rows_set_aside",
+            "Ledger rows the store refused even alone, set aside so the rest still land.",
+            registry=registry,
+        )
+        self.ledger_queue_rows = Gauge(
+            "authz_ledger_queue_rows",
+            "Ledger rows waiting to be written (bounded; readiness fails while it is full).",
+            registry=registry,
+        )
+        self.usage_fields_rejected = Counter(
+            "authz_usage_fields_rejected",
+            "Strings from responses replaced by a marker (not printable, or too long), by field.",
+            ["field"],
             registry=registry,
         )
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from authz.metrics import Metrics
 from authz.models import ModelPrice, UsageRow
 from authz.resolver import KeyResolver
 from authz.store.base import Change, ChangeKind, Store, StoreUnavailable
+from authz.textsafe import printable
 from authz.usage.events import UsageEvent
 from authz.usage.periods import hour_of, period_of
 from authz.usage.pricing import PriceTable, estimate_micros, spend_micros
@@ -31,6 +33,9 @@ from ratelimit.limiter import Limits, RateLimiter, RateLimitUnavailable
 log = logging.getLogger(__name__)
 
 LedgerKey = tuple[datetime, str, str, str]
+MAX_QUEUED_ROWS = 100_000
+"""Ledger rows held for retry during a database outage before readiness fails (~30 MB)."""
+SET_ASIDE_LOG_INTERVAL_S = 60.0
 
 
 @dataclass(slots=True)
@@ -57,6 +62,7 @@ class UsageAccountant:
         prices: PriceTable,
         metrics: Metrics,
         flush_interval: float,
+        max_queued_rows: int = MAX_QUEUED_ROWS,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
@@ -68,10 +74,15 @@ class UsageAccountant:
         self._clock = clock
         self._pending: dict[LedgerKey, _Tally] = {}
         self._unapplied: list[tuple[str, list[UsageRow]]] = []
+        self._max_queued_rows = max_queued_rows
+        self._set_aside_logged_at = -math.inf
+        self._unlogged_set_aside = 0
         self._flush_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def record(self, event: UsageEvent) -> None:
+        for field in event.rejected:
+            self._metrics.usage_fields_rejected.labels(field).inc()
         price = self._price_of(event)
         spend = spend_micros(
             price, event.prompt_tokens or 0, event.completion_tokens or 0
@@ -167,29 +178,17 @@ class UsageAccountant:
             metrics.workspace_upstream_latency.labels(label).observe(event.upstream_seconds)
 
     async def flush(self) -> None:
-        """Write what was tallied; retried batches keep their id so they apply once."""
+        """Write what was tallied; retried batches keep their id so they apply once.
+
+        An outage (StoreUnavailable) stops the flush until the next one. A batch the store
+        refuses for any other reason (a value it cannot hold) is split and retried row by row,
+        and a row it still refuses is set aside: one bad row never stops the ledger.
+        """
         async with self._flush_lock:
-            if self._pending:
-                rows = [
-                    UsageRow(
-                        hour=hour,
-                        workspace_id=workspace_id,
-                        key_id=key_id,
-                        model=model,
-                        requests=t.requests,
-                        prompt_tokens=t.prompt_tokens,
-                        completion_tokens=t.completion_tokens,
-                        errors_4xx=t.errors_4xx,
-                        errors_5xx=t.errors_5xx,
-                        spend_usd=t.spend_micros / 1e6,
-                        estimated_requests=t.estimated_requests,
-                        estimated_tokens=t.estimated_tokens,
-                    )
-                    for (hour, workspace_id, key_id, model), t in self._pending.items()
-                ]
-                self._pending = {}
-                self._unapplied.append((uuid.uuid4().hex, rows))
-            while self._unapplied:
+            while True:
+                self._enqueue_pending()
+                if not self._unapplied:
+                    return
                 batch_id, rows = self._unapplied[0]
                 try:
                     applied = await self._store.apply_usage_batch(batch_id, rows)
@@ -197,8 +196,63 @@ class UsageAccountant:
                     self._metrics.ledger_flushes.labels("failed").inc()
                     log.warning("ledger: flush of %d rows failed, will retry: %s", len(rows), error)
                     return
+                except Exception as error:  # refused data, not an outage: see the docstring
+                    self._unapplied.pop(0)
+                    if len(rows) > 1:
+                        self._metrics.ledger_flushes.labels("split").inc()
+                        # The refused batch rolled back whole: each row is new to the store.
+                        singles = [(f"{batch_id}.{n}", [row]) for n, row in enumerate(rows)]
+                        self._unapplied[0:0] = singles
+                    else:
+                        self._set_aside(rows[0], error)
+                    self._count_queue()
+                    continue
                 self._metrics.ledger_flushes.labels("applied" if applied else "duplicate").inc()
                 self._unapplied.pop(0)
+                self._count_queue()
+
+    def _enqueue_pending(self) -> None:
+        """Move the tally into the retry queue while the queue has room. When it is full the
+        tally keeps aggregating in place (one row per hour, key and model), and readiness says
+        so until the store takes the backlog."""
+        if not self._pending or self._queued_rows() + len(self._pending) > self._max_queued_rows:
+            return
+        rows = [_row(key, tally) for key, tally in self._pending.items()]
+        self._pending = {}
+        self._unapplied.append((uuid.uuid4().hex, rows))
+        self._count_queue()
+
+    def _queued_rows(self) -> int:
+        return sum(len(rows) for _, rows in self._unapplied)
+
+    def _count_queue(self) -> None:
+        self._metrics.ledger_queue_rows.set(self._queued_rows())
+
+    def backlog_problem(self) -> str | None:
+        """A readiness reason while the retry queue is full, else None."""
+        queued = self._queued_rows()
+        if queued + len(self._pending) <= self._max_queued_rows:
+            return None
+        return f"{queued} rows wait for the ledger (limit {self._max_queued_rows})"
+
+    def _set_aside(self, row: UsageRow, error: Exception) -> None:
+        self._metrics.ledger_rows_set_aside.inc()
+        self._unlogged_set_aside += 1
+        now = self._clock()
+        if now - self._set_aside_logged_at < SET_ASIDE_LOG_INTERVAL_S:
+            return
+        log.error(
+            "ledger: store refused a row for %s/%s %s model %s (%s); set aside, "
+            "%d such rows since the last report",
+            row.workspace_id,
+            row.key_id,
+            row.hour.isoformat(),
+            printable(row.model),
+            type(error).__name__,
+            self._unlogged_set_aside,
+        )
+        self._set_aside_logged_at = now
+        self._unlogged_set_aside = 0
 
     async def load_prices(self) -> None:
         try:
@@ -226,3 +280,21 @@ class UsageAccountant:
         # Keep a reference until done: the loop holds tasks only weakly.
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _row(key: LedgerKey, tally: _Tally) -> UsageRow:
+    hour, workspace_id, key_id, model = key
+    return UsageRow(
+        hour=hour,
+        workspace_id=workspace_id,
+        key_id=key_id,
+        model=model,
+        requests=tally.requests,
+        prompt_tokens=tally.prompt_tokens,
+        completion_tokens=tally.completion_tokens,
+        errors_4xx=tally.errors_4xx,
+        errors_5xx=tally.errors_5xx,
+        spend_usd=tally.spend_micros / 1e6,
+        estimated_requests=tally.estimated_requests,
+        estimated_tokens=tally.estimated_tokens,
+    )

@@ -18,6 +18,10 @@ from google.protobuf.struct_pb2 import Struct
 EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
 USAGE_NAMESPACE = "oais.usage"
 UNKNOWN_MODEL = "unknown"
+INVALID_TEXT = "(invalid)"
+"""What a response's string becomes when it is not printable or too long: a NUL, a control
+character or a megabyte of model name never reaches the ledger, a log line or a terminal."""
+MAX_TEXT = 128
 _MAX_TOKENS = 10**12
 PROVEN_BYTES_PER_TOKEN = 400
 """A response of N body bytes carried at least N // 400 tokens: no SSE chunk or JSON choice that
@@ -39,6 +43,8 @@ class UsageEvent:
     started_at: datetime
     upstream_seconds: float | None
     response_bytes: int = 0
+    rejected: tuple[str, ...] = ()
+    """Names of the response's fields replaced by INVALID_TEXT."""
 
     @property
     def reported(self) -> bool:
@@ -74,13 +80,24 @@ def _count(fields: Struct, name: str) -> int | None:
     return min(int(number), _MAX_TOKENS)
 
 
-def _text(fields: Struct, name: str) -> str | None:
+def _raw_text(fields: Struct, name: str) -> str | None:
     if name not in fields.fields:
         return None
     value = fields.fields[name]
     if value.WhichOneof("kind") != "string_value":
         return None
-    return value.string_value[:128] or None
+    return value.string_value or None
+
+
+def valid_text(text: str) -> bool:
+    """Printable (no NUL, control, separator or bidi character) and at most MAX_TEXT long."""
+    return len(text) <= MAX_TEXT and text.isprintable()
+
+
+def _text(fields: Struct, name: str) -> str | None:
+    """Our own metadata: a string that is not valid counts as absent."""
+    text = _raw_text(fields, name)
+    return text if text is not None and valid_text(text) else None
 
 
 def _seconds(duration: Duration) -> float:
@@ -101,6 +118,10 @@ def parse_entry(entry: HTTPAccessLogEntry) -> UsageEvent | None:
     if workspace_id is None or key_id is None:
         return None
     usage = metadata[USAGE_NAMESPACE] if USAGE_NAMESPACE in metadata else Struct()
+    model = _raw_text(usage, "model") or UNKNOWN_MODEL
+    rejected: tuple[str, ...] = ()
+    if not valid_text(model):
+        model, rejected = INVALID_TEXT, ("model",)
     upstream: float | None = None
     if common.HasField("time_to_first_upstream_tx_byte") and common.HasField(
         "time_to_last_upstream_rx_byte"
@@ -114,11 +135,12 @@ def parse_entry(entry: HTTPAccessLogEntry) -> UsageEvent | None:
         workspace_id=workspace_id,
         key_id=key_id,
         reserved_tokens=_count(authz, "reserved_tokens") or 0,
-        model=_text(usage, "model") or UNKNOWN_MODEL,
+        model=model,
         prompt_tokens=_count(usage, "prompt_tokens"),
         completion_tokens=_count(usage, "completion_tokens"),
         status=entry.response.response_code.value,
         started_at=common.start_time.ToDatetime(tzinfo=UTC),
         upstream_seconds=upstream,
         response_bytes=min(entry.response.response_body_bytes, _MAX_TOKENS),
+        rejected=rejected,
     )
