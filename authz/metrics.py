@@ -133,7 +133,7 @@ class Metrics:
             "authz_usage_reconciliations",
             "Access-log entries reconciled, by result: reported, estimated (no usage "
             "reported: the reservation charged), no_usage (an error answer or nothing "
-            "reserved: refunded), limiter_unavailable (bucket not adjusted).",
+            "reserved: refunded), limiter_unavailable (a counter update failed: retried).",
             ["result"],
             registry=registry,
         )
@@ -153,6 +153,12 @@ class Metrics:
         self.ledger_queue_rows = Gauge(
             "authz_ledger_queue_rows",
             "Ledger rows waiting to be written (bounded; readiness fails while it is full).",
+            registry=registry,
+        )
+        self.usage_counter_queue = Gauge(
+            "authz_usage_counter_queue",
+            "Usage reports whose quota counters and bucket wait for a retry (rate limiter or "
+            "workspace lookup unavailable); readiness fails while the queue is full.",
             registry=registry,
         )
         self.usage_fields_rejected = Counter(

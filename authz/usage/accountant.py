@@ -1,6 +1,7 @@
 """Reconciliation: what each allowed request really used, charged where it belongs.
 
-For every access-log entry: the TPM bucket gets the difference between reserved and used
+For every access-log entry: the ledger tallies it first (nothing below can drop it), then the
+TPM bucket gets the difference between reserved and used
 tokens (usage the upstream did not report is charged by estimate, never free: see
 `UsageEvent.estimated_tokens`), the month's token and spend
 counters grow, per-workspace metrics move, and the hourly ledger aggregates in memory until
@@ -24,11 +25,11 @@ from authz.models import ModelPrice, UsageRow
 from authz.resolver import KeyResolver
 from authz.store.base import Change, ChangeKind, Store, StoreUnavailable
 from authz.textsafe import printable
+from authz.usage.counters import CounterUpdate, CounterUpdates
 from authz.usage.events import UsageEvent
 from authz.usage.periods import hour_of, period_of
 from authz.usage.pricing import PriceTable, estimate_micros, spend_micros
-from authz.usage.seeding import month_from_ledger
-from ratelimit.limiter import Limits, RateLimiter, RateLimitUnavailable
+from ratelimit.limiter import RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,15 @@ LedgerKey = tuple[datetime, str, str, str]
 MAX_QUEUED_ROWS = 100_000
 """Ledger rows held for retry during a database outage before readiness fails (~30 MB)."""
 SET_ASIDE_LOG_INTERVAL_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Ledger rows written in one transaction under one id, so a retry applies them once."""
+
+    batch_id: str
+    rows: list[UsageRow]
+    generation: int
 
 
 @dataclass(slots=True)
@@ -73,11 +83,20 @@ class UsageAccountant:
         self._flush_interval = flush_interval
         self._clock = clock
         self._pending: dict[LedgerKey, _Tally] = {}
-        self._unapplied: list[tuple[str, list[UsageRow]]] = []
+        self._unapplied: list[Batch] = []
+        self._generation = 0
+        """Each tally's number: rows tallied under it reach the ledger with its batch."""
         self._max_queued_rows = max_queued_rows
         self._set_aside_logged_at = -math.inf
         self._unlogged_set_aside = 0
         self._flush_lock = asyncio.Lock()
+        self._counters = CounterUpdates(
+            store=store,
+            limiter=limiter,
+            resolver=resolver,
+            metrics=metrics,
+            in_ledger=self.in_ledger,
+        )
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def record(self, event: UsageEvent) -> None:
@@ -87,36 +106,9 @@ class UsageAccountant:
         spend = spend_micros(
             price, event.prompt_tokens or 0, event.completion_tokens or 0
         ) + estimate_micros(price, event.estimated_tokens)
-        await self._reconcile(event, spend)
+        # The ledger first: whatever happens to the counters, the report is billed.
         self._tally(event, spend)
         self._observe(event, spend)
-
-    def _price_of(self, event: UsageEvent) -> ModelPrice | None:
-        """The one place an event's price is chosen."""
-        return self._prices.price_for(event.model)
-
-    async def _reconcile(self, event: UsageEvent, spend_micros: int) -> None:
-        workspace = await self._resolver.workspace(event.workspace_id)
-        if workspace is None:
-            return  # deleted since: nothing left to charge
-        limits = Limits(rpm=workspace.rpm, tpm=workspace.tpm)
-        period = period_of(event.started_at)
-        try:
-            state = await self._limiter.record_usage(
-                event.workspace_id,
-                limits,
-                period=period,
-                tpm_delta=event.tokens_used - event.reserved_tokens,
-                tokens=event.tokens_used,
-                spend_micros=spend_micros,
-            )
-            if not state.known:
-                await self._restore_month(event.workspace_id, limits, period)
-        except RateLimitUnavailable as error:
-            # The ledger still records the usage; only the live bucket misses this adjustment.
-            self._metrics.reconciliations.labels("limiter_unavailable").inc()
-            log.warning("usage: bucket not adjusted for %s: %s", event.workspace_id, error)
-            return
         if event.reported:
             outcome = "reported"
         elif event.estimated_tokens:
@@ -124,28 +116,20 @@ class UsageAccountant:
         else:
             outcome = "no_usage"
         self._metrics.reconciliations.labels(outcome).inc()
+        await self._counters.charge(
+            CounterUpdate(
+                workspace_id=event.workspace_id,
+                period=period_of(event.started_at),
+                tpm_delta=event.tokens_used - event.reserved_tokens,
+                tokens=event.tokens_used,
+                spend_micros=spend,
+                generation=self._generation,
+            )
+        )
 
-    async def _restore_month(self, workspace_id: str, limits: Limits, period: str) -> None:
-        """This call created the month's counters (Redis lost them, or a new process): add what
-        the ledger already holds. Only the replica whose increment created them gets here, and
-        the Check path's seeding only fills counters that are absent, so nothing counts twice.
-        """
-        try:
-            tokens, spend_micros = await month_from_ledger(self._store, workspace_id, period)
-        except StoreUnavailable as error:
-            log.warning(
-                "usage: cannot restore %s %s from the ledger: %s", workspace_id, period, error
-            )
-            return
-        if tokens or spend_micros:
-            await self._limiter.record_usage(
-                workspace_id,
-                limits,
-                period=period,
-                tpm_delta=0,
-                tokens=tokens,
-                spend_micros=spend_micros,
-            )
+    def _price_of(self, event: UsageEvent) -> ModelPrice | None:
+        """The one place an event's price is chosen."""
+        return self._prices.price_for(event.model)
 
     def _tally(self, event: UsageEvent, spend_micros: int) -> None:
         key = (hour_of(event.started_at), event.workspace_id, event.key_id, event.model)
@@ -185,11 +169,13 @@ class UsageAccountant:
         and a row it still refuses is set aside: one bad row never stops the ledger.
         """
         async with self._flush_lock:
+            await self._counters.retry()
             while True:
                 self._enqueue_pending()
                 if not self._unapplied:
                     return
-                batch_id, rows = self._unapplied[0]
+                batch = self._unapplied[0]
+                batch_id, rows = batch.batch_id, batch.rows
                 try:
                     applied = await self._store.apply_usage_batch(batch_id, rows)
                 except StoreUnavailable as error:
@@ -201,7 +187,10 @@ class UsageAccountant:
                     if len(rows) > 1:
                         self._metrics.ledger_flushes.labels("split").inc()
                         # The refused batch rolled back whole: each row is new to the store.
-                        singles = [(f"{batch_id}.{n}", [row]) for n, row in enumerate(rows)]
+                        singles = [
+                            Batch(f"{batch_id}.{n}", [row], batch.generation)
+                            for n, row in enumerate(rows)
+                        ]
                         self._unapplied[0:0] = singles
                     else:
                         self._set_aside(rows[0], error)
@@ -219,20 +208,26 @@ class UsageAccountant:
             return
         rows = [_row(key, tally) for key, tally in self._pending.items()]
         self._pending = {}
-        self._unapplied.append((uuid.uuid4().hex, rows))
+        self._unapplied.append(Batch(uuid.uuid4().hex, rows, self._generation))
+        self._generation += 1
         self._count_queue()
 
     def _queued_rows(self) -> int:
-        return sum(len(rows) for _, rows in self._unapplied)
+        return sum(len(batch.rows) for batch in self._unapplied)
+
+    def in_ledger(self, generation: int) -> bool:
+        """Whether the rows tallied under `generation` are written (batches apply in order)."""
+        oldest = self._unapplied[0].generation if self._unapplied else self._generation
+        return generation < oldest
 
     def _count_queue(self) -> None:
         self._metrics.ledger_queue_rows.set(self._queued_rows())
 
     def backlog_problem(self) -> str | None:
-        """A readiness reason while the retry queue is full, else None."""
+        """A readiness reason while a retry queue is full (ledger rows or counter updates)."""
         queued = self._queued_rows()
         if queued + len(self._pending) <= self._max_queued_rows:
-            return None
+            return self._counters.backlog_problem()
         return f"{queued} rows wait for the ledger (limit {self._max_queued_rows})"
 
     def _set_aside(self, row: UsageRow, error: Exception) -> None:

@@ -12,7 +12,7 @@ from authz.metrics import Metrics
 from authz.models import UsageRow
 from authz.resolver import KeyResolver
 from authz.store import open_store
-from authz.usage.accountant import UsageAccountant
+from authz.usage.accountant import Batch, UsageAccountant
 from authz.usage.pricing import PriceTable
 from ratelimit.memory import InMemoryRateLimiter
 
@@ -40,8 +40,8 @@ async def test_postgres_refusing_one_row_does_not_stop_the_others(pg_dsn: str) -
     )
     try:
         # Rows as an older parser let through: PostgreSQL refuses the NUL in text.
-        books._unapplied.append(("b1", [row("key_a", "m"), row("key_bad", "x\u0000y")]))
-        books._unapplied.append(("b2", [row("key_b", "m")]))
+        books._unapplied.append(Batch("b1", [row("key_a", "m"), row("key_bad", "x\u0000y")], 0))
+        books._unapplied.append(Batch("b2", [row("key_b", "m")], 1))
         await books.flush()
         landed = await store.usage_report(workspace_id="ws_a")
         assert sorted(r.key_id for r in landed) == ["key_a", "key_b"]
