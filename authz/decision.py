@@ -211,6 +211,14 @@ def rate_limited(workspace: Workspace, requested_tokens: int, rate: LimitResult)
     )
 
 
+def usd(amount: float) -> str:
+    """Dollars with cents, and as many more decimals (to the micro-USD) as the amount has:
+    a $0.002 cap prints as such, not as $0.00."""
+    text = f"{amount:.6f}".rstrip("0")
+    whole, _, decimals = text.partition(".")
+    return f"{whole}.{decimals.ljust(2, '0')}"
+
+
 def quota_exhausted(
     workspace: Workspace, requested_tokens: int, rate: LimitResult, *, now_ts: float
 ) -> Deny:
@@ -220,7 +228,7 @@ def quota_exhausted(
     if rate.quota_exceeded is QuotaKind.SPEND:
         cap = workspace.monthly_spend_cap_usd or 0.0
         spent = (state.spend_used_micros if state else 0) / 1e6
-        detail = f"monthly spend cap ${cap:.2f}, spent ${spent:.2f}"
+        detail = f"monthly spend cap ${usd(cap)}, spent ${usd(spent)}"
     else:
         used = state.tokens_used if state else 0
         detail = (

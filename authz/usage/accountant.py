@@ -17,8 +17,9 @@ import math
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
+from fractions import Fraction
 
 from authz.metrics import Metrics
 from authz.models import ModelPrice, UsageRow
@@ -28,7 +29,7 @@ from authz.textsafe import printable
 from authz.usage.counters import CounterUpdate, CounterUpdates
 from authz.usage.events import UsageEvent
 from authz.usage.periods import hour_of, period_of
-from authz.usage.pricing import PriceTable, estimate_micros, spend_micros
+from authz.usage.pricing import PriceTable, SpendCarry, estimate_exact, spend_exact
 from ratelimit.limiter import RateLimiter
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,8 @@ class _Tally:
     completion_tokens: int = 0
     errors_4xx: int = 0
     errors_5xx: int = 0
-    spend_micros: int = 0
+    spend_micros: Fraction = field(default_factory=Fraction)
+    """Exact: the ledger sums what was charged, not what each request rounded to."""
     estimated_requests: int = 0
     estimated_tokens: int = 0
 
@@ -90,6 +92,7 @@ class UsageAccountant:
         self._set_aside_logged_at = -math.inf
         self._unlogged_set_aside = 0
         self._flush_lock = asyncio.Lock()
+        self._carry = SpendCarry()
         self._counters = CounterUpdates(
             store=store,
             limiter=limiter,
@@ -100,12 +103,13 @@ class UsageAccountant:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def record(self, event: UsageEvent) -> None:
-        for field in event.rejected:
-            self._metrics.usage_fields_rejected.labels(field).inc()
+        for name in event.rejected:
+            self._metrics.usage_fields_rejected.labels(name).inc()
         price = self._price_of(event)
-        spend = spend_micros(
+        spend = spend_exact(
             price, event.prompt_tokens or 0, event.completion_tokens or 0
-        ) + estimate_micros(price, event.estimated_tokens)
+        ) + estimate_exact(price, event.estimated_tokens)
+        period = period_of(event.started_at)
         # The ledger first: whatever happens to the counters, the report is billed.
         self._tally(event, spend)
         self._observe(event, spend)
@@ -119,10 +123,10 @@ class UsageAccountant:
         await self._counters.charge(
             CounterUpdate(
                 workspace_id=event.workspace_id,
-                period=period_of(event.started_at),
+                period=period,
                 tpm_delta=event.tokens_used - event.reserved_tokens,
                 tokens=event.tokens_used,
-                spend_micros=spend,
+                spend_micros=self._carry.charge(event.workspace_id, period, spend),
                 generation=self._generation,
             )
         )
@@ -131,7 +135,7 @@ class UsageAccountant:
         """The one place an event's price is chosen."""
         return self._prices.price_for(event.model)
 
-    def _tally(self, event: UsageEvent, spend_micros: int) -> None:
+    def _tally(self, event: UsageEvent, spend_micros: Fraction) -> None:
         key = (hour_of(event.started_at), event.workspace_id, event.key_id, event.model)
         tally = self._pending.get(key)
         if tally is None:
@@ -145,7 +149,7 @@ class UsageAccountant:
         tally.estimated_requests += event.estimated_tokens > 0
         tally.estimated_tokens += event.estimated_tokens
 
-    def _observe(self, event: UsageEvent, spend_micros: int) -> None:
+    def _observe(self, event: UsageEvent, spend_micros: Fraction) -> None:
         metrics = self._metrics
         label = metrics.workspace(event.workspace_id)
         status_class = f"{event.status // 100}xx" if event.status else "none"
@@ -157,7 +161,7 @@ class UsageAccountant:
         if event.estimated_tokens:
             metrics.workspace_tokens.labels(label, "estimated").inc(event.estimated_tokens)
         if spend_micros:
-            metrics.workspace_spend.labels(label).inc(spend_micros / 1e6)
+            metrics.workspace_spend.labels(label).inc(float(spend_micros) / 1e6)
         if event.upstream_seconds is not None:
             metrics.workspace_upstream_latency.labels(label).observe(event.upstream_seconds)
 
@@ -289,7 +293,7 @@ def _row(key: LedgerKey, tally: _Tally) -> UsageRow:
         completion_tokens=tally.completion_tokens,
         errors_4xx=tally.errors_4xx,
         errors_5xx=tally.errors_5xx,
-        spend_usd=tally.spend_micros / 1e6,
+        spend_usd=float(tally.spend_micros / 10**6),
         estimated_requests=tally.estimated_requests,
         estimated_tokens=tally.estimated_tokens,
     )

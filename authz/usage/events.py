@@ -8,6 +8,7 @@ Envoy's `http_grpc` access logger sends the stream's dynamic metadata: the ext_a
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -100,6 +101,22 @@ def _text(fields: Struct, name: str) -> str | None:
     return text if text is not None and valid_text(text) else None
 
 
+_RESOURCE_SEGMENT = re.compile(r"[a-z_]+")
+
+
+def resource_of(path: str) -> str:
+    """What the ledger files a response without a model under: the path's resource, e.g.
+    `/v1/models`, `/v1/chat/completions`, `/v1/files` for `/v1/files/file-abc?x=1` (ids are cut
+    off, so each file does not get a ledger row of its own); `unknown` without a path."""
+    segments = path.partition("?")[0].split("/")[1:]
+    kept: list[str] = []
+    for segment in segments:
+        if _RESOURCE_SEGMENT.fullmatch(segment) is None and not (segment == "v1" and not kept):
+            break
+        kept.append(segment)
+    return "/" + "/".join(kept) if kept else UNKNOWN_MODEL
+
+
 def _seconds(duration: Duration) -> float:
     return duration.seconds + duration.nanos / 1e9
 
@@ -118,7 +135,7 @@ def parse_entry(entry: HTTPAccessLogEntry) -> UsageEvent | None:
     if workspace_id is None or key_id is None:
         return None
     usage = metadata[USAGE_NAMESPACE] if USAGE_NAMESPACE in metadata else Struct()
-    model = _raw_text(usage, "model") or UNKNOWN_MODEL
+    model = _raw_text(usage, "model") or resource_of(entry.request.path)
     rejected: tuple[str, ...] = ()
     if not valid_text(model):
         model, rejected = INVALID_TEXT, ("model",)
