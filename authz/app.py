@@ -154,6 +154,7 @@ async def build(
         metrics=metrics,
         limiter_required=settings.redis_url is not None and settings.failure_mode == "closed",
         interval=settings.health_interval_s,
+        backlogs={"ledger": accountant.backlog_problem},
     )
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(authorization, server)

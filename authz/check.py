@@ -26,6 +26,7 @@ from authz.decision import (
     invalid_key,
     reserve,
     screen_request,
+    stream_without_usage,
 )
 from authz.keys import hash_key
 from authz.lastused import LastUsedRecorder
@@ -142,6 +143,9 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         if expired is not None:
             return expired
         summary = summarize(http, max_request_bytes=self._max_request_bytes)
+        refused = stream_without_usage(summary, grant, workspace)
+        if refused is not None:
+            return refused
         reservation = reserve(summary, workspace, self._prices, now_ts=now_ts)
         rate = None
         fail_open = False

@@ -10,10 +10,10 @@ import math
 from dataclasses import dataclass, replace
 
 from authz.keys import is_well_formed, key_like_in, mask_key
-from authz.models import Enforcement, KeyGrant, Workspace
+from authz.models import Enforcement, KeyGrant, StreamingUsage, Workspace
 from authz.request import Generation, RequestSummary
 from authz.usage.periods import seconds_until_next_period
-from authz.usage.pricing import PriceTable
+from authz.usage.pricing import PriceTable, estimate_micros
 from ratelimit.estimate import estimate_tokens
 from ratelimit.limiter import LimitKind, LimitResult, Quota, QuotaKind
 from ratelimit.quota import month_period
@@ -81,13 +81,8 @@ def reserve(
     cap = workspace.monthly_spend_cap_usd
     if workspace.monthly_token_quota is None and cap is None:
         return Reservation(tokens=tokens)
-    spend = 0
-    if cap is not None:
-        # The split between prompt and completion is unknown yet: price all of it at the
-        # model's higher rate, so the cap is never passed by an underestimate.
-        price = prices.price_for(summary.model)
-        if price is not None:
-            spend = round(tokens * max(price.input_per_1m_usd, price.output_per_1m_usd))
+    # The split between prompt and completion is unknown yet (see estimate_micros).
+    spend = 0 if cap is None else estimate_micros(prices.price_for(summary.model), tokens)
     quota = Quota(
         period=month_period(now_ts),
         token_quota=workspace.monthly_token_quota,
@@ -156,6 +151,27 @@ def check_grant(presented: str, grant: KeyGrant, now_ts: float) -> Deny | None:
     return None
 
 
+def stream_without_usage(
+    summary: RequestSummary, grant: KeyGrant, workspace: Workspace
+) -> Deny | None:
+    """With `--streaming-usage require`, a stream that will not report its usage is refused
+    before it takes anything: its tokens could only be estimated."""
+    if workspace.streaming_usage is not StreamingUsage.REQUIRE:
+        return None
+    if not summary.stream or summary.include_usage:
+        return None
+    return Deny(
+        status=400,
+        code="stream_usage_required",
+        type=INVALID_REQUEST,
+        message=f"Workspace {workspace.id} requires streamed responses to report their usage. "
+        'Add "stream_options": {"include_usage": true} to the request body.',
+        workspace_id=workspace.id,
+        key_id=grant.key_id,
+        should_retry=False,
+    )
+
+
 def used_of(limit: int, remaining: int) -> int:
     """How much of a bucket is in use, as OpenAI's messages report it."""
     return max(0, limit - remaining)
@@ -198,6 +214,14 @@ def rate_limited(workspace: Workspace, requested_tokens: int, rate: LimitResult)
     )
 
 
+def usd(amount: float) -> str:
+    """Dollars with cents, and as many more decimals (to the micro-USD) as the amount has:
+    a $0.002 cap prints as such, not as $0.00."""
+    text = f"{amount:.6f}".rstrip("0")
+    whole, _, decimals = text.partition(".")
+    return f"{whole}.{decimals.ljust(2, '0')}"
+
+
 def quota_exhausted(
     workspace: Workspace, requested_tokens: int, rate: LimitResult, *, now_ts: float
 ) -> Deny:
@@ -207,7 +231,7 @@ def quota_exhausted(
     if rate.quota_exceeded is QuotaKind.SPEND:
         cap = workspace.monthly_spend_cap_usd or 0.0
         spent = (state.spend_used_micros if state else 0) / 1e6
-        detail = f"monthly spend cap ${cap:.2f}, spent ${spent:.2f}"
+        detail = f"monthly spend cap ${usd(cap)}, spent ${usd(spent)}"
     else:
         used = state.tokens_used if state else 0
         detail = (

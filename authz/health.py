@@ -2,13 +2,15 @@
 
 Service "" is liveness: SERVING while the process lives. Service
 `envoy.service.auth.v3.Authorization` is readiness: SERVING only while the store answers and
-the rate limiter answers (or AUTHZ_FAILURE_MODE=open makes it optional).
+the rate limiter answers (or AUTHZ_FAILURE_MODE=open makes it optional), and while the ledger's
+retry queue has room.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Mapping
 
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # old stubs
@@ -36,6 +38,7 @@ class Readiness:
         metrics: Metrics,
         limiter_required: bool,
         interval: float,
+        backlogs: Mapping[str, Callable[[], str | None]] | None = None,
     ) -> None:
         self._health = health
         self._store = store
@@ -43,6 +46,9 @@ class Readiness:
         self._metrics = metrics
         self._limiter_required = limiter_required
         self._interval = interval
+        self._backlogs = dict(backlogs or {})
+        """In-process components that can fill up (the ledger's retry queue): name → a reason
+        while full, else None."""
         self._components = {"store": False, "ratelimit": False}
         self._ready: bool | None = None
 
@@ -59,9 +65,18 @@ class Readiness:
         if not limiter_ok:
             problems.append("rate limiter: unreachable")
         self._components = {"store": store_ok, "ratelimit": limiter_ok}
+        for name, backlog in self._backlogs.items():
+            reason = backlog()
+            self._components[name] = reason is None
+            if reason is not None:
+                problems.append(f"{name}: {reason}")
         for component, ok in self._components.items():
             self._metrics.ready.labels(component).set(1 if ok else 0)
-        ready = store_ok and (limiter_ok or not self._limiter_required)
+        ready = (
+            store_ok
+            and (limiter_ok or not self._limiter_required)
+            and all(self._components[name] for name in self._backlogs)
+        )
         if ready != self._ready:
             if ready:
                 log.info("readiness: SERVING")

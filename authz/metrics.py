@@ -105,7 +105,8 @@ class Metrics:
         )
         self.workspace_tokens = Counter(
             "authz_workspace_tokens",
-            "Tokens the upstream reported, by workspace and kind (prompt, completion).",
+            "Tokens charged, by workspace and kind: prompt and completion (reported by the "
+            "upstream), estimated (usage not reported: the reservation charged).",
             ["workspace", "kind"],
             registry=registry,
         )
@@ -137,15 +138,40 @@ class Metrics:
         )
         self.reconciliations = Counter(
             "authz_usage_reconciliations",
-            "Access-log entries reconciled, by result: reported, no_usage (reservation "
-            "refunded), limiter_unavailable (bucket not adjusted).",
+            "Access-log entries reconciled, by result: reported, estimated (no usage "
+            "reported: the reservation charged), no_usage (an error answer or nothing "
+            "reserved: refunded), limiter_unavailable (a counter update failed: retried).",
             ["result"],
             registry=registry,
         )
         self.ledger_flushes = Counter(
             "authz_ledger_flushes",
-            "Ledger flushes by result: applied, duplicate (a retry already applied), failed.",
+            "Ledger flushes by result: applied, duplicate (a retry already applied), failed "
+            "(an outage: retried), split (refused for a reason other than an outage: retried "
+            "row by row).",
             ["result"],
+            registry=registry,
+        )
+        self.ledger_rows_set_aside = Counter(
+            "authz_ledger_rows_set_aside",
+            "Ledger rows the store refused even alone, set aside so the rest still land.",
+            registry=registry,
+        )
+        self.ledger_queue_rows = Gauge(
+            "authz_ledger_queue_rows",
+            "Ledger rows waiting to be written (bounded; readiness fails while it is full).",
+            registry=registry,
+        )
+        self.usage_counter_queue = Gauge(
+            "authz_usage_counter_queue",
+            "Usage reports whose quota counters and bucket wait for a retry (rate limiter or "
+            "workspace lookup unavailable); readiness fails while the queue is full.",
+            registry=registry,
+        )
+        self.usage_fields_rejected = Counter(
+            "authz_usage_fields_rejected",
+            "Strings from responses replaced by a marker (not printable, or too long), by field.",
+            ["field"],
             registry=registry,
         )
 

@@ -21,6 +21,14 @@ class Enforcement(StrEnum):
     """Evaluate and reserve as usual, but admit: a dry run for rolling limits out."""
 
 
+class StreamingUsage(StrEnum):
+    """What a workspace does with a stream that will not report its usage (no
+    `stream_options.include_usage`): charge the reservation as an estimate, or refuse it (400)."""
+
+    ESTIMATE = "estimate"
+    REQUIRE = "require"
+
+
 @dataclass(frozen=True, slots=True)
 class Workspace:
     """A tenant: keys, limits, quotas and usage all hang off it."""
@@ -36,6 +44,7 @@ class Workspace:
     created_at: datetime
     updated_at: datetime
     enforcement: Enforcement = Enforcement.ENFORCE
+    streaming_usage: StreamingUsage = StreamingUsage.ESTIMATE
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +89,7 @@ class WorkspaceUpdate:
     clear_quota: bool = False
     clear_spend_cap: bool = False
     enforcement: Enforcement | None = None
+    streaming_usage: StreamingUsage | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +104,7 @@ class NewWorkspace:
     monthly_token_quota: int | None = None
     monthly_spend_cap_usd: float | None = None
     enforcement: Enforcement = Enforcement.ENFORCE
+    streaming_usage: StreamingUsage = StreamingUsage.ESTIMATE
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +161,16 @@ class UsageRow:
     errors_4xx: int
     errors_5xx: int
     spend_usd: float
+    estimated_requests: int = 0
+    """Requests whose usage the upstream did not report, charged their reservation instead."""
+    estimated_tokens: int = 0
+    """Tokens charged by estimate for those requests; not in prompt/completion_tokens, which
+    hold only what the upstream reported."""
+
+    @property
+    def tokens(self) -> int:
+        """Every token charged: reported and estimated."""
+        return self.prompt_tokens + self.completion_tokens + self.estimated_tokens
 
 
 @dataclass(frozen=True, slots=True)

@@ -121,6 +121,7 @@ class RateLimiter(Protocol):
         tpm_delta: int,
         tokens: int,
         spend_micros: int,
+        operation_id: str | None = None,
     ) -> QuotaState:
         """In one atomic step, adjust the TPM bucket like `adjust_tokens(tpm_delta)` and add
         `tokens` / `spend_micros` to the period's counters (restarting their ~40-day TTL).
@@ -128,7 +129,9 @@ class RateLimiter(Protocol):
         Returns the counters after the increment; its `known` says whether both counters
         existed *before* it (False: they now hold this report only, and `seed_usage` can no
         longer restore the ledger's earlier total, so seed when a check reports known=False).
-        Not idempotent: the caller must record each usage report once.
+        With an `operation_id`, the step applies once per id (remembered for a minute): a
+        caller that retries a failed call with the same id cannot count it twice. Without
+        one, each call is a new report.
         """
         ...
 

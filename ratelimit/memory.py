@@ -47,6 +47,10 @@ class _Counter:
     expires_at_ms: int
 
 
+OPERATION_TTL_MS = 60_000
+"""How long `record_usage` remembers an operation id (the Redis backend's OPERATION_TTL)."""
+
+
 class InMemoryRateLimiter:
     """`RateLimiter` over per-process buckets; `clock_ms` returns monotonic milliseconds.
 
@@ -60,6 +64,10 @@ class InMemoryRateLimiter:
         self._counters: dict[tuple[str, str, str], _Counter] = {}
         self._last_sweep_ms: int | None = None
         self._last_counter_sweep_ms: int | None = None
+        # (workspace, operation id) → the first reply and when it is forgotten, as record.lua
+        # keeps it in an operation key.
+        self._operations: dict[tuple[str, str], tuple[QuotaState, int]] = {}
+        self._operations_swept_ms = 0
 
     async def acquire(
         self,
@@ -114,16 +122,37 @@ class InMemoryRateLimiter:
         tpm_delta: int,
         tokens: int,
         spend_micros: int,
+        operation_id: str | None = None,
     ) -> QuotaState:
         """Adjust the TPM bucket by `tpm_delta` and add the usage to the period's counters, in
         one step. Returns the counters after it, `known` saying whether both existed before.
-
-        Not idempotent: the caller records each usage report once.
+        Once per `operation_id`: a repeat within OPERATION_TTL_MS returns the first reply.
         """
         quotas.validate_period(period)
         tokens = quotas.normalise_amount(tokens, "tokens")
         spend = quotas.normalise_amount(spend_micros, "spend")
         now = self._now()
+        if operation_id is None:
+            return self._record(workspace_id, limits, period, (tpm_delta, tokens, spend), now)
+        if now - self._operations_swept_ms >= 1000:  # amortised: at most once a second
+            self._operations = {k: v for k, v in self._operations.items() if v[1] > now}
+            self._operations_swept_ms = now
+        done = self._operations.get((workspace_id, operation_id))
+        if done is not None and done[1] > now:
+            return done[0]
+        state = self._record(workspace_id, limits, period, (tpm_delta, tokens, spend), now)
+        self._operations[(workspace_id, operation_id)] = (state, now + OPERATION_TTL_MS)
+        return state
+
+    def _record(
+        self,
+        workspace_id: str,
+        limits: Limits,
+        period: str,
+        amounts: tuple[int, int, int],
+        now: int,
+    ) -> QuotaState:
+        tpm_delta, tokens, spend = amounts
         self._adjust(workspace_id, bucket.normalise_limits(limits).tpm, tpm_delta, now)
         before = self._read_counters(workspace_id, period, now)
         after = quotas.record(before, tokens, spend)

@@ -265,20 +265,24 @@ class RedisRateLimiter:
         tpm_delta: int,
         tokens: int,
         spend_micros: int,
+        operation_id: str | None = None,
     ) -> QuotaState:
         """In one EVALSHA: adjust the TPM bucket by `tpm_delta` (as `adjust_tokens`), INCRBY the
         period's counters and restart their TTLs. Returns the counters after the increment;
         `known` says whether both existed before it. Raises RateLimitUnavailable.
 
-        Applied once per call, even when a lost reply makes the guard retry it; a repeated
-        report is a new call and counts again, so the caller dedupes usage reports.
+        Applied once per call, even when a lost reply makes the guard retry it, and once per
+        `operation_id` when the caller retries the call itself.
         """
         quotas.validate_period(period)
         limits = bucket.normalise_limits(limits)
         reply = await self._run(
             Operation.RECORD,
             self._once(
-                workspace_id, bucket_keys(workspace_id)[1], *usage_keys(workspace_id, period)
+                workspace_id,
+                bucket_keys(workspace_id)[1],
+                *usage_keys(workspace_id, period),
+                operation_id=operation_id,
             ),
             [
                 limits.tpm,
@@ -346,10 +350,11 @@ class RedisRateLimiter:
         await self._client.aclose()
 
     @staticmethod
-    def _once(workspace_id: str, *keys: str) -> tuple[str, ...]:
-        """`keys` plus a fresh operation key, which makes a non-idempotent script safe to
-        retry: the script stores its reply there and answers a repeat from it."""
-        return (*keys, operation_key(workspace_id, uuid.uuid4().hex))
+    def _once(workspace_id: str, *keys: str, operation_id: str | None = None) -> tuple[str, ...]:
+        """`keys` plus an operation key (the caller's id, else a fresh one), which makes a
+        non-idempotent script safe to retry: the script stores its reply there and answers a
+        repeat from it."""
+        return (*keys, operation_key(workspace_id, operation_id or uuid.uuid4().hex))
 
     async def _run(self, operation: Operation, keys: Sequence[str], args: Sequence[int]) -> Any:
         """One script call with the operation's fixed ARGV, on the node that owns its slot."""

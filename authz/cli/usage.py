@@ -16,7 +16,15 @@ from authz.store.base import Store
 from authz.textsafe import printable
 from authz.usage.periods import period_bounds, period_of
 
-_TOTALS = ("requests", "prompt_tokens", "completion_tokens", "errors_4xx", "errors_5xx")
+_TOTALS = (
+    "requests",
+    "prompt_tokens",
+    "completion_tokens",
+    "estimated_requests",
+    "estimated_tokens",
+    "errors_4xx",
+    "errors_5xx",
+)
 
 
 def _month(raw: str) -> str:
@@ -47,7 +55,9 @@ def add_commands(commands: Commands, common: argparse.ArgumentParser) -> None:
 def _sum(rows: Iterable[UsageRow]) -> dict[str, Any]:
     rows = list(rows)
     totals: dict[str, Any] = {name: sum(getattr(r, name) for r in rows) for name in _TOTALS}
-    totals["total_tokens"] = totals["prompt_tokens"] + totals["completion_tokens"]
+    # Reported tokens (prompt, completion) and estimated ones (usage never reported, charged
+    # as reserved) are shown apart; the total, like the quota, counts both.
+    totals["total_tokens"] = sum(r.tokens for r in rows)
     totals["spend_usd"] = round(sum(r.spend_usd for r in rows), 6)
     return totals
 
@@ -97,7 +107,9 @@ def _human_usage(report: dict[str, Any]) -> str:
     lines = [
         f"{head} in {report['month']}: {report['requests']} requests, "
         f"{report['total_tokens']} tokens ({report['prompt_tokens']} prompt, "
-        f"{report['completion_tokens']} completion), errors 4xx {report['errors_4xx']} "
+        f"{report['completion_tokens']} completion, {report['estimated_tokens']} estimated "
+        f"for {report['estimated_requests']} requests without reported usage), "
+        f"errors 4xx {report['errors_4xx']} "
         f"5xx {report['errors_5xx']}, spend ${report['spend_usd']:.6f}"
     ]
     for group, field in (("by_model", "model"), ("by_key", "key_id"), ("hours", "hour")):

@@ -7,7 +7,14 @@ from typing import Any, TextIO
 
 from authz.cli.output import CliError, emit, table, workspace_dict
 from authz.cli.parser import Commands, action_group, non_negative, usd
-from authz.models import CLI_ACTOR, Enforcement, NewWorkspace, Workspace, WorkspaceUpdate
+from authz.models import (
+    CLI_ACTOR,
+    Enforcement,
+    NewWorkspace,
+    StreamingUsage,
+    Workspace,
+    WorkspaceUpdate,
+)
 from authz.store.base import Store
 from authz.textsafe import printable
 
@@ -29,6 +36,13 @@ def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
         "--enforcement",
         choices=[mode.value for mode in Enforcement],
         help="enforce the limits (the default), or shadow: evaluate and count, but admit",
+    )
+    parser.add_argument(
+        "--streaming-usage",
+        type=StreamingUsage,
+        choices=list(StreamingUsage),
+        help="a stream without stream_options.include_usage: estimate (charge its reservation, "
+        "the default) or require (refuse it with 400)",
     )
 
 
@@ -57,6 +71,7 @@ def _limits(args: argparse.Namespace) -> dict[str, Any]:
         "monthly_token_quota": args.monthly_token_quota,
         "monthly_spend_cap_usd": args.monthly_spend_cap,
         "enforcement": None if args.enforcement is None else Enforcement(args.enforcement),
+        "streaming_usage": args.streaming_usage,
     }
     return {k: v for k, v in values.items() if v is not None}
 

@@ -170,7 +170,8 @@ class Store(Protocol):
     async def period_totals(
         self, workspace_id: str, since: datetime, until: datetime
     ) -> tuple[int, float]:
-        """(tokens, spend in USD) the ledger holds for a workspace in [since, until)."""
+        """(tokens reported and estimated, spend in USD) the ledger holds for a workspace in
+        [since, until)."""
         ...
 
     async def list_prices(self) -> list[ModelPrice]: ...

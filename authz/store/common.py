@@ -87,6 +87,7 @@ def apply_update(current: Workspace, update: WorkspaceUpdate, *, updated_at: dat
         monthly_token_quota=quota,
         monthly_spend_cap_usd=cap,
         enforcement=current.enforcement if update.enforcement is None else update.enforcement,
+        streaming_usage=update.streaming_usage or current.streaming_usage,
         updated_at=updated_at,
     )
 
@@ -153,6 +154,7 @@ _WORKSPACE_FIELDS = (
     "monthly_token_quota",
     "monthly_spend_cap_usd",
     "enforcement",
+    "streaming_usage",
 )
 _PRICE_FIELDS = ("input_per_1m_usd", "output_per_1m_usd")
 
@@ -182,7 +184,7 @@ def price_change(old: ModelPrice | None, new: ModelPrice) -> str:
 
 USAGE_COLUMNS = (
     "hour, workspace_id, key_id, model, requests, prompt_tokens, completion_tokens, "
-    "errors_4xx, errors_5xx, spend_usd"
+    "errors_4xx, errors_5xx, spend_usd, estimated_requests, estimated_tokens"
 )
 
 LEDGER_SUMS = (
@@ -192,6 +194,8 @@ LEDGER_SUMS = (
     "errors_4xx",
     "errors_5xx",
     "spend_usd",
+    "estimated_requests",
+    "estimated_tokens",
 )
 """The ledger columns a flush adds to an hour's row (the others name the row)."""
 USAGE_UPSERT = "ON CONFLICT (hour, workspace_id, key_id, model) DO UPDATE SET " + ", ".join(
@@ -213,6 +217,8 @@ def usage_values(row: UsageRow, encode_time: Callable[[datetime], Any]) -> tuple
         row.errors_4xx,
         row.errors_5xx,
         row.spend_usd,
+        row.estimated_requests,
+        row.estimated_tokens,
     )
 
 

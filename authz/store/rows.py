@@ -12,13 +12,14 @@ from authz.models import (
     Enforcement,
     KeyGrant,
     ModelPrice,
+    StreamingUsage,
     UsageRow,
     Workspace,
 )
 
 WORKSPACE_COLUMNS = (
     "id, name, rpm, tpm, key_limit, default_completion_tokens, monthly_token_quota, "
-    "monthly_spend_cap_usd, created_at, updated_at, enforcement"
+    "monthly_spend_cap_usd, created_at, updated_at, enforcement, streaming_usage"
 )
 KEY_COLUMNS = "id, workspace_id, label, mask, created_at, revoked_at, last_used_at, expires_at"
 AUDIT_COLUMNS = (
@@ -54,6 +55,7 @@ def workspace_from_row(row: Row, parse: TimeParser, prefix: str = "") -> Workspa
         created_at=parse(row[prefix + "created_at"]),
         updated_at=parse(row[prefix + "updated_at"]),
         enforcement=Enforcement(row[prefix + "enforcement"]),
+        streaming_usage=StreamingUsage(row[prefix + "streaming_usage"]),
     )
 
 
@@ -101,7 +103,7 @@ LOOKUP_COLUMNS = (
     "w.monthly_token_quota AS ws_monthly_token_quota, "
     "w.monthly_spend_cap_usd AS ws_monthly_spend_cap_usd, "
     "w.created_at AS ws_created_at, w.updated_at AS ws_updated_at, "
-    "w.enforcement AS ws_enforcement"
+    "w.enforcement AS ws_enforcement, w.streaming_usage AS ws_streaming_usage"
 )
 
 
@@ -117,6 +119,8 @@ def usage_from_row(row: Row, parse: TimeParser) -> UsageRow:
         errors_4xx=int(row["errors_4xx"]),
         errors_5xx=int(row["errors_5xx"]),
         spend_usd=float(row["spend_usd"]),
+        estimated_requests=int(row["estimated_requests"]),
+        estimated_tokens=int(row["estimated_tokens"]),
     )
 
 

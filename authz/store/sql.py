@@ -113,7 +113,7 @@ class SqlStore(KeyRules):
         async def work(tx: Tx) -> Workspace:
             await tx.execute(
                 f"INSERT INTO workspaces ({WORKSPACE_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 workspace_id,
                 new.name,
                 new.rpm,
@@ -125,6 +125,7 @@ class SqlStore(KeyRules):
                 self._t(now),
                 self._t(now),
                 new.enforcement.value,
+                new.streaming_usage.value,
             )
             await self._audit(tx, now, workspace_id, None, "workspace.create", actor, new.name)
             return await self._locked_workspace(tx, workspace_id)
@@ -145,7 +146,8 @@ class SqlStore(KeyRules):
             await tx.execute(
                 "UPDATE workspaces SET name = ?, rpm = ?, tpm = ?, key_limit = ?, "
                 "default_completion_tokens = ?, monthly_token_quota = ?, "
-                "monthly_spend_cap_usd = ?, enforcement = ?, updated_at = ? WHERE id = ?",
+                "monthly_spend_cap_usd = ?, enforcement = ?, streaming_usage = ?, updated_at = ? "
+                "WHERE id = ?",
                 updated.name,
                 updated.rpm,
                 updated.tpm,
@@ -154,6 +156,7 @@ class SqlStore(KeyRules):
                 updated.monthly_token_quota,
                 updated.monthly_spend_cap_usd,
                 updated.enforcement.value,
+                updated.streaming_usage.value,
                 self._t(now),
                 workspace_id,
             )
@@ -212,7 +215,7 @@ class SqlStore(KeyRules):
                 return False
             await tx.executemany(
                 f"INSERT INTO usage_hourly ({USAGE_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) " + USAGE_UPSERT,
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) " + USAGE_UPSERT,
                 values,
             )
             return True
@@ -225,7 +228,8 @@ class SqlStore(KeyRules):
     ) -> tuple[int, float]:
         row = await self._read(
             lambda tx: tx.fetchrow(
-                "SELECT coalesce(sum(prompt_tokens + completion_tokens), 0) AS tokens, "
+                "SELECT coalesce(sum(prompt_tokens + completion_tokens + estimated_tokens), 0) "
+                "AS tokens, "
                 "coalesce(sum(spend_usd), 0) AS spend FROM usage_hourly "
                 "WHERE workspace_id = ? AND hour >= ? AND hour < ?",
                 workspace_id,

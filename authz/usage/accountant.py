@@ -1,7 +1,9 @@
 """Reconciliation: what each allowed request really used, charged where it belongs.
 
-For every access-log entry: the TPM bucket gets the difference between reserved and used
-tokens (a full refund when the upstream reported nothing), the month's token and spend
+For every access-log entry: the ledger tallies it first (nothing below can drop it), then the
+TPM bucket gets the difference between reserved and used
+tokens (usage the upstream did not report is charged by estimate, never free: see
+`UsageEvent.estimated_tokens`), the month's token and spend
 counters grow, per-workspace metrics move, and the hourly ledger aggregates in memory until
 the next flush. A flush is one idempotent batch: a retry after an error reuses its batch id,
 so it can never be counted twice.
@@ -11,25 +13,40 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
+from fractions import Fraction
 
 from authz.metrics import Metrics
-from authz.models import UsageRow
+from authz.models import ModelPrice, UsageRow
 from authz.resolver import KeyResolver
 from authz.store.base import Change, ChangeKind, Store, StoreUnavailable
+from authz.textsafe import printable
+from authz.usage.counters import CounterUpdate, CounterUpdates
 from authz.usage.events import UsageEvent
 from authz.usage.periods import hour_of, period_of
-from authz.usage.pricing import PriceTable
-from authz.usage.seeding import month_from_ledger
-from ratelimit.limiter import Limits, RateLimiter, RateLimitUnavailable
+from authz.usage.pricing import PriceTable, SpendCarry, estimate_exact, spend_exact
+from ratelimit.limiter import RateLimiter
 
 log = logging.getLogger(__name__)
 
 LedgerKey = tuple[datetime, str, str, str]
+MAX_QUEUED_ROWS = 100_000
+"""Ledger rows held for retry during a database outage before readiness fails (~30 MB)."""
+SET_ASIDE_LOG_INTERVAL_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Ledger rows written in one transaction under one id, so a retry applies them once."""
+
+    batch_id: str
+    rows: list[UsageRow]
+    generation: int
 
 
 @dataclass(slots=True)
@@ -39,7 +56,10 @@ class _Tally:
     completion_tokens: int = 0
     errors_4xx: int = 0
     errors_5xx: int = 0
-    spend_micros: int = 0
+    spend_micros: Fraction = field(default_factory=Fraction)
+    """Exact: the ledger sums what was charged, not what each request rounded to."""
+    estimated_requests: int = 0
+    estimated_tokens: int = 0
 
 
 class UsageAccountant:
@@ -54,6 +74,7 @@ class UsageAccountant:
         prices: PriceTable,
         metrics: Metrics,
         flush_interval: float,
+        max_queued_rows: int = MAX_QUEUED_ROWS,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
@@ -64,65 +85,57 @@ class UsageAccountant:
         self._flush_interval = flush_interval
         self._clock = clock
         self._pending: dict[LedgerKey, _Tally] = {}
-        self._unapplied: list[tuple[str, list[UsageRow]]] = []
+        self._unapplied: list[Batch] = []
+        self._generation = 0
+        """Each tally's number: rows tallied under it reach the ledger with its batch."""
+        self._max_queued_rows = max_queued_rows
+        self._set_aside_logged_at = -math.inf
+        self._unlogged_set_aside = 0
         self._flush_lock = asyncio.Lock()
+        self._carry = SpendCarry()
+        self._counters = CounterUpdates(
+            store=store,
+            limiter=limiter,
+            resolver=resolver,
+            metrics=metrics,
+            in_ledger=self.in_ledger,
+        )
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def record(self, event: UsageEvent) -> None:
-        spend = self._prices.spend_micros(
-            event.model, event.prompt_tokens or 0, event.completion_tokens or 0
-        )
-        await self._reconcile(event, spend)
+        for name in event.rejected:
+            self._metrics.usage_fields_rejected.labels(name).inc()
+        price = self._price_of(event)
+        spend = spend_exact(
+            price, event.prompt_tokens or 0, event.completion_tokens or 0
+        ) + estimate_exact(price, event.estimated_tokens)
+        period = period_of(event.started_at)
+        # The ledger first: whatever happens to the counters, the report is billed.
         self._tally(event, spend)
         self._observe(event, spend)
-
-    async def _reconcile(self, event: UsageEvent, spend_micros: int) -> None:
-        workspace = await self._resolver.workspace(event.workspace_id)
-        if workspace is None:
-            return  # deleted since: nothing left to charge
-        limits = Limits(rpm=workspace.rpm, tpm=workspace.tpm)
-        period = period_of(event.started_at)
-        try:
-            state = await self._limiter.record_usage(
-                event.workspace_id,
-                limits,
+        if event.reported:
+            outcome = "reported"
+        elif event.estimated_tokens:
+            outcome = "estimated"
+        else:
+            outcome = "no_usage"
+        self._metrics.reconciliations.labels(outcome).inc()
+        await self._counters.charge(
+            CounterUpdate(
+                workspace_id=event.workspace_id,
                 period=period,
                 tpm_delta=event.tokens_used - event.reserved_tokens,
                 tokens=event.tokens_used,
-                spend_micros=spend_micros,
+                spend_micros=self._carry.charge(event.workspace_id, period, spend),
+                generation=self._generation,
             )
-            if not state.known:
-                await self._restore_month(event.workspace_id, limits, period)
-        except RateLimitUnavailable as error:
-            # The ledger still records the usage; only the live bucket misses this adjustment.
-            self._metrics.reconciliations.labels("limiter_unavailable").inc()
-            log.warning("usage: bucket not adjusted for %s: %s", event.workspace_id, error)
-            return
-        self._metrics.reconciliations.labels("reported" if event.reported else "no_usage").inc()
+        )
 
-    async def _restore_month(self, workspace_id: str, limits: Limits, period: str) -> None:
-        """This call created the month's counters (Redis lost them, or a new process): add what
-        the ledger already holds. Only the replica whose increment created them gets here, and
-        the Check path's seeding only fills counters that are absent, so nothing counts twice.
-        """
-        try:
-            tokens, spend_micros = await month_from_ledger(self._store, workspace_id, period)
-        except StoreUnavailable as error:
-            log.warning(
-                "usage: cannot restore %s %s from the ledger: %s", workspace_id, period, error
-            )
-            return
-        if tokens or spend_micros:
-            await self._limiter.record_usage(
-                workspace_id,
-                limits,
-                period=period,
-                tpm_delta=0,
-                tokens=tokens,
-                spend_micros=spend_micros,
-            )
+    def _price_of(self, event: UsageEvent) -> ModelPrice | None:
+        """The one place an event's price is chosen."""
+        return self._prices.price_for(event.model)
 
-    def _tally(self, event: UsageEvent, spend_micros: int) -> None:
+    def _tally(self, event: UsageEvent, spend_micros: Fraction) -> None:
         key = (hour_of(event.started_at), event.workspace_id, event.key_id, event.model)
         tally = self._pending.get(key)
         if tally is None:
@@ -133,8 +146,10 @@ class UsageAccountant:
         tally.errors_4xx += 400 <= event.status < 500
         tally.errors_5xx += event.status >= 500 or event.status == 0
         tally.spend_micros += spend_micros
+        tally.estimated_requests += event.estimated_tokens > 0
+        tally.estimated_tokens += event.estimated_tokens
 
-    def _observe(self, event: UsageEvent, spend_micros: int) -> None:
+    def _observe(self, event: UsageEvent, spend_micros: Fraction) -> None:
         metrics = self._metrics
         label = metrics.workspace(event.workspace_id)
         status_class = f"{event.status // 100}xx" if event.status else "none"
@@ -143,42 +158,100 @@ class UsageAccountant:
             metrics.workspace_tokens.labels(label, "prompt").inc(event.prompt_tokens)
         if event.completion_tokens:
             metrics.workspace_tokens.labels(label, "completion").inc(event.completion_tokens)
+        if event.estimated_tokens:
+            metrics.workspace_tokens.labels(label, "estimated").inc(event.estimated_tokens)
         if spend_micros:
-            metrics.workspace_spend.labels(label).inc(spend_micros / 1e6)
+            metrics.workspace_spend.labels(label).inc(float(spend_micros) / 1e6)
         if event.upstream_seconds is not None:
             metrics.workspace_upstream_latency.labels(label).observe(event.upstream_seconds)
 
     async def flush(self) -> None:
-        """Write what was tallied; retried batches keep their id so they apply once."""
+        """Write what was tallied; retried batches keep their id so they apply once.
+
+        An outage (StoreUnavailable) stops the flush until the next one. A batch the store
+        refuses for any other reason (a value it cannot hold) is split and retried row by row,
+        and a row it still refuses is set aside: one bad row never stops the ledger.
+        """
         async with self._flush_lock:
-            if self._pending:
-                rows = [
-                    UsageRow(
-                        hour=hour,
-                        workspace_id=workspace_id,
-                        key_id=key_id,
-                        model=model,
-                        requests=t.requests,
-                        prompt_tokens=t.prompt_tokens,
-                        completion_tokens=t.completion_tokens,
-                        errors_4xx=t.errors_4xx,
-                        errors_5xx=t.errors_5xx,
-                        spend_usd=t.spend_micros / 1e6,
-                    )
-                    for (hour, workspace_id, key_id, model), t in self._pending.items()
-                ]
-                self._pending = {}
-                self._unapplied.append((uuid.uuid4().hex, rows))
-            while self._unapplied:
-                batch_id, rows = self._unapplied[0]
+            await self._counters.retry()
+            while True:
+                self._enqueue_pending()
+                if not self._unapplied:
+                    return
+                batch = self._unapplied[0]
+                batch_id, rows = batch.batch_id, batch.rows
                 try:
                     applied = await self._store.apply_usage_batch(batch_id, rows)
                 except StoreUnavailable as error:
                     self._metrics.ledger_flushes.labels("failed").inc()
                     log.warning("ledger: flush of %d rows failed, will retry: %s", len(rows), error)
                     return
+                except Exception as error:  # refused data, not an outage: see the docstring
+                    self._unapplied.pop(0)
+                    if len(rows) > 1:
+                        self._metrics.ledger_flushes.labels("split").inc()
+                        # The refused batch rolled back whole: each row is new to the store.
+                        singles = [
+                            Batch(f"{batch_id}.{n}", [row], batch.generation)
+                            for n, row in enumerate(rows)
+                        ]
+                        self._unapplied[0:0] = singles
+                    else:
+                        self._set_aside(rows[0], error)
+                    self._count_queue()
+                    continue
                 self._metrics.ledger_flushes.labels("applied" if applied else "duplicate").inc()
                 self._unapplied.pop(0)
+                self._count_queue()
+
+    def _enqueue_pending(self) -> None:
+        """Move the tally into the retry queue while the queue has room. When it is full the
+        tally keeps aggregating in place (one row per hour, key and model), and readiness says
+        so until the store takes the backlog."""
+        if not self._pending or self._queued_rows() + len(self._pending) > self._max_queued_rows:
+            return
+        rows = [_row(key, tally) for key, tally in self._pending.items()]
+        self._pending = {}
+        self._unapplied.append(Batch(uuid.uuid4().hex, rows, self._generation))
+        self._generation += 1
+        self._count_queue()
+
+    def _queued_rows(self) -> int:
+        return sum(len(batch.rows) for batch in self._unapplied)
+
+    def in_ledger(self, generation: int) -> bool:
+        """Whether the rows tallied under `generation` are written (batches apply in order)."""
+        oldest = self._unapplied[0].generation if self._unapplied else self._generation
+        return generation < oldest
+
+    def _count_queue(self) -> None:
+        self._metrics.ledger_queue_rows.set(self._queued_rows())
+
+    def backlog_problem(self) -> str | None:
+        """A readiness reason while a retry queue is full (ledger rows or counter updates)."""
+        queued = self._queued_rows()
+        if queued + len(self._pending) <= self._max_queued_rows:
+            return self._counters.backlog_problem()
+        return f"{queued} rows wait for the ledger (limit {self._max_queued_rows})"
+
+    def _set_aside(self, row: UsageRow, error: Exception) -> None:
+        self._metrics.ledger_rows_set_aside.inc()
+        self._unlogged_set_aside += 1
+        now = self._clock()
+        if now - self._set_aside_logged_at < SET_ASIDE_LOG_INTERVAL_S:
+            return
+        log.error(
+            "ledger: store refused a row for %s/%s %s model %s (%s); set aside, "
+            "%d such rows since the last report",
+            row.workspace_id,
+            row.key_id,
+            row.hour.isoformat(),
+            printable(row.model),
+            type(error).__name__,
+            self._unlogged_set_aside,
+        )
+        self._set_aside_logged_at = now
+        self._unlogged_set_aside = 0
 
     async def load_prices(self) -> None:
         try:
@@ -206,3 +279,21 @@ class UsageAccountant:
         # Keep a reference until done: the loop holds tasks only weakly.
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _row(key: LedgerKey, tally: _Tally) -> UsageRow:
+    hour, workspace_id, key_id, model = key
+    return UsageRow(
+        hour=hour,
+        workspace_id=workspace_id,
+        key_id=key_id,
+        model=model,
+        requests=tally.requests,
+        prompt_tokens=tally.prompt_tokens,
+        completion_tokens=tally.completion_tokens,
+        errors_4xx=tally.errors_4xx,
+        errors_5xx=tally.errors_5xx,
+        spend_usd=float(tally.spend_micros / 10**6),
+        estimated_requests=tally.estimated_requests,
+        estimated_tokens=tally.estimated_tokens,
+    )

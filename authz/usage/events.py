@@ -8,6 +8,7 @@ Envoy's `http_grpc` access logger sends the stream's dynamic metadata: the ext_a
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -18,7 +19,15 @@ from google.protobuf.struct_pb2 import Struct
 EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
 USAGE_NAMESPACE = "oais.usage"
 UNKNOWN_MODEL = "unknown"
+INVALID_TEXT = "(invalid)"
+"""What a response's string becomes when it is not printable or too long: a NUL, a control
+character or a megabyte of model name never reaches the ledger, a log line or a terminal."""
+MAX_TEXT = 128
 _MAX_TOKENS = 10**12
+PROVEN_BYTES_PER_TOKEN = 400
+"""A response of N body bytes carried at least N // 400 tokens: no SSE chunk or JSON choice that
+holds a token is longer than this (OpenAI's are about 150-250 bytes), so a hung-up stream's bytes
+prove a floor on what it generated, never more than it did."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +43,9 @@ class UsageEvent:
     status: int
     started_at: datetime
     upstream_seconds: float | None
+    response_bytes: int = 0
+    rejected: tuple[str, ...] = ()
+    """Names of the response's fields replaced by INVALID_TEXT."""
 
     @property
     def reported(self) -> bool:
@@ -41,8 +53,20 @@ class UsageEvent:
         return self.prompt_tokens is not None or self.completion_tokens is not None
 
     @property
+    def estimated_tokens(self) -> int:
+        """Tokens charged by estimate: 0 when the upstream reported usage, or answered with an
+        error (4xx/5xx, which generates nothing billable). Otherwise unknown usage is never free:
+        the reservation, or more when the response's bytes prove more (a stream without
+        `include_usage`, or a client that hung up before the final chunk)."""
+        if self.reported or 400 <= self.status < 600:
+            return 0
+        return max(self.reserved_tokens, self.response_bytes // PROVEN_BYTES_PER_TOKEN)
+
+    @property
     def tokens_used(self) -> int:
-        return (self.prompt_tokens or 0) + (self.completion_tokens or 0)
+        """Every token charged: what the upstream reported, else the estimate."""
+        reported = (self.prompt_tokens or 0) + (self.completion_tokens or 0)
+        return reported + self.estimated_tokens
 
 
 def _count(fields: Struct, name: str) -> int | None:
@@ -57,13 +81,40 @@ def _count(fields: Struct, name: str) -> int | None:
     return min(int(number), _MAX_TOKENS)
 
 
-def _text(fields: Struct, name: str) -> str | None:
+def _raw_text(fields: Struct, name: str) -> str | None:
     if name not in fields.fields:
         return None
     value = fields.fields[name]
     if value.WhichOneof("kind") != "string_value":
         return None
-    return value.string_value[:128] or None
+    return value.string_value or None
+
+
+def valid_text(text: str) -> bool:
+    """Printable (no NUL, control, separator or bidi character) and at most MAX_TEXT long."""
+    return len(text) <= MAX_TEXT and text.isprintable()
+
+
+def _text(fields: Struct, name: str) -> str | None:
+    """Our own metadata: a string that is not valid counts as absent."""
+    text = _raw_text(fields, name)
+    return text if text is not None and valid_text(text) else None
+
+
+_RESOURCE_SEGMENT = re.compile(r"[a-z_]+")
+
+
+def resource_of(path: str) -> str:
+    """What the ledger files a response without a model under: the path's resource, e.g.
+    `/v1/models`, `/v1/chat/completions`, `/v1/files` for `/v1/files/file-abc?x=1` (ids are cut
+    off, so each file does not get a ledger row of its own); `unknown` without a path."""
+    segments = path.partition("?")[0].split("/")[1:]
+    kept: list[str] = []
+    for segment in segments:
+        if _RESOURCE_SEGMENT.fullmatch(segment) is None and not (segment == "v1" and not kept):
+            break
+        kept.append(segment)
+    return "/" + "/".join(kept) if kept else UNKNOWN_MODEL
 
 
 def _seconds(duration: Duration) -> float:
@@ -84,6 +135,10 @@ def parse_entry(entry: HTTPAccessLogEntry) -> UsageEvent | None:
     if workspace_id is None or key_id is None:
         return None
     usage = metadata[USAGE_NAMESPACE] if USAGE_NAMESPACE in metadata else Struct()
+    model = _raw_text(usage, "model") or resource_of(entry.request.path)
+    rejected: tuple[str, ...] = ()
+    if not valid_text(model):
+        model, rejected = INVALID_TEXT, ("model",)
     upstream: float | None = None
     if common.HasField("time_to_first_upstream_tx_byte") and common.HasField(
         "time_to_last_upstream_rx_byte"
@@ -97,10 +152,12 @@ def parse_entry(entry: HTTPAccessLogEntry) -> UsageEvent | None:
         workspace_id=workspace_id,
         key_id=key_id,
         reserved_tokens=_count(authz, "reserved_tokens") or 0,
-        model=_text(usage, "model") or UNKNOWN_MODEL,
+        model=model,
         prompt_tokens=_count(usage, "prompt_tokens"),
         completion_tokens=_count(usage, "completion_tokens"),
         status=entry.response.response_code.value,
         started_at=common.start_time.ToDatetime(tzinfo=UTC),
         upstream_seconds=upstream,
+        response_bytes=min(entry.response.response_body_bytes, _MAX_TOKENS),
+        rejected=rejected,
     )

@@ -1,8 +1,16 @@
-"""Spend = tokens * price per million, by model, with a default row ("*") for unknown models."""
+"""Spend = tokens * price per million, by model, with a default row ("*") for unknown models.
+
+USD per 1M tokens is exactly micro-USD per token. Charges are exact fractions of a micro-USD
+(the price as written, times tokens); the counters take whole micro-USD, and `SpendCarry`
+carries each workspace's fractional remainder within the month, so a million 1-token requests
+at $0.15 per 1M bill $0.15, not $0.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
+from fractions import Fraction
 
 from authz.models import ModelPrice
 
@@ -10,7 +18,7 @@ DEFAULT_MODEL = "*"
 
 
 class PriceTable:
-    """Prices in memory; spend in integer micro-USD so sums never drift."""
+    """Prices in memory."""
 
     def __init__(self, prices: Iterable[ModelPrice] = ()) -> None:
         self._prices = {p.model: p for p in prices}
@@ -23,10 +31,57 @@ class PriceTable:
         return found or self._prices.get(DEFAULT_MODEL)
 
     def spend_micros(self, model: str | None, prompt_tokens: int, completion_tokens: int) -> int:
-        """Micro-USD: tokens * USD per 1M tokens is exactly micro-USD per token."""
-        price = self.price_for(model)
-        if price is None:
-            return 0
-        return round(
-            prompt_tokens * price.input_per_1m_usd + completion_tokens * price.output_per_1m_usd
-        )
+        """Whole micro-USD, rounded (for estimates; charges use `spend_exact` and a carry)."""
+        return round(spend_exact(self.price_for(model), prompt_tokens, completion_tokens))
+
+
+def _rate(usd_per_1m: float) -> Fraction:
+    """Micro-USD per token, exactly as the price was written (0.15, not 0.1499999...)."""
+    return Fraction(repr(usd_per_1m))
+
+
+def spend_exact(price: ModelPrice | None, prompt_tokens: int, completion_tokens: int) -> Fraction:
+    """Micro-USD, exactly."""
+    if price is None:
+        return Fraction(0)
+    return prompt_tokens * _rate(price.input_per_1m_usd) + completion_tokens * _rate(
+        price.output_per_1m_usd
+    )
+
+
+def estimate_exact(price: ModelPrice | None, tokens: int) -> Fraction:
+    """Micro-USD for tokens whose split between prompt and completion is unknown (a reservation,
+    or usage never reported): all at the model's higher rate, so a cap is never passed by an
+    underestimate."""
+    if price is None:
+        return Fraction(0)
+    return tokens * max(_rate(price.input_per_1m_usd), _rate(price.output_per_1m_usd))
+
+
+def estimate_micros(price: ModelPrice | None, tokens: int) -> int:
+    """`estimate_exact`, rounded up: a reservation never under-reserves."""
+    return math.ceil(estimate_exact(price, tokens))
+
+
+def carry_spend(remainder: Fraction, exact: Fraction) -> tuple[int, Fraction]:
+    """(whole micro-USD to charge now, the remainder to carry): over any sequence of charges,
+    the sum charged is the floor of the exact sum, so it never drifts by a micro-USD or more."""
+    total = remainder + exact
+    whole = math.floor(total)
+    return whole, total - whole
+
+
+class SpendCarry:
+    """Each workspace's fractional micro-USD, carried within its month (a new month starts at 0:
+    its counters are new too)."""
+
+    def __init__(self) -> None:
+        self._carried: dict[str, tuple[str, Fraction]] = {}
+
+    def charge(self, workspace_id: str, period: str, exact: Fraction) -> int:
+        held_period, remainder = self._carried.get(workspace_id, (period, Fraction(0)))
+        if held_period != period:
+            remainder = Fraction(0)
+        whole, remainder = carry_spend(remainder, exact)
+        self._carried[workspace_id] = (period, remainder)
+        return whole

@@ -37,7 +37,13 @@ def workspace_key(stack: Stack, *args: str) -> tuple[str, dict[str, str]]:
 
 
 def chat(
-    stack: Stack, secret: str, *, completion: int, stream: bool = False, max_tokens: int = 40
+    stack: Stack,
+    secret: str,
+    *,
+    completion: int,
+    stream: bool = False,
+    max_tokens: int = 40,
+    include_usage: bool = True,
 ) -> Any:
     body: dict[str, Any] = {
         "model": "demo-model",
@@ -46,7 +52,8 @@ def chat(
     }
     if stream:
         body["stream"] = True
-        body["stream_options"] = {"include_usage": True}
+        if include_usage:
+            body["stream_options"] = {"include_usage": True}
     encoded = json.dumps(body).encode()
     answer = stack.request(
         "/v1/chat/completions",

@@ -65,3 +65,14 @@ async def test_prices(store: Store) -> None:
     assert prices == {"*": (1.0, 2.0), "gpt": (2.0, 8.0)}
     with pytest.raises(InvalidInput, match="input_per_1m_usd"):
         await store.set_price(ModelPrice("x", -1.0, 0.0), actor=CLI_ACTOR)
+
+
+async def test_estimated_tokens_are_kept_apart_and_count_in_the_period(store: Store) -> None:
+    """Requests whose usage was never reported are charged by estimate, shown apart."""
+    await store.apply_usage_batch("e1", [row(estimated_requests=1, estimated_tokens=500)])
+    await store.apply_usage_batch("e2", [row(estimated_requests=2, estimated_tokens=700)])
+    (only,) = await store.usage_report(workspace_id="ws_a")
+    assert (only.prompt_tokens, only.completion_tokens) == (60, 24)
+    assert (only.estimated_requests, only.estimated_tokens) == (3, 1200)
+    tokens, _ = await store.period_totals("ws_a", HOUR, HOUR.replace(hour=23))
+    assert tokens == 84 + 1200

@@ -15,6 +15,7 @@ from authz.models import (
     ModelPrice,
     NewKey,
     NewWorkspace,
+    StreamingUsage,
     WorkspaceUpdate,
 )
 from authz.store.base import (
@@ -256,3 +257,19 @@ async def test_price_changes_are_audited_with_old_and_new_prices(store: Store) -
         ),
         ("price.set", "cli", "gpt: input_per_1m_usd 1.5 \u2192 2.0"),
     ]
+
+
+async def test_streaming_usage_policy_is_stored_and_audited(store: Store) -> None:
+    created = await store.create_workspace(
+        NewWorkspace(name="streams", streaming_usage=StreamingUsage.REQUIRE), actor=CLI_ACTOR
+    )
+    assert created.streaming_usage is StreamingUsage.REQUIRE
+    assert (await store.get_workspace(created.id)) == created
+    updated = await store.update_workspace(
+        created.id, WorkspaceUpdate(streaming_usage=StreamingUsage.ESTIMATE), actor=CLI_ACTOR
+    )
+    assert updated.streaming_usage is StreamingUsage.ESTIMATE
+    details = [e.detail for e in await store.list_audit(created.id)]
+    assert details[-1] == "streaming_usage require \u2192 estimate"
+    default = await store.create_workspace(NewWorkspace(name="plain"), actor=CLI_ACTOR)
+    assert default.streaming_usage is StreamingUsage.ESTIMATE

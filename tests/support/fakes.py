@@ -172,6 +172,7 @@ class FakeStore:
             created_at=now,
             updated_at=now,
             enforcement=new.enforcement,
+            streaming_usage=new.streaming_usage,
         )
         self.workspaces[created.id] = created
         self._audit(now, created.id, None, "workspace.create", actor, new.name)
@@ -302,7 +303,7 @@ class FakeStore:
         rows = [r for rows in self.batches.values() for r in rows]
         mine = [r for r in rows if r.workspace_id == workspace_id and since <= r.hour < until]
         return (
-            sum(r.prompt_tokens + r.completion_tokens for r in mine),
+            sum(r.tokens for r in mine),
             sum(r.spend_usd for r in mine),
         )
 

@@ -245,6 +245,7 @@ class DeadLimiter:
         tpm_delta: int,
         tokens: int,
         spend_micros: int,
+        operation_id: str | None = None,
     ) -> QuotaState:
         raise RateLimitUnavailable("redis down")
 

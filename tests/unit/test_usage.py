@@ -116,7 +116,11 @@ class FlakyStore(FakeStore):
 
 
 def accountant(
-    store: FakeStore, limiter: InMemoryRateLimiter, prices: PriceTable | None = None
+    store: FakeStore,
+    limiter: InMemoryRateLimiter,
+    prices: PriceTable | None = None,
+    *,
+    max_queued_rows: int = 100,
 ) -> UsageAccountant:
     metrics = Metrics(CollectorRegistry())
     resolver = KeyResolver(
@@ -129,6 +133,7 @@ def accountant(
         prices=prices or PriceTable([ModelPrice("*", 1.0, 3.0)]),
         metrics=metrics,
         flush_interval=60,
+        max_queued_rows=max_queued_rows,
     )
 
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import pytest
 
 from ratelimit.keys import bucket_keys, usage_keys
-from ratelimit.limiter import Limits, Quota, QuotaKind, QuotaState
+from ratelimit.limiter import Limits, Quota, QuotaKind, QuotaState, RateLimiter
+from ratelimit.memory import InMemoryRateLimiter
 from ratelimit.quota import COUNTER_TTL_SECONDS
 from ratelimit.redis_backend import RedisClient, RedisRateLimiter, connect_redis
 from tests.integration.ratelimit.conftest import (
@@ -81,7 +82,7 @@ def on_every_node(ports: Sequence[int], *command: str) -> None:
         assert send_command(port, *command).startswith(b"+OK")
 
 
-async def read_state(limiter: RedisRateLimiter, workspace: str) -> QuotaState | None:
+async def read_state(limiter: RateLimiter, workspace: str) -> QuotaState | None:
     """The period's counters through a quota check that limits and debits nothing."""
     return (await limiter.acquire(workspace, Limits(0, 0), 0, quota=UNLIMITED)).quota
 
@@ -219,3 +220,29 @@ async def test_script_flush_costs_no_call(
     assert stats["evalsha"][0] == 2
     # redis-py loads the script once: on the one server, or on every master of a cluster.
     assert stats["script|load"] == (len(target.ports), 0)
+
+
+async def test_a_record_retried_with_its_operation_id_counts_once_on_both_backends(
+    limiter: RedisRateLimiter, workspace_id: str
+) -> None:
+    memory = InMemoryRateLimiter(clock_ms=lambda: T0_MS)
+    limits = Limits(rpm=0, tpm=100)
+    for backend in (limiter, memory):
+        replies = [
+            await backend.record_usage(
+                workspace_id,
+                limits,
+                period=PERIOD,
+                tpm_delta=-5,
+                tokens=tokens,
+                spend_micros=7,
+                operation_id=operation,
+            )
+            for operation, tokens in (("op-1", 30), ("op-1", 30), ("op-2", 4))
+        ]
+        assert replies == [
+            QuotaState(PERIOD, 30, 7, known=False),
+            QuotaState(PERIOD, 30, 7, known=False),
+            QuotaState(PERIOD, 34, 14, known=True),
+        ]
+        assert await read_state(backend, workspace_id) == replies[-1]
