@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from demo.run import PORTS, _port_free
+from demo.run import PORTS, _demo_key, _port_free
 from tests.support.procs import ManagedProcess
 from tests.support.stack import ROOT, wait_until
 
@@ -72,3 +72,24 @@ def test_make_run_prints_a_curl_that_works_and_stops_cleanly(tmp_path: Path) -> 
         assert all(_port_free(p) for p in PORTS.values()), "a process outlived make run"
     finally:
         demo.stop()
+
+
+def test_make_run_says_what_it_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second run revokes the first demo key and says so; the first says it set demo prices."""
+    monkeypatch.setenv("AUTHZ_DATABASE_URL", f"sqlite:///{tmp_path / 'authz.db'}")
+    first = _demo_key()
+    assert first.changes == (
+        "demo prices set: model * at $0.50 input / $1.50 output per 1M tokens "
+        "(`authz price set` replaces them)",
+    )
+    second = _demo_key()
+    assert second.workspace_id == first.workspace_id
+    assert len(second.changes) == 1
+    revoked = re.fullmatch(
+        r"previous demo key revoked: (key_\w+) \(([\w-]+)\*+(\w+)\) now gets 401",
+        second.changes[0],
+    )
+    assert revoked is not None, second.changes
+    assert first.secret.startswith(revoked.group(2))  # shown by its mask,
+    assert first.secret.endswith(revoked.group(3))
+    assert first.secret not in second.changes[0]  # never in full
