@@ -9,12 +9,14 @@ secret printed last before that line. The test then checks what the user sees.
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
 import re
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,9 +139,12 @@ def test_the_readme_tour_works_as_written(
     seen = demo.read_log()
     shell = Shell(cwd=ROOT, env=env)
     outputs: dict[str, str] = {}
+    took: dict[str, float] = {}
     try:
         for command in commands:
+            started = time.monotonic()
             output = shell.run(paste(command, seen))
+            took[command] = time.monotonic() - started
             outputs[command] = output
             seen += output
     finally:
@@ -167,6 +172,14 @@ def test_the_readme_tour_works_as_written(
     assert not _PRINTED["sk-oais_..."].search(listed), "key list printed a secret"
     assert output_of("authz key revoke").startswith("revoked key_")
 
-    # Six quick requests: five pass, the sixth gets 429 with retry-after: 12.
-    burst = output_of("for i in 1 2 3 4 5 6").splitlines()
-    assert burst == [*["HTTP/1.1 200 OK"] * 5, "HTTP/1.1 429 Too Many Requests", "retry-after: 12"]
+    # Six quick requests: five pass, the sixth gets 429 with retry-after: 12. The bucket refills
+    # from the first request on, so 12 holds when the six take under a second, as they do on an
+    # idle machine; a loaded test machine may take longer, and then the wait is that much less.
+    loop = next(command for command in commands if command.startswith("for i in 1 2 3 4 5 6"))
+    burst = outputs[loop].splitlines()
+    assert burst[:-1] == [*["HTTP/1.1 200 OK"] * 5, "HTTP/1.1 429 Too Many Requests"]
+    if took[loop] < 1:
+        assert burst[-1] == "retry-after: 12"
+    else:
+        shortest = max(1, 12 - math.ceil(took[loop] - 1))
+        assert burst[-1] in {f"retry-after: {s}" for s in range(shortest, 13)}, burst
