@@ -1,6 +1,7 @@
 """`make run`: the sidecar on the embedded default, real Envoy and a demo upstream, together.
 
-Creates a demo workspace and key, prints the key once with a curl line that works as printed,
+Creates a demo workspace and key, prints the key once with a curl line that works as printed
+and a note for each thing it changed besides (the previous demo key revoked, demo prices set),
 and on Ctrl-C stops every child it started (each in its own process group) before exiting.
 """
 
@@ -17,6 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
@@ -55,8 +57,19 @@ def _authz(*args: str) -> object:
     return json.loads(done.stdout)
 
 
-def _demo_key() -> tuple[str, str]:
-    """(workspace id, secret) of a fresh demo key; earlier demo keys are revoked first."""
+DEMO_PRICE = ("*", "0.50", "1.50")  # model, USD per 1M input tokens, per 1M output tokens
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoKey:
+    workspace_id: str
+    secret: str
+    # What this run changed besides the new key, one sentence each, so nothing happens silently.
+    changes: tuple[str, ...]
+
+
+def _demo_key() -> DemoKey:
+    """A fresh demo key; earlier demo keys are revoked first, and each change is reported."""
     workspaces = _authz("workspace", "list")
     assert isinstance(workspaces, list)
     found = [w for w in workspaces if w["name"] == DEMO_WORKSPACE]
@@ -66,17 +79,24 @@ def _demo_key() -> tuple[str, str]:
         created = _authz("workspace", "create", DEMO_WORKSPACE, "--rpm", "60", "--tpm", "100000")
         assert isinstance(created, dict)
         workspace_id = created["id"]
+    changes: list[str] = []
     keys = _authz("key", "list", "--workspace", workspace_id)
     assert isinstance(keys, list)
     for key in keys:
         if key["label"] == DEMO_LABEL and key["revoked_at"] is None:
             _authz("key", "revoke", key["id"])
+            changes.append(f"previous demo key revoked: {key['id']} ({key['mask']}) now gets 401")
     if not _authz("price", "list"):
-        # Demo prices, so `authz usage` shows a spend; replace them with your own.
-        _authz("price", "set", "*", "--input", "0.50", "--output", "1.50")
+        # Demo prices, so `authz usage` shows a spend. Without any price, spend counts as 0.
+        model, prompt, completion = DEMO_PRICE
+        _authz("price", "set", model, "--input", prompt, "--output", completion)
+        changes.append(
+            f"demo prices set: model {model} at ${prompt} input / ${completion} output per 1M "
+            "tokens (`authz price set` replaces them)"
+        )
     key = _authz("key", "create", "--workspace", workspace_id, "--label", DEMO_LABEL)
     assert isinstance(key, dict)
-    return workspace_id, key["secret"]
+    return DemoKey(workspace_id=workspace_id, secret=key["secret"], changes=tuple(changes))
 
 
 def _envoy_binary() -> str:
@@ -136,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        workspace_id, secret = _demo_key()
+        demo = _demo_key()
+        workspace_id, secret = demo.workspace_id, demo.secret
 
         def start(name: str, command: list[str]) -> None:
             procs[name] = subprocess.Popen(command, start_new_session=True)
@@ -168,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
             f"Envoy on http://127.0.0.1:8080 -> sidecar 127.0.0.1:9191 -> demo upstream :8000\n"
             f"Workspace {workspace_id} ({DEMO_WORKSPACE}); its new key, shown once:\n\n"
             f"  {secret}\n\n"
-            "Try it:\n\n"
+            + "".join(f"Note: {change}.\n" for change in demo.changes)
+            + ("\n" if demo.changes else "")
+            + "Try it:\n\n"
             "  curl -s http://127.0.0.1:8080/v1/chat/completions \\\n"
             f"    -H 'Authorization: Bearer {secret}' \\\n"
             "    -H 'Content-Type: application/json' \\\n"

@@ -14,6 +14,9 @@
 import { generateKeyPairSync } from 'node:crypto';
 import { createServer } from 'node:http';
 import Provider from 'oidc-provider';
+// Memory is the point of a development provider (its sign-in page says so); passing the store
+// explicitly keeps oidc-provider from warning about it on every `make run`.
+import { createMemoryAdapter } from 'oidc-provider/lib/adapters/memory_adapter.js';
 
 const client = JSON.parse(process.env.OIDC_CLIENT);
 const accounts = JSON.parse(process.env.OIDC_ACCOUNTS || '{}');
@@ -26,7 +29,10 @@ const server = createServer();
 await new Promise((resolve) => server.listen(Number(process.env.OIDC_PORT || 0), '127.0.0.1', resolve));
 const issuer = `http://127.0.0.1:${server.address().port}`;
 
+const clockTolerance = 15; // oidc-provider's default, which its own memory store would use
 const provider = new Provider(issuer, {
+  clockTolerance,
+  adapter: createMemoryAdapter(clockTolerance),
   clients: [{
     grant_types: ['authorization_code'],
     response_types: ['code'],
