@@ -147,7 +147,8 @@ async def build(
         limiter_required=settings.redis_url is not None and settings.failure_mode == "closed",
         interval=settings.health_interval_s,
     )
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    # Workers (authz.workers) share the port; a lone process must not share it by accident.
+    server = grpc.aio.server(options=[("grpc.so_reuseport", int(settings.workers > 1))])
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(authorization, server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogServicer(accountant), server)
