@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
 
 from ratelimit.limiter import Limits
-from ratelimit.redis_backend import RedisRateLimiter, connect_redis
+from ratelimit.redis_backend import RedisRateLimiter
 from tests.integration.ratelimit.conftest import GENEROUS_TIMEOUT_SECONDS
 from tests.integration.ratelimit.test_redis_limiter import commandstats
-from tests.support.redis_servers import RedisServer
 
 pytestmark = pytest.mark.integration
 
@@ -20,12 +18,11 @@ CONCURRENT = 60
 RPM = 40
 
 
-@pytest.fixture
-async def own_client(own_redis: RedisServer) -> AsyncIterator[Redis]:
-    client = connect_redis(own_redis.url, timeout_seconds=GENEROUS_TIMEOUT_SECONDS)
-    assert isinstance(client, Redis)
-    yield client
-    await client.aclose()
+async def _warm_limiter(client: Redis, workspace_id: str) -> RedisRateLimiter:
+    """A pipelining limiter whose acquire script was loaded."""
+    limiter = RedisRateLimiter(client, timeout_seconds=GENEROUS_TIMEOUT_SECONDS)
+    await limiter.acquire(f"{workspace_id}-warm", Limits(rpm=RPM, tpm=0), 0)
+    return limiter
 
 
 async def _burst(limiter: RedisRateLimiter, workspace_id: str) -> list[int]:
@@ -39,8 +36,7 @@ async def _burst(limiter: RedisRateLimiter, workspace_id: str) -> list[int]:
 async def test_concurrent_calls_share_one_connection_and_stay_exact(
     own_client: Redis, workspace_id: str
 ) -> None:
-    limiter = RedisRateLimiter(own_client, timeout_seconds=GENEROUS_TIMEOUT_SECONDS)
-    await limiter.acquire(f"{workspace_id}-warm", Limits(rpm=RPM, tpm=0), 0)
+    limiter = await _warm_limiter(own_client, workspace_id)
     await own_client.config_resetstat()
     remaining = await _burst(limiter, workspace_id)
     # Exactly the capacity, each admission seeing its own bucket level: one script call each.
@@ -55,8 +51,7 @@ async def test_concurrent_calls_share_one_connection_and_stay_exact(
 async def test_noscript_inside_a_pipeline_reloads_once_and_costs_no_call(
     own_client: Redis, workspace_id: str
 ) -> None:
-    limiter = RedisRateLimiter(own_client, timeout_seconds=GENEROUS_TIMEOUT_SECONDS)
-    await limiter.acquire(f"{workspace_id}-warm", Limits(rpm=RPM, tpm=0), 0)
+    limiter = await _warm_limiter(own_client, workspace_id)
     await own_client.script_flush()
     await own_client.config_resetstat()
     remaining = await _burst(limiter, workspace_id)
