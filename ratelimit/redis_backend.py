@@ -3,7 +3,8 @@
 Every operation is one EVALSHA of its own script (`ratelimit.lua_scripts`): `acquire` (the
 buckets), `acquire_quota` (the monthly quota read from the usage counters, then the buckets),
 `adjust` (`adjust_tokens`), `record` (`record_usage`: TPM delta and counter increments together)
-and `seed` (`seed_usage`: set-if-absent counters).
+and `seed` (`seed_usage`: set-if-absent counters). On standalone Redis the calls made in one
+event-loop tick share one pipelined write (`ratelimit.pipeline`); on a cluster they go one by one.
 
 Redis URL forms understood by `connect_redis`:
 

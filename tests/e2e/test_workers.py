@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,26 +15,13 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc
 from google.rpc import code_pb2
 
 from tests.support.checks import bearer, check_request
-from tests.support.procs import free_port
+from tests.support.procs import free_ports_in_a_row
 from tests.support.redis_servers import redis_url_for_tests
 from tests.support.stack import Sidecar, authz_cli, start_sidecar, wait_until
 
 pytestmark = pytest.mark.e2e
 
 WORKERS = 2
-
-
-def _free_port_pair() -> int:
-    """A free port whose successor is free too: worker i serves metrics on port + i."""
-    for _ in range(50):
-        port = free_port()
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no two consecutive free ports")
 
 
 class Workers:
@@ -62,7 +48,7 @@ class Workers:
 @pytest.fixture
 def workers(pg_dsn: str, tmp_path: Path) -> Iterator[Workers]:
     authz_cli(pg_dsn, "migrate")
-    metrics_port = _free_port_pair()
+    metrics_port = free_ports_in_a_row(WORKERS)
     with redis_url_for_tests() as redis:
         sidecar = start_sidecar(
             tmp_path,
