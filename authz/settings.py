@@ -289,6 +289,10 @@ def _check_consistency(settings: Settings) -> None:
             "more than 1 worker needs AUTHZ_REDIS_URL: the in-process rate-limit buckets"
             " are per process, so N workers would admit N times each limit",
         )
+    if int(settings.metrics_addr.rpartition(":")[2]) + settings.workers > 65536:
+        raise SettingsError(
+            "AUTHZ_WORKERS", "worker i serves metrics on AUTHZ_METRICS_ADDR's port + i: past 65535"
+        )
     if settings.grpc_addr == settings.metrics_addr:
         raise SettingsError("AUTHZ_METRICS_ADDR", "must differ from AUTHZ_GRPC_ADDR")
     if settings.database_listen_url and settings.is_sqlite:
