@@ -28,6 +28,7 @@ from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
+from authz.logs import configure_logging
 from authz.settings import Settings
 
 log = logging.getLogger("authz")
@@ -48,6 +49,7 @@ def run_workers(settings: Settings, serve: Serve) -> int:
     """`serve(settings)` in this process for one worker, else in N supervised processes."""
     if settings.workers == 1:
         return serve(settings)
+    configure_logging(settings.log_level, settings.log_format)
     context = multiprocessing.get_context("spawn")
     workers = [
         context.Process(
