@@ -156,7 +156,8 @@ async def build(
         interval=settings.health_interval_s,
         backlogs={"ledger": accountant.backlog_problem},
     )
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    # Workers (authz.workers) share the port; a lone process must not share it by accident.
+    server = grpc.aio.server(options=[("grpc.so_reuseport", int(settings.workers > 1))])
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(authorization, server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogServicer(accountant), server)

@@ -8,8 +8,10 @@ invalidation is answered but not cached, so a revocation can never be undone by 
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from prometheus_client import Counter
 
@@ -138,6 +140,7 @@ class KeyResolver:
                 self._unknown.put(key_hash, True)
             else:
                 self._unknown.pop(key_hash)
+                result = _shared_ids(*result)
                 self._keys.put(key_hash, result[0])
                 self._workspaces.put(result[1].id, result[1])
         return result
@@ -169,3 +172,14 @@ class KeyResolver:
         self._keys.clear()
         self._workspaces.clear()
         self._unknown.clear()
+
+
+def _shared_ids(grant: KeyGrant, workspace: Workspace) -> Resolved:
+    """The grant and workspace with one interned copy of the workspace id: every cached key
+    of a workspace points at it, instead of each holding its own copy from the database row."""
+    workspace_id = sys.intern(workspace.id)
+    if workspace.id is not workspace_id:
+        workspace = replace(workspace, id=workspace_id)
+    if grant.workspace_id is not workspace_id:
+        grant = replace(grant, workspace_id=workspace_id)
+    return grant, workspace

@@ -63,6 +63,7 @@ class Settings:
     metrics_workspace_label: bool = True
     jwt_issuers: tuple[IssuerConfig, ...] = ()
     jwks_timeout_ms: int = 2000
+    workers: int = 1
 
     @property
     def is_sqlite(self) -> bool:
@@ -118,6 +119,8 @@ _HELP: dict[str, str] = {
     "metrics_workspace_label": "label per-workspace metrics with the workspace id",
     "jwt_issuers": "sign-in providers for key management: a JSON file path or inline JSON",
     "jwks_timeout_ms": "timeout of each fetch of a sign-in provider's JWKS",
+    "workers": "processes sharing AUTHZ_GRPC_ADDR (SO_REUSEPORT); >1 needs AUTHZ_REDIS_URL;"
+    " worker i serves metrics on AUTHZ_METRICS_ADDR's port + i",
 }
 
 
@@ -240,6 +243,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "metrics_workspace_label": _parse_bool,
     "jwt_issuers": load_issuers,
     "jwks_timeout_ms": _parse_positive_int,
+    "workers": _parse_positive_int,
 }
 
 
@@ -279,6 +283,16 @@ def load_settings(environ: Mapping[str, str], flags: argparse.Namespace | None =
 
 
 def _check_consistency(settings: Settings) -> None:
+    if settings.workers > 1 and settings.redis_url is None:
+        raise SettingsError(
+            "AUTHZ_WORKERS",
+            "more than 1 worker needs AUTHZ_REDIS_URL: the in-process rate-limit buckets"
+            " are per process, so N workers would admit N times each limit",
+        )
+    if int(settings.metrics_addr.rpartition(":")[2]) + settings.workers > 65536:
+        raise SettingsError(
+            "AUTHZ_WORKERS", "worker i serves metrics on AUTHZ_METRICS_ADDR's port + i: past 65535"
+        )
     if settings.grpc_addr == settings.metrics_addr:
         raise SettingsError("AUTHZ_METRICS_ADDR", "must differ from AUTHZ_GRPC_ADDR")
     if settings.database_listen_url and settings.is_sqlite:

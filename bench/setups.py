@@ -16,7 +16,7 @@ from pathlib import Path
 
 from grpc_health.v1 import health_pb2
 
-from tests.support.procs import ManagedProcess, free_port
+from tests.support.procs import ManagedProcess, free_port, free_ports_in_a_row
 from tests.support.stack import AUTHZ_SERVICE, authz_cli, health_status, wait_until
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -30,7 +30,7 @@ BENCH_CACHE_TTL_S = "3600"
 
 @dataclass(frozen=True, slots=True)
 class Setup:
-    """One listener's backend. `workers` is passed as AUTHZ_WORKERS once the sidecar has it."""
+    """One listener's backend: `replicas` separate processes, each with AUTHZ_WORKERS=`workers`."""
 
     name: str
     title: str
@@ -45,7 +45,7 @@ SETUPS: tuple[Setup, ...] = (
     Setup("b", "no-op grpc.aio+uvloop ext_authz", "noop"),
     Setup("c", "authz serve, embedded (SQLite)", "authz", "sqlite"),
     Setup("d", "authz serve, PostgreSQL + Redis", "authz", "postgres"),
-    Setup("e", "2 x authz serve, PostgreSQL + Redis", "authz", "postgres", replicas=2),
+    Setup("e", "authz serve --workers 2, PostgreSQL + Redis", "authz", "postgres", workers=2),
 )
 
 
@@ -180,7 +180,7 @@ def start_setup(
                     database_url=running.database_url,
                     redis_url=running.redis_url,
                     grpc_port=port,
-                    metrics_port=free_port(),
+                    metrics_port=free_ports_in_a_row(setup.workers),
                     workers=setup.workers,
                 )
                 name = f"sidecar-{setup.name}{replica}"

@@ -3,7 +3,8 @@
 Every operation is one EVALSHA of its own script (`ratelimit.lua_scripts`): `acquire` (the
 buckets), `acquire_quota` (the monthly quota read from the usage counters, then the buckets),
 `adjust` (`adjust_tokens`), `record` (`record_usage`: TPM delta and counter increments together)
-and `seed` (`seed_usage`: set-if-absent counters).
+and `seed` (`seed_usage`: set-if-absent counters). On standalone Redis the calls made in one
+event-loop tick share one pipelined write (`ratelimit.pipeline`); on a cluster they go one by one.
 
 Redis URL forms understood by `connect_redis`:
 
@@ -54,6 +55,7 @@ from ratelimit.keys import bucket_keys, operation_key, usage_keys
 from ratelimit.limiter import LimitResult, Limits, Quota, QuotaState, RateLimitUnavailable
 from ratelimit.lua_scripts import Operation, script_text
 from ratelimit.metrics import RateLimitMetrics
+from ratelimit.pipeline import ScriptPipeliner
 from ratelimit.redis_guard import CEILING_SECONDS, RedisGuard
 from ratelimit.redis_nodes import STANDALONE, UNMAPPED, NodeBreakers
 
@@ -174,8 +176,11 @@ class RedisRateLimiter:
         breaker: CircuitBreaker | None = None,
         metrics: RateLimitMetrics | None = None,
         max_in_flight: int = DEFAULT_MAX_CONNECTIONS,
+        pipelining: bool = True,
     ) -> None:
-        """`max_in_flight` bounds concurrent Redis calls; the rest queue (see redis_guard)."""
+        """`max_in_flight` bounds concurrent Redis calls; the rest queue (see redis_guard).
+        `pipelining` coalesces one loop tick's script calls into one round trip
+        (`ratelimit.pipeline`); standalone Redis only, a cluster is called one by one."""
         self._client = client
         self._metrics = metrics
         self._breaker = breaker or CircuitBreaker()
@@ -187,6 +192,9 @@ class RedisRateLimiter:
             metrics=metrics,
             logger=_log,
             describe=self._nodes.describe,
+        )
+        self._pipeliner = (
+            ScriptPipeliner(client) if pipelining and isinstance(client, Redis) else None
         )
         # register_script gives EVALSHA with a SCRIPT LOAD fallback on NOSCRIPT.
         self._scripts = {op: client.register_script(self._script_text(op)) for op in Operation}
@@ -347,6 +355,8 @@ class RedisRateLimiter:
     async def close(self) -> None:
         """Close the client and its connection pools."""
         self._guard.close()
+        if self._pipeliner is not None:
+            await self._pipeliner.close()
         await self._client.aclose()
 
     @staticmethod
@@ -363,6 +373,11 @@ class RedisRateLimiter:
         if isinstance(self._client, RedisCluster):
             await self._read_slot_map(self._client)
         node = self._nodes.node_for(keys[0])
+        pipeliner = self._pipeliner
+        if pipeliner is not None:
+            return await self._guarded(
+                operation, node, lambda: pipeliner.evalsha(script, keys, argv)
+            )
         return await self._guarded(operation, node, lambda: script(keys=keys, args=argv))
 
     async def _read_slot_map(self, cluster: RedisCluster) -> None:

@@ -81,6 +81,13 @@ def _fail(error: Exception) -> None:
 
 
 def _serve(settings: Settings) -> int:
+    from authz.workers import run_workers
+
+    return run_workers(settings, _serve_one)
+
+
+def _serve_one(settings: Settings) -> int:
+    """One sidecar process (the only one, or one of AUTHZ_WORKERS)."""
     from authz.app import StartupError, run
 
     try:

@@ -53,6 +53,21 @@ def free_port() -> int:
         return port
 
 
+def free_ports_in_a_row(count: int) -> int:
+    """The first of `count` consecutive free ports (AUTHZ_WORKERS: worker i's metrics port is
+    AUTHZ_METRICS_ADDR's port + i)."""
+    for _ in range(50):
+        first = free_port()
+        try:
+            for offset in range(1, count):
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                    sock.bind(("127.0.0.1", first + offset))
+        except OSError:
+            continue
+        return first
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
 def wait_for_port(
     host: str,
     port: int,

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from redis.asyncio import Redis
 
 from ratelimit.redis_backend import RedisClient, connect_redis
 from tests.support.redis_servers import (
@@ -115,3 +116,12 @@ def cluster() -> Iterator[RedisClusterServers]:
     """A 3-master Redis Cluster, shared by the session's tests (it takes ~2 s to form)."""
     with redis_cluster(3) as servers:
         yield servers
+
+
+@pytest.fixture
+async def own_client(own_redis: RedisServer) -> AsyncIterator[Redis]:
+    """A client of `own_redis` (a server no other test touches)."""
+    client = connect_redis(own_redis.url, timeout_seconds=GENEROUS_TIMEOUT_SECONDS)
+    assert isinstance(client, Redis)
+    yield client
+    await client.aclose()

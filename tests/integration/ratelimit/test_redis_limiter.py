@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
@@ -14,7 +13,6 @@ from ratelimit.limiter import LimitKind, Limits
 from ratelimit.redis_backend import RedisClient, RedisRateLimiter, connect_redis
 from tests.integration.ratelimit.conftest import GENEROUS_TIMEOUT_SECONDS, FakeClockMs
 from tests.support.clocked_redis import ClockedRedisRateLimiter
-from tests.support.redis_servers import RedisServer
 
 pytestmark = pytest.mark.integration
 
@@ -25,14 +23,6 @@ async def limiter(redis_client: RedisClient, clock_ms: FakeClockMs) -> RedisRate
     return ClockedRedisRateLimiter(
         redis_client, timeout_seconds=GENEROUS_TIMEOUT_SECONDS, clock_ms=clock_ms
     )
-
-
-@pytest.fixture
-async def own_client(own_redis: RedisServer) -> AsyncIterator[Redis]:
-    client = connect_redis(own_redis.url, timeout_seconds=GENEROUS_TIMEOUT_SECONDS)
-    assert isinstance(client, Redis)
-    yield client
-    await client.aclose()
 
 
 async def commandstats(client: Redis) -> dict[str, tuple[int, int]]:

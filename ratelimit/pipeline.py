@@ -1,0 +1,106 @@
+"""Implicit pipelining: the script calls made in one event-loop tick go out as one write.
+
+Under load many Checks reach the limiter in the same tick. One by one, each pays redis-py's
+connection checkout, its own write and its own read; coalesced, the tick's calls share one
+connection, one write and one read of all replies (as envoyproxy/ratelimit pipelines its
+Redis calls). Each call stays one EVALSHA of its own script, answered separately: a script's
+error reply fails only its caller, and the bucket maths are untouched (every script is atomic
+on its own; a pipeline is not a transaction and needs none).
+
+NOSCRIPT (after SCRIPT FLUSH or a Redis restart): the calls that met it are sent again, once
+each script has been loaded with SCRIPT LOAD, in the same guarded call, as redis-py's own
+EVALSHA fallback does.
+
+Standalone Redis only: on Redis Cluster each call goes to the node of its slot, so the limiter
+calls scripts one by one there (see redis_backend).
+
+A caller that stops waiting (its deadline passed, its Check was cancelled) leaves the batch
+without disturbing the others: the batch runs in its own task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
+
+
+@dataclass(slots=True)
+class _Call:
+    script: AsyncScript
+    keys: Sequence[str]
+    args: Sequence[int]
+    future: asyncio.Future[Any]
+
+
+class ScriptPipeliner:
+    """Coalesces concurrent `evalsha` calls into one pipelined round trip per loop tick."""
+
+    def __init__(self, client: Redis) -> None:
+        self._client = client
+        self._pending: list[_Call] = []
+        self._batches: set[asyncio.Task[None]] = set()
+
+    async def evalsha(self, script: AsyncScript, keys: Sequence[str], args: Sequence[int]) -> Any:
+        """The script's reply; raises what redis-py raises for the call or for its batch."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._flush)
+        self._pending.append(_Call(script, keys, args, future))
+        return await future
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        task = asyncio.ensure_future(self._send(batch))
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
+
+    async def _send(self, batch: list[_Call]) -> None:
+        live = [call for call in batch if not call.future.done()]
+        if not live:
+            return
+        try:
+            replies = await self._execute(live)
+        except asyncio.CancelledError:
+            for call in live:
+                call.future.cancel()
+            raise
+        except Exception as error:  # each caller's guard translates and counts it
+            for call in live:
+                if not call.future.done():
+                    call.future.set_exception(error)
+            return
+        for call, reply in zip(live, replies, strict=True):
+            if call.future.done():
+                continue
+            if isinstance(reply, Exception):
+                call.future.set_exception(reply)
+            else:
+                call.future.set_result(reply)
+
+    async def _execute(self, calls: Sequence[_Call]) -> list[Any]:
+        replies = await self._pipeline(calls)
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:
+            for script in {id(calls[i].script): calls[i].script for i in missing}.values():
+                await self._client.script_load(script.script)
+            again = await self._pipeline([calls[i] for i in missing])
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        return replies
+
+    async def _pipeline(self, calls: Sequence[_Call]) -> list[Any]:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for call in calls:
+                pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+            return list(await pipe.execute(raise_on_error=False))
+
+    async def close(self) -> None:
+        """Wait for the batches in flight (their callers have answers coming)."""
+        await asyncio.gather(*self._batches, return_exceptions=True)
