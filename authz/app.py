@@ -37,6 +37,7 @@ from authz.server import StartupError, serve
 from authz.settings import Settings, SettingsError
 from authz.store import open_store
 from authz.store.base import Store
+from authz.supervisor import Sleep, Supervisor
 from authz.usage.accesslog import AccessLogServicer
 from authz.usage.accountant import UsageAccountant
 from authz.usage.pricing import PriceTable
@@ -64,6 +65,7 @@ class App:
     authorization: AuthorizationServicer
     health: health_aio.HealthServicer
     readiness: Readiness
+    supervisor: Supervisor
     server: grpc.aio.Server
 
 
@@ -91,11 +93,13 @@ async def build(
     limiter: RateLimiter | None = None,
     clock: Callable[[], float] | None = None,
     registry: CollectorRegistry | None = None,
+    restart_sleep: Sleep | None = None,
 ) -> App:
     """Build everything `settings` describes; each override replaces one collaborator.
 
     `clock` (seconds) drives the key cache's TTLs, grace deadlines and `last_used_at`, so a
     test can move time for all of them at once; production uses the wall clock.
+    `restart_sleep` waits out the backoff before a crashed background task is restarted.
     """
     metrics = Metrics(
         registry or CollectorRegistry(), workspace_label=settings.metrics_workspace_label
@@ -147,6 +151,9 @@ async def build(
         limiter_required=settings.redis_url is not None and settings.failure_mode == "closed",
         interval=settings.health_interval_s,
     )
+    supervisor = Supervisor(
+        readiness=readiness, metrics=metrics, sleep=restart_sleep or asyncio.sleep
+    )
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(authorization, server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -183,6 +190,7 @@ async def build(
         authorization=authorization,
         health=health,
         readiness=readiness,
+        supervisor=supervisor,
         server=server,
     )
 

@@ -2,7 +2,8 @@
 
 Service "" is liveness: SERVING while the process lives. Service
 `envoy.service.auth.v3.Authorization` is readiness: SERVING only while the store answers and
-the rate limiter answers (or AUTHZ_FAILURE_MODE=open makes it optional).
+the rate limiter answers (or AUTHZ_FAILURE_MODE=open makes it optional), and nothing has
+reported itself down through `report` (a crashed background task, for one).
 """
 
 from __future__ import annotations
@@ -44,7 +45,10 @@ class Readiness:
         self._limiter_required = limiter_required
         self._interval = interval
         self._components = {"store": False, "ratelimit": False}
+        self._probe_problems: list[str] = ["not probed yet"]
+        self._reported: set[str] = set()
         self._ready: bool | None = None
+        self._last_reported: list[str] = []
 
     async def probe(self) -> bool:
         """Probe every component once and publish the result."""
@@ -56,19 +60,36 @@ class Readiness:
             store_ok = False
             problems.append(f"store: {error}")
         limiter_ok = await self._limiter.ping()
-        if not limiter_ok:
+        if not limiter_ok and self._limiter_required:
             problems.append("rate limiter: unreachable")
         self._components = {"store": store_ok, "ratelimit": limiter_ok}
         for component, ok in self._components.items():
             self._metrics.ready.labels(component).set(1 if ok else 0)
-        ready = store_ok and (limiter_ok or not self._limiter_required)
-        if ready != self._ready:
+        self._probe_problems = problems
+        return await self._publish()
+
+    async def report(self, reason: str, *, ok: bool) -> None:
+        """Mark `reason` down (NOT_SERVING, naming it) or back up, outside the probe loop."""
+        if ok:
+            self._reported.discard(reason)
+        else:
+            self._reported.add(reason)
+        await self._publish()
+
+    async def _publish(self) -> bool:
+        reported = sorted(self._reported)
+        problems = self._probe_problems + [f"{reason}: down" for reason in reported]
+        ready = not problems
+        # Log transitions, and each change in what reported itself down (not every probe).
+        if ready != self._ready or reported != self._last_reported:
             if ready:
                 log.info("readiness: SERVING")
             else:
                 log.warning("readiness: NOT_SERVING (%s)", "; ".join(problems))
-            self._ready = ready
+        if ready != self._ready:
             await self._health.set(AUTHZ_SERVICE, SERVING if ready else NOT_SERVING)
+        self._ready = ready
+        self._last_reported = reported
         return ready
 
     async def run(self) -> None:

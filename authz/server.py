@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Coroutine
 from dataclasses import dataclass
 from threading import Thread
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
 from grpc_health.v1 import health_pb2
@@ -64,11 +63,12 @@ async def start(app: App, *, serve_metrics: bool = True) -> Running:
     await app.server.start()
     await app.readiness.probe()
     feed = FanOut([app.resolver, app.accountant])
+    supervisor = app.supervisor
     background = [
-        asyncio.create_task(_forever(app.store.watch_changes(feed)), name="change-feed"),
-        asyncio.create_task(_forever(app.accountant.run()), name="ledger"),
-        asyncio.create_task(_forever(app.readiness.run()), name="readiness"),
-        asyncio.create_task(_forever(app.last_used.run()), name="last-used"),
+        supervisor.start("change-feed", lambda: app.store.watch_changes(feed)),
+        supervisor.start("ledger", app.accountant.run),
+        supervisor.start("readiness", app.readiness.run),
+        supervisor.start("last-used", app.last_used.run),
     ]
     return Running(grpc_port=grpc_port, background=background, http=http)
 
@@ -78,9 +78,7 @@ async def stop(app: App, running: Running, *, drain_delay_s: float, grace_s: flo
     await app.readiness.shutdown()
     await asyncio.sleep(drain_delay_s)
     await app.server.stop(grace_s)
-    for task in running.background:
-        task.cancel()
-    await asyncio.gather(*running.background, return_exceptions=True)
+    await app.supervisor.stop()
     await app.last_used.flush()
     await app.accountant.flush()
     await app.limiter.close()
@@ -114,14 +112,3 @@ async def serve(app: App) -> int:
     )
     log.info("stopped")
     return 0
-
-
-async def _forever(job: Coroutine[Any, Any, None]) -> None:
-    """Run a background job; a crash is a bug, so log it loudly rather than lose it."""
-    try:
-        await job
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        log.exception("background task crashed")
-        raise
