@@ -36,7 +36,7 @@ from authz.responses import AllowRenderer
 from authz.server import StartupError, serve
 from authz.settings import Settings, SettingsError
 from authz.store import open_store
-from authz.store.base import Store
+from authz.store.base import Store, StoreError
 from authz.supervisor import Sleep, Supervisor
 from authz.usage.accesslog import AccessLogServicer
 from authz.usage.accountant import UsageAccountant
@@ -104,10 +104,12 @@ async def build(
     metrics = Metrics(
         registry or CollectorRegistry(), workspace_label=settings.metrics_workspace_label
     )
-    if store is None:
-        store = await open_store(settings.database_url, **settings.store_options())
     if limiter is None:
         limiter = build_limiter(settings, metrics)
+    # Opened last of the fallible steps: an open store holds a thread that would keep a
+    # failed start-up alive.
+    if store is None:
+        store = await open_store(settings.database_url, **settings.store_options())
     resolver = KeyResolver(
         store,
         metrics,
@@ -199,12 +201,17 @@ __all__ = ["App", "StartupError", "build", "run"]
 
 
 async def build_and_serve(settings: Settings) -> int:
-    app = await build(settings)
-    log.info(
-        "key management API: %d sign-in provider(s) trusted (AUTHZ_JWT_ISSUERS)",
-        len(settings.jwt_issuers),
-    )
-    return await serve(app)
+    try:
+        app = await build(settings)
+        log.info(
+            "key management API: %d sign-in provider(s) trusted (AUTHZ_JWT_ISSUERS)",
+            len(settings.jwt_issuers),
+        )
+        return await serve(app)
+    except (StartupError, StoreError) as error:
+        # One line in the configured log format; `start` has already released every port.
+        log.error("cannot start: %s", error)
+        return 1
 
 
 def run(settings: Settings) -> int:

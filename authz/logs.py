@@ -34,3 +34,10 @@ def configure_logging(level: str, log_format: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Libraries' debug lines come once per call ("Loaded running loop", each SQL statement);
+    # AUTHZ_LOG_LEVEL=debug is for our own decisions, so theirs stay at info and above.
+    for chatty in _CHATTY_LIBRARIES:
+        logging.getLogger(chatty).setLevel(max(logging.INFO, root.level))
+
+
+_CHATTY_LIBRARIES = ("grpc", "aiosqlite", "asyncio", "asyncpg", "urllib3", "hpack")

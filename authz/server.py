@@ -42,41 +42,61 @@ def _split_addr(addr: str) -> tuple[str, int]:
 
 
 async def start(app: App, *, serve_metrics: bool = True) -> Running:
-    """Bind the listeners, start the background work, and probe readiness once."""
-    settings = app.settings
+    """Bind the listeners, start the background work, and probe readiness once.
+
+    On any failure everything opened so far is closed again before the StartupError leaves:
+    nothing stays bound and no thread keeps the process alive.
+    """
     await app.health.set(AUTHZ_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+    running = Running(grpc_port=0, background=[], http=None)
     try:
-        grpc_port = app.server.add_insecure_port(settings.grpc_addr)
-    except RuntimeError as error:
-        raise StartupError(
-            f"cannot listen on AUTHZ_GRPC_ADDR={settings.grpc_addr}: {error}"
-        ) from None
-    http = None
-    if serve_metrics:
-        host, port = _split_addr(settings.metrics_addr)
-        try:
-            http = start_http_server(port, addr=host, registry=app.metrics.registry)
-        except OSError as error:
-            raise StartupError(
-                f"cannot listen on AUTHZ_METRICS_ADDR={settings.metrics_addr}: {error}"
-            ) from None
-    await app.server.start()
-    await app.readiness.probe()
+        running.grpc_port = _bind_grpc(app)
+        if serve_metrics:
+            running.http = _serve_metrics(app)
+        await app.server.start()
+        await app.readiness.probe()
+    except BaseException:
+        await _release(app, running, grace_s=None)
+        raise
     feed = FanOut([app.resolver, app.accountant])
     supervisor = app.supervisor
-    background = [
+    running.background = [
         supervisor.start("change-feed", lambda: app.store.watch_changes(feed)),
         supervisor.start("ledger", app.accountant.run),
         supervisor.start("readiness", app.readiness.run),
         supervisor.start("last-used", app.last_used.run),
     ]
-    return Running(grpc_port=grpc_port, background=background, http=http)
+    return running
+
+
+def _bind_grpc(app: App) -> int:
+    addr = app.settings.grpc_addr
+    try:
+        return app.server.add_insecure_port(addr)
+    except RuntimeError as error:
+        # grpc's text ends in advice about GRPC_VERBOSITY; the first clause is the point.
+        reason = str(error).split(";")[0]
+        raise StartupError(f"cannot listen on AUTHZ_GRPC_ADDR={addr}: {reason}") from None
+
+
+def _serve_metrics(app: App) -> tuple[WSGIServer, Thread]:
+    addr = app.settings.metrics_addr
+    host, port = _split_addr(addr)
+    try:
+        return start_http_server(port, addr=host, registry=app.metrics.registry)
+    except OSError as error:
+        raise StartupError(f"cannot listen on AUTHZ_METRICS_ADDR={addr}: {error}") from None
 
 
 async def stop(app: App, running: Running, *, drain_delay_s: float, grace_s: float) -> None:
     """NOT_SERVING, wait for Envoy to notice, let in-flight calls finish, flush, close."""
     await app.readiness.shutdown()
     await asyncio.sleep(drain_delay_s)
+    await _release(app, running, grace_s=grace_s)
+
+
+async def _release(app: App, running: Running, *, grace_s: float | None) -> None:
+    """Stop serving, stop the background work, flush what is buffered and close everything."""
     await app.server.stop(grace_s)
     await app.supervisor.stop()
     await app.last_used.flush()
@@ -86,6 +106,7 @@ async def stop(app: App, running: Running, *, drain_delay_s: float, grace_s: flo
     if running.http is not None:
         http_server, http_thread = running.http
         http_server.shutdown()
+        http_server.server_close()
         http_thread.join(timeout=2)
 
 

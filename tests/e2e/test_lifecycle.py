@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +19,7 @@ from grpc_health.v1 import health_pb2
 
 from tests.support.checks import bearer, check_request
 from tests.support.postgres_server import PostgresServer, start_postgres_server
+from tests.support.procs import free_port
 from tests.support.stack import (
     AUTHZ_SERVICE,
     Sidecar,
@@ -68,9 +72,6 @@ def test_health_then_sigterm_not_serving_drain_exit_zero(tmp_path: Path) -> None
 
 
 def test_bad_setting_stops_startup_with_one_line_exit_2(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
     done = subprocess.run(
         [sys.executable, "-m", "authz", "serve"],
         env={"AUTHZ_FAILURE_MODE": "sometimes", "PATH": "/usr/bin"},
@@ -84,6 +85,57 @@ def test_bad_setting_stops_startup_with_one_line_exit_2(tmp_path: Path) -> None:
     assert done.stderr.strip().splitlines() == [
         "authz: invalid setting AUTHZ_FAILURE_MODE: expected one of closed, open (got 'sometimes')"
     ]
+
+
+def serve_once(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`authz serve` run to its exit, JSON logs; the ceiling is only against a hang."""
+    return subprocess.run(
+        [sys.executable, "-m", "authz", "serve"],
+        env={
+            "PATH": "/usr/bin",
+            "AUTHZ_DATABASE_URL": f"sqlite:///{tmp_path / 'a.db'}",
+            "AUTHZ_LOG_FORMAT": "json",
+            **env,
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+    )
+
+
+def bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+@pytest.mark.parametrize("taken", ["AUTHZ_GRPC_ADDR", "AUTHZ_METRICS_ADDR"])
+def test_taken_port_exits_1_with_one_json_line_and_nothing_bound(
+    tmp_path: Path, taken: str
+) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        ports = {
+            "AUTHZ_GRPC_ADDR": free_port(),
+            "AUTHZ_METRICS_ADDR": free_port(),
+            taken: squatter.getsockname()[1],
+        }
+        done = serve_once(tmp_path, {name: f"127.0.0.1:{port}" for name, port in ports.items()})
+        entries = [json.loads(line) for line in done.stderr.splitlines()]
+        assert done.returncode == 1
+        errors = [e["message"] for e in entries if e["level"] == "error"]
+        assert len(errors) == 1
+        assert errors[0].startswith(f"cannot start: cannot listen on {taken}=127.0.0.1:")
+        assert "\n" not in errors[0]
+        assert not any(e["message"] == "stopped" for e in entries)
+    # The process is gone (above), so this only proves it did not hand its sockets on.
+    assert all(bindable(port) for port in ports.values())
 
 
 @pytest.fixture
