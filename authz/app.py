@@ -37,6 +37,7 @@ from authz.server import StartupError, serve
 from authz.settings import Settings, SettingsError
 from authz.store import open_store
 from authz.store.base import Store, StoreError
+from authz.streams import StoppableAccessLog, StreamStop
 from authz.supervisor import Sleep, Supervisor
 from authz.usage.accesslog import AccessLogServicer
 from authz.usage.accountant import UsageAccountant
@@ -66,6 +67,7 @@ class App:
     health: health_aio.HealthServicer
     readiness: Readiness
     supervisor: Supervisor
+    streams: StreamStop
     server: grpc.aio.Server
 
 
@@ -159,7 +161,10 @@ async def build(
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(authorization, server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogServicer(accountant), server)
+    streams = StreamStop()
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(
+        StoppableAccessLog(AccessLogServicer(accountant), streams), server
+    )
     verifier = IdentityVerifier(
         settings.jwt_issuers, jwks_timeout_s=settings.jwks_timeout_ms / 1000
     )
@@ -193,6 +198,7 @@ async def build(
         health=health,
         readiness=readiness,
         supervisor=supervisor,
+        streams=streams,
         server=server,
     )
 

@@ -97,6 +97,8 @@ async def stop(app: App, running: Running, *, drain_delay_s: float, grace_s: flo
 
 async def _release(app: App, running: Running, *, grace_s: float | None) -> None:
     """Stop serving, stop the background work, flush what is buffered and close everything."""
+    # Checks in flight get `grace_s`; the access-log streams end now rather than hold it.
+    app.streams.stop()
     await app.server.stop(grace_s)
     await app.supervisor.stop()
     await app.last_used.flush()

@@ -71,6 +71,39 @@ def test_health_then_sigterm_not_serving_drain_exit_zero(tmp_path: Path) -> None
         sidecar.process.stop()
 
 
+def test_sigterm_is_not_held_by_envoys_open_access_log_stream(tmp_path: Path, pg_dsn: str) -> None:
+    authz_cli(pg_dsn, "migrate")
+    _, key = workspace_and_key(pg_dsn)
+    upstream, upstream_port = start_upstream(tmp_path)
+    # A grace period no test would wait out: the exit below proves nothing waited for it.
+    sidecar = start_sidecar(tmp_path, database_url=pg_dsn, env={"AUTHZ_SHUTDOWN_GRACE_S": "600"})
+    envoy, port = start_envoy(
+        tmp_path, authz_port=int(sidecar.grpc_addr.rsplit(":", 1)[1]), upstream_port=upstream_port
+    )
+    try:
+        from tests.support.stack import Stack
+
+        stack = Stack(envoy, upstream, sidecar, pg_dsn, port, upstream_port)
+        auth = {"Authorization": f"Bearer {key['secret']}"}
+        wait_until(
+            lambda: stack.request("/v1/models", headers=auth).status == 200,
+            timeout=20,
+            what="routes",
+        )
+        wait_until(
+            lambda: "authz_usage_reconciliations_total{" in sidecar.metrics(),
+            timeout=20,
+            what="Envoy's access-log stream delivering",
+        )
+        sidecar.process.send_signal(signal.SIGTERM)
+        assert sidecar.process.wait(timeout=60) == 0
+        assert "stopped" in sidecar.process.read_log()
+    finally:
+        envoy.stop()
+        sidecar.process.stop()
+        upstream.stop()
+
+
 def test_bad_setting_stops_startup_with_one_line_exit_2(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "authz", "serve"],
