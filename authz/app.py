@@ -19,12 +19,12 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # old stubs
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from authz.api.gen import console_pb2, console_pb2_grpc, keys_pb2, keys_pb2_grpc
 from authz.check import AuthorizationServicer
 from authz.console.service import ConsoleServicer
+from authz.grpcservices import HealthServicer, add_reflection
 from authz.health import Readiness
 from authz.identity import IdentityVerifier
 from authz.keyservice import KeyServicer
@@ -146,7 +146,7 @@ async def build(
         max_request_bytes=settings.max_request_bytes,
         wall_clock=clock or time.time,
     )
-    health = health_aio.HealthServicer()
+    health = HealthServicer()
     readiness = Readiness(
         health,
         store=store,
@@ -174,16 +174,15 @@ async def build(
     console_pb2_grpc.add_ConsoleServiceServicer_to_server(
         ConsoleServicer(store=store, verifier=verifier), server
     )
-    reflection.enable_server_reflection(
+    add_reflection(
+        server,
         (
             external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             als_pb2.DESCRIPTOR.services_by_name["AccessLogService"].full_name,
             keys_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name,
             console_pb2.DESCRIPTOR.services_by_name["ConsoleService"].full_name,
-            reflection.SERVICE_NAME,
         ),
-        server,
     )
     return App(
         settings=settings,

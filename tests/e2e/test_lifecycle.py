@@ -268,3 +268,23 @@ def test_json_logs_are_one_object_per_line(tmp_path: Path) -> None:
     assert {"ts", "level", "logger", "message"} <= set(entries[0])
     assert any(e["message"].startswith("serving ext_authz on") for e in entries)
     assert entries[-1]["message"] == "stopped"
+
+
+def test_debug_logs_hold_no_per_call_library_lines(tmp_path: Path) -> None:
+    sidecar = start_sidecar(
+        tmp_path,
+        database_url=f"sqlite:///{tmp_path / 'a.db'}",
+        env={"AUTHZ_LOG_FORMAT": "json", "AUTHZ_LOG_LEVEL": "debug"},
+    )
+    try:
+        assert [check_code(sidecar, "sk-oais_not-a-key") for _ in range(5)] == [401] * 5
+        sidecar.process.send_signal(signal.SIGTERM)
+        assert sidecar.process.wait(timeout=30) == 0
+    finally:
+        sidecar.process.stop()
+    entries = [json.loads(line) for line in sidecar.process.read_log().splitlines() if line]
+    assert entries[-1]["message"] == "stopped"
+    library_debug = [
+        e for e in entries if e["level"] == "debug" and not e["logger"].startswith("authz")
+    ]
+    assert library_debug == []
