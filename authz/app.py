@@ -69,6 +69,14 @@ class App:
     supervisor: Supervisor
     streams: StreamStop
     server: grpc.aio.Server
+    health_server: grpc.aio.Server | None
+
+
+def health_only_server(health: health_aio.HealthServicer) -> grpc.aio.Server:
+    """grpc.health.v1 alone, for probes on an address the other services are not on."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    return server
 
 
 def build_limiter(settings: Settings, metrics: Metrics) -> RateLimiter:
@@ -199,6 +207,7 @@ async def build(
         supervisor=supervisor,
         streams=streams,
         server=server,
+        health_server=health_only_server(health) if settings.health_addr else None,
     )
 
 

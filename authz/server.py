@@ -6,16 +6,18 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 from threading import Thread
 from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
+import grpc
 from grpc_health.v1 import health_pb2
 from prometheus_client import start_http_server
 
 from authz.fanout import FanOut
 from authz.health import AUTHZ_SERVICE
-from authz.settings import redact_url
+from authz.settings import Settings, redact_url
 
 if TYPE_CHECKING:
     from authz.app import App
@@ -34,6 +36,7 @@ class Running:
     grpc_port: int
     background: list[asyncio.Task[None]]
     http: tuple[WSGIServer, Thread] | None
+    health_port: int | None = None
 
 
 def _split_addr(addr: str) -> tuple[str, int]:
@@ -51,6 +54,11 @@ async def start(app: App, *, serve_metrics: bool = True) -> Running:
     running = Running(grpc_port=0, background=[], http=None)
     try:
         running.grpc_port = _bind_grpc(app)
+        if app.health_server is not None:
+            running.health_port = _bind(
+                app.health_server, "AUTHZ_HEALTH_ADDR", str(app.settings.health_addr), None
+            )
+            await app.health_server.start()
         if serve_metrics:
             running.http = _serve_metrics(app)
         await app.server.start()
@@ -69,14 +77,45 @@ async def start(app: App, *, serve_metrics: bool = True) -> Running:
     return running
 
 
+def _transport(settings: Settings) -> str:
+    if settings.tls_cert is None:
+        return "plaintext"
+    return "TLS, client certificates required" if settings.tls_client_ca else "TLS"
+
+
 def _bind_grpc(app: App) -> int:
-    addr = app.settings.grpc_addr
+    settings = app.settings
+    credentials = None
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        credentials = _server_credentials(
+            settings.tls_cert, settings.tls_key, settings.tls_client_ca
+        )
+    return _bind(app.server, "AUTHZ_GRPC_ADDR", settings.grpc_addr, credentials)
+
+
+def _server_credentials(cert: str, key: str, client_ca: str | None) -> grpc.ServerCredentials:
+    """Server TLS; with a client CA, only clients holding a certificate it signed connect."""
     try:
-        return app.server.add_insecure_port(addr)
+        chain, private_key = Path(cert).read_bytes(), Path(key).read_bytes()
+        roots = Path(client_ca).read_bytes() if client_ca is not None else None
+    except OSError as error:
+        raise StartupError(f"cannot read TLS material: {error}") from None
+    return grpc.ssl_server_credentials(
+        [(private_key, chain)], root_certificates=roots, require_client_auth=roots is not None
+    )
+
+
+def _bind(
+    server: grpc.aio.Server, setting: str, addr: str, credentials: grpc.ServerCredentials | None
+) -> int:
+    try:
+        if credentials is None:
+            return server.add_insecure_port(addr)
+        return server.add_secure_port(addr, credentials)
     except RuntimeError as error:
         # grpc's text ends in advice about GRPC_VERBOSITY; the first clause is the point.
         reason = str(error).split(";")[0]
-        raise StartupError(f"cannot listen on AUTHZ_GRPC_ADDR={addr}: {reason}") from None
+        raise StartupError(f"cannot listen on {setting}={addr}: {reason}") from None
 
 
 def _serve_metrics(app: App) -> tuple[WSGIServer, Thread]:
@@ -100,6 +139,8 @@ async def _release(app: App, running: Running, *, grace_s: float | None) -> None
     # Checks in flight get `grace_s`; the access-log streams end now rather than hold it.
     app.streams.stop()
     await app.server.stop(grace_s)
+    if app.health_server is not None:
+        await app.health_server.stop(None)
     await app.supervisor.stop()
     await app.last_used.flush()
     await app.accountant.flush()
@@ -117,8 +158,11 @@ async def serve(app: App) -> int:
     settings = app.settings
     running = await start(app)
     log.info(
-        "serving ext_authz on %s, metrics on %s, database %s, rate limits %s, failure mode %s",
+        "serving ext_authz on %s (%s), health%s, metrics on %s, database %s, rate limits %s, "
+        "failure mode %s",
         settings.grpc_addr,
+        _transport(settings),
+        f" alone also on {settings.health_addr}" if settings.health_addr else " there",
         settings.metrics_addr,
         redact_url(settings.database_url),
         redact_url(settings.redis_url) if settings.redis_url else "in-process",
