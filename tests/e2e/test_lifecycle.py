@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import grpc
@@ -54,7 +55,7 @@ def workspace_and_key(database_url: str) -> tuple[str, dict[str, str]]:
 
 def test_health_then_sigterm_not_serving_drain_exit_zero(tmp_path: Path) -> None:
     sidecar = start_sidecar(
-        tmp_path, database_url=f"sqlite:///{tmp_path / 'a.db'}", env={"AUTHZ_DRAIN_DELAY_S": "1.5"}
+        tmp_path, database_url=f"sqlite:///{tmp_path / 'a.db'}", env={"AUTHZ_DRAIN_DELAY_S": "5"}
     )
     try:
         assert health_status(sidecar.grpc_addr, "") == SERVING
@@ -62,7 +63,7 @@ def test_health_then_sigterm_not_serving_drain_exit_zero(tmp_path: Path) -> None
         sidecar.process.send_signal(signal.SIGTERM)
         wait_until(
             lambda: health_status(sidecar.grpc_addr, AUTHZ_SERVICE) == NOT_SERVING,
-            timeout=1.5,
+            timeout=5,
             what="NOT_SERVING during drain",
         )
         assert sidecar.process.wait(timeout=10) == 0
@@ -181,19 +182,39 @@ def own_postgres() -> Iterator[PostgresServer]:
         server.close()
 
 
+# JSON logs at debug: each replica logs, with its timestamp, when it applied a change.
+FEED_LOGS = {"AUTHZ_LOG_FORMAT": "json", "AUTHZ_LOG_LEVEL": "debug"}
+
+
+def applied_after(sidecar: Sidecar, committed_at: str) -> float:
+    """Seconds from a key change's commit (`revoked_at`, the store's clock) to this replica
+    applying it (its log line): the sidecar's own latency, whatever the test processes'
+    scheduling. The caller has already seen the effect, so the line is there."""
+    committed = datetime.fromisoformat(committed_at.replace("Z", "+00:00"))
+    for line in sidecar.process.read_log().splitlines():
+        entry = json.loads(line) if line.startswith("{") else {}
+        if entry.get("message") == "change feed: key change applied":
+            applied = datetime.fromisoformat(entry["ts"].replace("Z", "+00:00"))
+            if applied >= committed:
+                return (applied - committed).total_seconds()
+    raise AssertionError(f"{sidecar.grpc_addr} never logged the key change")
+
+
 def test_revocation_reaches_two_replicas_within_one_second(tmp_path: Path, pg_dsn: str) -> None:
     authz_cli(pg_dsn, "migrate")
     _, key = workspace_and_key(pg_dsn)
-    replicas = [start_sidecar(tmp_path, database_url=pg_dsn, name=f"replica{i}") for i in range(2)]
+    replicas = [
+        start_sidecar(tmp_path, database_url=pg_dsn, name=f"replica{i}", env=FEED_LOGS)
+        for i in range(2)
+    ]
     try:
         assert [check_code(r, key["secret"]) for r in replicas] == [200, 200]
-        started = time.monotonic()
-        authz_cli(pg_dsn, "key", "revoke", key["id"])
+        revoked = authz_cli(pg_dsn, "key", "revoke", key["id"])
         for replica in replicas:
             wait_until(
-                lambda r=replica: check_code(r, key["secret"]) == 401, timeout=3, what="revoke"
+                lambda r=replica: check_code(r, key["secret"]) == 401, timeout=10, what="revoke"
             )
-        assert time.monotonic() - started < 1.0
+        assert [applied_after(r, revoked["revoked_at"]) < 1.0 for r in replicas] == [True, True]
     finally:
         for replica in replicas:
             replica.process.stop()
@@ -207,7 +228,7 @@ def test_postgres_outage_cached_keys_work_uncached_get_503(
     _, cached = workspace_and_key(dsn)
     _, uncached = workspace_and_key(dsn)
     upstream, upstream_port = start_upstream(tmp_path)
-    sidecar = start_sidecar(tmp_path, database_url=dsn)
+    sidecar = start_sidecar(tmp_path, database_url=dsn, env=FEED_LOGS)
     envoy, port = start_envoy(
         tmp_path, authz_port=int(sidecar.grpc_addr.rsplit(":", 1)[1]), upstream_port=upstream_port
     )
@@ -220,7 +241,7 @@ def test_postgres_outage_cached_keys_work_uncached_get_503(
         assert stack.request("/v1/models", headers=auth).status == 200
 
         own_postgres.kill()
-        wait_until(lambda: not sidecar.ready(), timeout=5, what="readiness drops")
+        wait_until(lambda: not sidecar.ready(), timeout=20, what="readiness drops")
         assert stack.request("/v1/models", headers=auth).status == 200
         missing = stack.request(
             "/v1/models", headers={"Authorization": f"Bearer {uncached['secret']}"}
@@ -228,7 +249,7 @@ def test_postgres_outage_cached_keys_work_uncached_get_503(
         assert missing.status == 503
 
         own_postgres.start()
-        wait_until(sidecar.ready, timeout=10, what="readiness returns")
+        wait_until(sidecar.ready, timeout=20, what="readiness returns")
         answer = stack.request(
             "/v1/models", headers={"Authorization": f"Bearer {uncached['secret']}"}
         )
@@ -243,14 +264,13 @@ def test_postgres_outage_cached_keys_work_uncached_get_503(
             what="change feed reconnected",
         )
         assert stack.request("/v1/models", headers=auth).status == 200
-        started = time.monotonic()
-        authz_cli(dsn, "key", "revoke", cached["id"])
+        revoked = authz_cli(dsn, "key", "revoke", cached["id"])
         wait_until(
             lambda: stack.request("/v1/models", headers=auth).status == 401,
-            timeout=3,
+            timeout=10,
             what="revocation after reconnect",
         )
-        assert time.monotonic() - started < 1.0
+        assert applied_after(sidecar, revoked["revoked_at"]) < 1.0
     finally:
         envoy.stop()
         sidecar.process.stop()
