@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 
 import grpc
@@ -23,8 +22,10 @@ from tests.support.postgres_server import PostgresServer, start_postgres_server
 from tests.support.procs import free_port
 from tests.support.stack import (
     AUTHZ_SERVICE,
+    FEED_LOGS,
     Sidecar,
     authz_cli,
+    change_applied_after,
     health_status,
     start_envoy,
     start_sidecar,
@@ -182,24 +183,6 @@ def own_postgres() -> Iterator[PostgresServer]:
         server.close()
 
 
-# JSON logs at debug: each replica logs, with its timestamp, when it applied a change.
-FEED_LOGS = {"AUTHZ_LOG_FORMAT": "json", "AUTHZ_LOG_LEVEL": "debug"}
-
-
-def applied_after(sidecar: Sidecar, committed_at: str) -> float:
-    """Seconds from a key change's commit (`revoked_at`, the store's clock) to this replica
-    applying it (its log line): the sidecar's own latency, whatever the test processes'
-    scheduling. The caller has already seen the effect, so the line is there."""
-    committed = datetime.fromisoformat(committed_at.replace("Z", "+00:00"))
-    for line in sidecar.process.read_log().splitlines():
-        entry = json.loads(line) if line.startswith("{") else {}
-        if entry.get("message") == "change feed: key change applied":
-            applied = datetime.fromisoformat(entry["ts"].replace("Z", "+00:00"))
-            if applied >= committed:
-                return (applied - committed).total_seconds()
-    raise AssertionError(f"{sidecar.grpc_addr} never logged the key change")
-
-
 def test_revocation_reaches_two_replicas_within_one_second(tmp_path: Path, pg_dsn: str) -> None:
     authz_cli(pg_dsn, "migrate")
     _, key = workspace_and_key(pg_dsn)
@@ -214,7 +197,10 @@ def test_revocation_reaches_two_replicas_within_one_second(tmp_path: Path, pg_ds
             wait_until(
                 lambda r=replica: check_code(r, key["secret"]) == 401, timeout=10, what="revoke"
             )
-        assert [applied_after(r, revoked["revoked_at"]) < 1.0 for r in replicas] == [True, True]
+        assert [change_applied_after(r, "key", revoked["revoked_at"]) < 1.0 for r in replicas] == [
+            True,
+            True,
+        ]
     finally:
         for replica in replicas:
             replica.process.stop()
@@ -270,7 +256,7 @@ def test_postgres_outage_cached_keys_work_uncached_get_503(
             timeout=10,
             what="revocation after reconnect",
         )
-        assert applied_after(sidecar, revoked["revoked_at"]) < 1.0
+        assert change_applied_after(sidecar, "key", revoked["revoked_at"]) < 1.0
     finally:
         envoy.stop()
         sidecar.process.stop()
