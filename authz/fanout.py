@@ -26,3 +26,5 @@ class FanOut:
     def on_reset(self) -> None:
         for sink in self._sinks:
             sink.on_reset()
+        # A reset (after a feed outage) drops every cache: it applies every change at once.
+        log.debug("change feed: reset applied")

@@ -270,11 +270,13 @@ FEED_LOGS = {"AUTHZ_LOG_FORMAT": "json", "AUTHZ_LOG_LEVEL": "debug"}
 def change_applied_after(sidecar: Sidecar, kind: str, committed_at: str) -> float:
     """Seconds from a change's commit time (`revoked_at`, `updated_at`: the store's clock) to
     `sidecar` applying it (its log line, FEED_LOGS): the sidecar's own latency, whatever the
-    scheduling of the test's processes. Call it once the effect was seen."""
+    scheduling of the test's processes. Call it once the effect was seen. A feed that missed
+    a poll drops the whole cache on its next one ("reset"), which applies the change too."""
     committed = datetime.fromisoformat(committed_at.replace("Z", "+00:00"))
+    applying = {f"change feed: {kind} change applied", "change feed: reset applied"}
     for line in sidecar.process.read_log().splitlines():
         entry = json.loads(line) if line.startswith("{") else {}
-        if entry.get("message") == f"change feed: {kind} change applied":
+        if entry.get("message") in applying:
             applied = datetime.fromisoformat(entry["ts"].replace("Z", "+00:00"))
             if applied >= committed:
                 return (applied - committed).total_seconds()
