@@ -20,12 +20,12 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # old stubs
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from authz.api.gen import console_pb2, console_pb2_grpc, keys_pb2, keys_pb2_grpc
 from authz.check import AuthorizationServicer
 from authz.console.service import ConsoleServicer
+from authz.grpcservices import HealthServicer, add_reflection
 from authz.health import Readiness
 from authz.identity import IdentityVerifier
 from authz.keyservice import KeyServicer
@@ -37,7 +37,9 @@ from authz.responses import AllowRenderer
 from authz.server import StartupError, serve
 from authz.settings import Settings, SettingsError
 from authz.store import open_store
-from authz.store.base import Store
+from authz.store.base import Store, StoreError
+from authz.streams import StoppableAccessLog, StreamStop
+from authz.supervisor import Sleep, Supervisor
 from authz.tracing import Tracing
 from authz.usage.accesslog import AccessLogServicer
 from authz.usage.accountant import UsageAccountant
@@ -66,8 +68,18 @@ class App:
     authorization: AuthorizationServicer
     health: health_aio.HealthServicer
     readiness: Readiness
+    supervisor: Supervisor
+    streams: StreamStop
     server: grpc.aio.Server
     tracing: Tracing
+    health_server: grpc.aio.Server | None
+
+
+def health_only_server(health: health_aio.HealthServicer) -> grpc.aio.Server:
+    """grpc.health.v1 alone, for probes on an address the other services are not on."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    return server
 
 
 def build_limiter(settings: Settings, metrics: Metrics) -> RateLimiter:
@@ -95,21 +107,25 @@ async def build(
     clock: Callable[[], float] | None = None,
     registry: CollectorRegistry | None = None,
     tracing: Tracing | None = None,
+    restart_sleep: Sleep | None = None,
 ) -> App:
     """Build everything `settings` describes; each override replaces one collaborator.
 
     `clock` (seconds) drives the key cache's TTLs, grace deadlines and `last_used_at`, so a
     test can move time for all of them at once; production uses the wall clock.
+    `restart_sleep` waits out the backoff before a crashed background task is restarted.
     """
     metrics = Metrics(
         registry or CollectorRegistry(), workspace_label=settings.metrics_workspace_label
     )
     if tracing is None:
         tracing = Tracing.from_environment(os.environ)
-    if store is None:
-        store = await open_store(settings.database_url, **settings.store_options())
     if limiter is None:
         limiter = build_limiter(settings, metrics)
+    # Opened last of the fallible steps: an open store holds a thread that would keep a
+    # failed start-up alive.
+    if store is None:
+        store = await open_store(settings.database_url, **settings.store_options())
     resolver = KeyResolver(
         store,
         metrics,
@@ -146,7 +162,7 @@ async def build(
         wall_clock=clock or time.time,
         tracing=tracing.check,
     )
-    health = health_aio.HealthServicer()
+    health = HealthServicer()
     readiness = Readiness(
         health,
         store=store,
@@ -156,11 +172,17 @@ async def build(
         interval=settings.health_interval_s,
         backlogs={"ledger": accountant.backlog_problem},
     )
+    supervisor = Supervisor(
+        readiness=readiness, metrics=metrics, sleep=restart_sleep or asyncio.sleep
+    )
     # Workers (authz.workers) share the port; a lone process must not share it by accident.
     server = grpc.aio.server(options=[("grpc.so_reuseport", int(settings.workers > 1))])
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(authorization, server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogServicer(accountant), server)
+    streams = StreamStop()
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(
+        StoppableAccessLog(AccessLogServicer(accountant), streams), server
+    )
     verifier = IdentityVerifier(
         settings.jwt_issuers, jwks_timeout_s=settings.jwks_timeout_ms / 1000
     )
@@ -170,16 +192,15 @@ async def build(
     console_pb2_grpc.add_ConsoleServiceServicer_to_server(
         ConsoleServicer(store=store, verifier=verifier), server
     )
-    reflection.enable_server_reflection(
+    add_reflection(
+        server,
         (
             external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             als_pb2.DESCRIPTOR.services_by_name["AccessLogService"].full_name,
             keys_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name,
             console_pb2.DESCRIPTOR.services_by_name["ConsoleService"].full_name,
-            reflection.SERVICE_NAME,
         ),
-        server,
     )
     return App(
         settings=settings,
@@ -193,8 +214,11 @@ async def build(
         authorization=authorization,
         health=health,
         readiness=readiness,
+        supervisor=supervisor,
+        streams=streams,
         server=server,
         tracing=tracing,
+        health_server=health_only_server(health) if settings.health_addr else None,
     )
 
 
@@ -202,12 +226,17 @@ __all__ = ["App", "StartupError", "build", "run"]
 
 
 async def build_and_serve(settings: Settings) -> int:
-    app = await build(settings)
-    log.info(
-        "key management API: %d sign-in provider(s) trusted (AUTHZ_JWT_ISSUERS)",
-        len(settings.jwt_issuers),
-    )
-    return await serve(app)
+    try:
+        app = await build(settings)
+        log.info(
+            "key management API: %d sign-in provider(s) trusted (AUTHZ_JWT_ISSUERS)",
+            len(settings.jwt_issuers),
+        )
+        return await serve(app)
+    except (StartupError, StoreError) as error:
+        # One line in the configured log format; `start` has already released every port.
+        log.error("cannot start: %s", error)
+        return 1
 
 
 def run(settings: Settings) -> int:

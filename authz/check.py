@@ -30,6 +30,7 @@ from authz.decision import (
 )
 from authz.keys import hash_key
 from authz.lastused import LastUsedRecorder
+from authz.logs import ThrottledLog
 from authz.metrics import Metrics
 from authz.request import summarize
 from authz.resolver import KeyResolver
@@ -81,6 +82,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         self._max_request_bytes = max_request_bytes
         self._wall_clock = wall_clock
         self._tracing = tracing
+        self._warnings = ThrottledLog(log)
         self._latency = metrics.check_latency
         self._allowed = metrics.checks.labels("allow", "")
         self._allowed_open = metrics.checks.labels("allow_fail_open", "")
@@ -100,11 +102,15 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             outcome = await self._decide(request)
         except StoreUnavailable as error:
             self._metrics.checks.labels("error", "store_unavailable").inc()
-            log.warning("check: database unavailable for an uncached key: %s", error)
+            self._warnings.warning(
+                "store", "check: database unavailable for an uncached key: %s", error
+            )
             await context.abort(grpc.StatusCode.UNAVAILABLE, "key store unavailable")
         except RateLimitUnavailable as error:
             self._metrics.checks.labels("error", "ratelimit_unavailable").inc()
-            log.warning("check: rate limiter unavailable (failure mode closed): %s", error)
+            self._warnings.warning(
+                "ratelimit", "check: rate limiter unavailable (failure mode closed): %s", error
+            )
             await context.abort(grpc.StatusCode.UNAVAILABLE, "rate limiter unavailable")
         finally:
             self._latency.observe(time.perf_counter() - started)

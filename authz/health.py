@@ -2,8 +2,9 @@
 
 Service "" is liveness: SERVING while the process lives. Service
 `envoy.service.auth.v3.Authorization` is readiness: SERVING only while the store answers and
-the rate limiter answers (or AUTHZ_FAILURE_MODE=open makes it optional), and while the ledger's
-retry queue has room.
+the rate limiter answers (or AUTHZ_FAILURE_MODE=open makes it optional), the ledger's retry
+queue has room, and nothing has reported itself down through `report` (a crashed background
+task, for one).
 """
 
 from __future__ import annotations
@@ -50,7 +51,10 @@ class Readiness:
         """In-process components that can fill up (the ledger's retry queue): name → a reason
         while full, else None."""
         self._components = {"store": False, "ratelimit": False}
+        self._probe_problems: list[str] = ["not probed yet"]
+        self._reported: set[str] = set()
         self._ready: bool | None = None
+        self._last_reported: list[str] = []
 
     async def probe(self) -> bool:
         """Probe every component once and publish the result."""
@@ -62,7 +66,7 @@ class Readiness:
             store_ok = False
             problems.append(f"store: {error}")
         limiter_ok = await self._limiter.ping()
-        if not limiter_ok:
+        if not limiter_ok and self._limiter_required:
             problems.append("rate limiter: unreachable")
         self._components = {"store": store_ok, "ratelimit": limiter_ok}
         for name, backlog in self._backlogs.items():
@@ -72,18 +76,31 @@ class Readiness:
                 problems.append(f"{name}: {reason}")
         for component, ok in self._components.items():
             self._metrics.ready.labels(component).set(1 if ok else 0)
-        ready = (
-            store_ok
-            and (limiter_ok or not self._limiter_required)
-            and all(self._components[name] for name in self._backlogs)
-        )
-        if ready != self._ready:
+        self._probe_problems = problems
+        return await self._publish()
+
+    async def report(self, reason: str, *, ok: bool) -> None:
+        """Mark `reason` down (NOT_SERVING, naming it) or back up, outside the probe loop."""
+        if ok:
+            self._reported.discard(reason)
+        else:
+            self._reported.add(reason)
+        await self._publish()
+
+    async def _publish(self) -> bool:
+        reported = sorted(self._reported)
+        problems = self._probe_problems + [f"{reason}: down" for reason in reported]
+        ready = not problems
+        # Log transitions, and each change in what reported itself down (not every probe).
+        if ready != self._ready or reported != self._last_reported:
             if ready:
                 log.info("readiness: SERVING")
             else:
                 log.warning("readiness: NOT_SERVING (%s)", "; ".join(problems))
-            self._ready = ready
+        if ready != self._ready:
             await self._health.set(AUTHZ_SERVICE, SERVING if ready else NOT_SERVING)
+        self._ready = ready
+        self._last_reported = reported
         return ready
 
     async def run(self) -> None:

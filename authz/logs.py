@@ -5,9 +5,46 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from authz.textsafe import InertTextFormatter
+
+
+class ThrottledLog:
+    """Warnings that would repeat on every request: one line per reason per interval.
+
+    The repeats in between are counted and the count rides on the next line for that reason,
+    so a 10 s Redis outage reads as a few lines with counts, not one line per failed Check.
+    Metrics still count every occurrence.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        *,
+        interval_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._log = logger
+        self._interval_s = interval_s
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._repeats: dict[str, int] = {}
+
+    def warning(self, reason: str, message: str, *args: object) -> None:
+        now = self._clock()
+        last = self._last.get(reason)
+        if last is not None and now - last < self._interval_s:
+            self._repeats[reason] = self._repeats.get(reason, 0) + 1
+            return
+        self._last[reason] = now
+        repeats = self._repeats.pop(reason, 0)
+        if repeats:
+            self._log.warning(message + " (and %d more since the last such line)", *args, repeats)
+        else:
+            self._log.warning(message, *args)
 
 
 class JsonFormatter(logging.Formatter):
@@ -34,3 +71,10 @@ def configure_logging(level: str, log_format: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Libraries' debug lines come once per call ("Loaded running loop", each SQL statement);
+    # AUTHZ_LOG_LEVEL=debug is for our own decisions, so theirs stay at info and above.
+    for chatty in _CHATTY_LIBRARIES:
+        logging.getLogger(chatty).setLevel(max(logging.INFO, root.level))
+
+
+_CHATTY_LIBRARIES = ("grpc", "aiosqlite", "asyncio", "asyncpg", "urllib3", "hpack")

@@ -96,6 +96,18 @@ class Metrics:
             ["component"],
             registry=registry,
         )
+        self.task_up = Gauge(
+            "authz_background_task_up",
+            "1 while a background task runs, 0 while it waits to be restarted after a crash.",
+            ["task"],
+            registry=registry,
+        )
+        self.task_restarts = Counter(
+            "authz_background_task_restarts",
+            "Background tasks restarted after a crash, by task.",
+            ["task"],
+            registry=registry,
+        )
         self.limiter = RateLimitMetrics(registry)
         self.workspace_requests = Counter(
             "authz_workspace_requests",

@@ -37,6 +37,10 @@ class Settings:
     redis_url: str | None = None
     grpc_addr: str = "127.0.0.1:9191"
     metrics_addr: str = "127.0.0.1:9464"
+    health_addr: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
     failure_mode: Literal["closed", "open"] = "closed"
     keep_authorization: bool = False
     max_request_bytes: int = 65536
@@ -92,6 +96,10 @@ _HELP: dict[str, str] = {
     "redis_url": "redis://, rediss://, redis+cluster://h:p[,h:p]; unset = in-process buckets",
     "grpc_addr": "host:port for ext_authz, health and reflection",
     "metrics_addr": "host:port for Prometheus /metrics",
+    "health_addr": "host:port serving grpc.health.v1 alone (kubelet probes); unset = none",
+    "tls_cert": "PEM certificate chain: serve AUTHZ_GRPC_ADDR over TLS (with AUTHZ_TLS_KEY)",
+    "tls_key": "PEM private key of AUTHZ_TLS_CERT",
+    "tls_client_ca": "PEM CA bundle: require client certificates it signed (needs AUTHZ_TLS_CERT)",
     "failure_mode": "closed (gRPC UNAVAILABLE) or open (allow) when the rate-limit backend fails",
     "keep_authorization": "forward the client's Authorization header to the upstream",
     "max_request_bytes": "Envoy's with_request_body max_request_bytes: a body this long was cut",
@@ -179,6 +187,18 @@ def _parse_addr(raw: str) -> str:
     return raw.strip()
 
 
+def _parse_readable_file(raw: str) -> str | None:
+    path = raw.strip()
+    if not path:
+        return None
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        raise ValueError(f"cannot read the file: {error.strerror}") from None
+    return path
+
+
 def _parse_database_url(raw: str) -> str:
     value = raw.strip()
     scheme = urlsplit(value).scheme
@@ -217,6 +237,10 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "redis_url": _parse_redis_url,
     "grpc_addr": _parse_addr,
     "metrics_addr": _parse_addr,
+    "health_addr": lambda raw: _parse_addr(raw) if raw.strip() else None,
+    "tls_cert": _parse_readable_file,
+    "tls_key": _parse_readable_file,
+    "tls_client_ca": _parse_readable_file,
     "failure_mode": _choice("closed", "open"),
     "keep_authorization": _parse_bool,
     "max_request_bytes": _parse_positive_int,
@@ -295,6 +319,15 @@ def _check_consistency(settings: Settings) -> None:
         )
     if settings.grpc_addr == settings.metrics_addr:
         raise SettingsError("AUTHZ_METRICS_ADDR", "must differ from AUTHZ_GRPC_ADDR")
+    if settings.health_addr in {settings.grpc_addr, settings.metrics_addr}:
+        raise SettingsError(
+            "AUTHZ_HEALTH_ADDR", "must differ from AUTHZ_GRPC_ADDR and AUTHZ_METRICS_ADDR"
+        )
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        missing = "AUTHZ_TLS_KEY" if settings.tls_key is None else "AUTHZ_TLS_CERT"
+        raise SettingsError(missing, "AUTHZ_TLS_CERT and AUTHZ_TLS_KEY go together")
+    if settings.tls_client_ca is not None and settings.tls_cert is None:
+        raise SettingsError("AUTHZ_TLS_CLIENT_CA", "needs AUTHZ_TLS_CERT and AUTHZ_TLS_KEY")
     if settings.database_listen_url and settings.is_sqlite:
         raise SettingsError(
             "AUTHZ_DATABASE_LISTEN_URL", "needs a PostgreSQL AUTHZ_DATABASE_URL (SQLite polls)"

@@ -37,6 +37,29 @@ SOURCE = Path("envoy.yaml")
 TRANSCODER = "envoy.filters.http.grpc_json_transcoder"
 
 
+# TLS to the sidecar where there is no mesh (AUTHZ_TLS_CERT, AUTHZ_TLS_KEY, AUTHZ_TLS_CLIENT_CA):
+# Envoy presents a client certificate the sidecar's CA signed and verifies the sidecar's. Shipped
+# commented out, in envoy.yaml's `authz` cluster and in the header of every derived config
+# (YAML comments do not survive rendering); tests/deploy/test_render.py keeps them identical.
+AUTHZ_TLS_SOCKET = """\
+transport_socket:
+  name: envoy.transport_sockets.tls
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+    sni: authz
+    common_tls_context:
+      alpn_protocols: [h2]
+      tls_certificates:
+        - certificate_chain: { filename: /etc/envoy/tls/client.pem }
+          private_key: { filename: /etc/envoy/tls/client-key.pem }
+      validation_context:
+        trusted_ca: { filename: /etc/envoy/tls/ca.pem }
+        match_typed_subject_alt_names:
+          - san_type: DNS
+            matcher: { exact: authz }
+"""
+
+
 class RenderError(ValueError):
     """The source config does not have the shape a target needs (one clear line)."""
 
@@ -236,6 +259,9 @@ def render_text(
         f"# Target: {target.name}. Differences from the source:",
         *(f"#   - {line}" for line in changes),
         "# Everything else (filters, timeouts, ext_authz settings, health checks) is the source's.",
+        "# To require TLS with client certificates to the sidecar (AUTHZ_TLS_*), add this to the",
+        "# `authz` cluster, with the files mounted:",
+        *(f"#   {line}" for line in AUTHZ_TLS_SOCKET.splitlines()),
     ]
     body = yaml.safe_dump(config, sort_keys=False, default_flow_style=False, width=100)
     return "\n".join(header) + "\n" + body

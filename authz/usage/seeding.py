@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from authz.logs import ThrottledLog
 from authz.store.base import Store, StoreUnavailable
 from authz.usage.periods import period_bounds
 from ratelimit.limiter import RateLimiter, RateLimitUnavailable
@@ -24,6 +25,7 @@ class QuotaSeeder:
         self._store = store
         self._limiter = limiter
         self._inflight: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._warnings = ThrottledLog(log)
 
     def request(self, workspace_id: str, period: str) -> None:
         key = (workspace_id, period)
@@ -40,7 +42,9 @@ class QuotaSeeder:
                 workspace_id, period=period, tokens=tokens, spend_micros=spend_micros
             )
         except (StoreUnavailable, RateLimitUnavailable) as error:
-            log.warning("quota: cannot seed %s %s yet: %s", workspace_id, period, error)
+            self._warnings.warning(
+                "seed", "quota: cannot seed %s %s yet: %s", workspace_id, period, error
+            )
 
 
 async def month_from_ledger(store: Store, workspace_id: str, period: str) -> tuple[int, int]:

@@ -100,12 +100,21 @@ def test_sidecar_probes_are_native_grpc(kustomize: Kustomize, directory: str) ->
     assert authz_pods
     for pod in authz_pods:
         authz = container(pod, "authz")
-        assert authz["livenessProbe"]["grpc"] == {"port": 9191, "service": ""}
-        assert authz["startupProbe"]["grpc"] == {"port": 9191, "service": ""}
-        assert authz["readinessProbe"]["grpc"] == {"port": 9191, "service": AUTHZ_SERVICE}
         env = env_of(authz)
-        # The kubelet probes the pod IP, so the sidecar listens on every interface.
-        assert env["AUTHZ_GRPC_ADDR"]["value"] == "0.0.0.0:9191"
+        if any(c["name"] == "envoy" for c in pod["containers"]):
+            # Sidecar: only Envoy in the pod reaches Check and the access-log service; the
+            # kubelet probes the pod IP, where health alone listens.
+            assert env["AUTHZ_GRPC_ADDR"]["value"] == "127.0.0.1:9191"
+            assert env["AUTHZ_HEALTH_ADDR"]["value"] == "0.0.0.0:9192"
+            assert {p["containerPort"] for p in authz["ports"]} == {9192, 9464}
+            probe_port = 9192
+        else:
+            # The central authorizer is called across the mesh on 9191.
+            assert env["AUTHZ_GRPC_ADDR"]["value"] == "0.0.0.0:9191"
+            probe_port = 9191
+        assert authz["livenessProbe"]["grpc"] == {"port": probe_port, "service": ""}
+        assert authz["startupProbe"]["grpc"] == {"port": probe_port, "service": ""}
+        assert authz["readinessProbe"]["grpc"] == {"port": probe_port, "service": AUTHZ_SERVICE}
         assert env["AUTHZ_FAILURE_MODE"]["value"] in {"closed", "open"}
         # Drain must end before the kubelet's SIGKILL.
         drain = float(env["AUTHZ_DRAIN_DELAY_S"]["value"])

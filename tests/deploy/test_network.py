@@ -14,11 +14,20 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.deploy.conftest import DEPLOY, K8S_OVERLAYS, Manifest, container, load_yaml, only
+from tests.deploy.conftest import (
+    DEPLOY,
+    K8S_OVERLAYS,
+    Manifest,
+    container,
+    env_of,
+    load_yaml,
+    only,
+)
 from tests.deploy.crd import crd_errors
 
 Kustomize = Callable[[str], tuple[Manifest, ...]]
 GRPC_PORT = 9191
+HEALTH_PORT = 9192
 METRICS_PORT = 9464
 AUTHORIZATION_POLICY = "authorizationpolicies.security.istio.io.v1"
 PEER_AUTHENTICATION = "peerauthentications.security.istio.io.v1"
@@ -48,9 +57,12 @@ def test_network_policy_admits_envoy_and_scrapes_only(kustomize: Kustomize, over
             {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
         ],
     }
-    # The port the policy keeps closed is really where the sidecar listens.
-    assert container(pod["spec"], "authz")["ports"][0]["containerPort"] == GRPC_PORT
-    assert GRPC_PORT not in admitted
+    # The sidecar's gRPC port is on the pod's loopback (only Envoy reaches it); the pod IP has
+    # the health-only port, which no rule admits either (the kubelet's probes need none).
+    authz = container(pod["spec"], "authz")
+    assert env_of(authz)["AUTHZ_GRPC_ADDR"]["value"] == f"127.0.0.1:{GRPC_PORT}"
+    assert authz["ports"][0]["containerPort"] == HEALTH_PORT
+    assert {GRPC_PORT, HEALTH_PORT}.isdisjoint(admitted)
 
 
 def authorizer_policies() -> dict[str, dict[str, Any]]:

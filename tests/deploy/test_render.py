@@ -16,6 +16,7 @@ import yaml
 
 from deploy import render_mesh
 from deploy.render import (
+    AUTHZ_TLS_SOCKET,
     COMPOSE,
     KUBERNETES,
     SOURCE,
@@ -236,3 +237,14 @@ def test_render_does_not_touch_its_input(source: dict[str, Any]) -> None:
     before = yaml.safe_dump(source)
     render(source, COMPOSE)
     assert yaml.safe_dump(source) == before
+
+
+def test_every_envoy_config_carries_the_same_commented_tls_block() -> None:
+    block: dict[str, Any] = yaml.safe_load(AUTHZ_TLS_SOCKET)
+    tls = block["transport_socket"]["typed_config"]["common_tls_context"]
+    assert tls["alpn_protocols"] == ["h2"]  # gRPC to the sidecar
+    source = (REPO / "envoy.yaml").read_text(encoding="utf-8")
+    assert "".join(f"      # {line}\n" for line in AUTHZ_TLS_SOCKET.splitlines()) in source
+    for target in TARGETS:
+        generated = (REPO / target.output).read_text(encoding="utf-8")
+        assert "".join(f"#   {line}\n" for line in AUTHZ_TLS_SOCKET.splitlines()) in generated

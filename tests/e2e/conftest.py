@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.stack import Stack, start_envoy, start_sidecar, start_upstream, wait_until
+from tests.support.stack import (
+    FEED_LOGS,
+    Stack,
+    start_envoy,
+    start_sidecar,
+    start_upstream,
+    wait_until,
+)
 
 
 def build_stack(
@@ -47,4 +54,4 @@ def build_stack(
 @pytest.fixture(scope="module")
 def embedded_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     log_dir = tmp_path_factory.mktemp("stack")
-    yield from build_stack(log_dir, f"sqlite:///{log_dir / 'authz.db'}")
+    yield from build_stack(log_dir, f"sqlite:///{log_dir / 'authz.db'}", FEED_LOGS)

@@ -23,7 +23,15 @@ from tests.support.redis_servers import (
     redis_url_for_tests,
     start_redis_server,
 )
-from tests.support.stack import Sidecar, Stack, authz_cli, start_sidecar, wait_until
+from tests.support.stack import (
+    FEED_LOGS,
+    Sidecar,
+    Stack,
+    authz_cli,
+    change_applied_after,
+    start_sidecar,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -54,7 +62,7 @@ def redis_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     log_dir = tmp_path_factory.mktemp("redis-stack")
     with redis_url_for_tests() as url:
         yield from build_stack(
-            log_dir, f"sqlite:///{log_dir / 'authz.db'}", env={"AUTHZ_REDIS_URL": url}
+            log_dir, f"sqlite:///{log_dir / 'authz.db'}", env={"AUTHZ_REDIS_URL": url, **FEED_LOGS}
         )
 
 
@@ -97,14 +105,16 @@ def test_live_limit_change_reaches_the_sidecar_within_one_second(redis_stack: St
     workspace_id, key = workspace_key(redis_stack.database_url, rpm=1, tpm=100_000)
     assert redis_stack.request("/v1/models", headers=auth(key["secret"])).status == 200
     assert redis_stack.request("/v1/models", headers=auth(key["secret"])).status == 429
-    started = time.monotonic()
-    authz_cli(redis_stack.database_url, "workspace", "update", workspace_id, "--rpm", "600")
+    updated = authz_cli(
+        redis_stack.database_url, "workspace", "update", workspace_id, "--rpm", "600"
+    )
     wait_until(
         lambda: redis_stack.request("/v1/models", headers=auth(key["secret"])).status == 200,
-        timeout=3,
+        timeout=10,
         what="new limit live",
     )
-    assert time.monotonic() - started < 1.0
+    # From the commit to the sidecar applying it, by the sidecar's own log line.
+    assert change_applied_after(redis_stack.sidecar, "ws", updated["updated_at"]) < 1.0
     answer = redis_stack.request("/v1/models", headers=auth(key["secret"]))
     assert answer.headers["x-ratelimit-limit-requests"] == "600"
 

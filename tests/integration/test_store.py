@@ -134,7 +134,13 @@ async def test_expired_grace_keys_free_their_slot(store: Store) -> None:
         NewKey(key.id, key.workspace_id, key.label, key.key_hash, key.mask, expires_at=past),
         actor=CLI_ACTOR,
     )
-    await store.create_key(new_key(workspace.id)[1], actor=CLI_ACTOR)
+    _, second = new_key(workspace.id)
+    # Refused with KeyLimitReached if the expired key still held the only slot.
+    created = await store.create_key(second, actor=CLI_ACTOR)
+    assert created.id == second.id
+    found = await store.lookup_key(second.key_hash)
+    assert found is not None
+    assert found[0].key_id == second.id
 
 
 async def test_last_used_is_batched_and_never_goes_back(store: Store) -> None:

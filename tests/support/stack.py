@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -260,3 +261,23 @@ def start_envoy(
     )
     process.wait_for_port(listen, timeout=20)
     return process, listen
+
+
+# JSON logs at debug: a sidecar then logs, with its own timestamp, each change it applies.
+FEED_LOGS = {"AUTHZ_LOG_FORMAT": "json", "AUTHZ_LOG_LEVEL": "debug"}
+
+
+def change_applied_after(sidecar: Sidecar, kind: str, committed_at: str) -> float:
+    """Seconds from a change's commit time (`revoked_at`, `updated_at`: the store's clock) to
+    `sidecar` applying it (its log line, FEED_LOGS): the sidecar's own latency, whatever the
+    scheduling of the test's processes. Call it once the effect was seen. A feed that missed
+    a poll drops the whole cache on its next one ("reset"), which applies the change too."""
+    committed = datetime.fromisoformat(committed_at.replace("Z", "+00:00"))
+    applying = {f"change feed: {kind} change applied", "change feed: reset applied"}
+    for line in sidecar.process.read_log().splitlines():
+        entry = json.loads(line) if line.startswith("{") else {}
+        if entry.get("message") in applying:
+            applied = datetime.fromisoformat(entry["ts"].replace("Z", "+00:00"))
+            if applied >= committed:
+                return (applied - committed).total_seconds()
+    raise AssertionError(f"{sidecar.grpc_addr} never logged applying the {kind} change")

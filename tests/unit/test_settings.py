@@ -55,6 +55,14 @@ def test_flags_win_over_environment() -> None:
             {"AUTHZ_GRPC_ADDR": "127.0.0.1:1", "AUTHZ_METRICS_ADDR": "127.0.0.1:1"},
             "invalid setting AUTHZ_METRICS_ADDR: must differ",
         ),
+        ({"AUTHZ_HEALTH_ADDR": "9192"}, "invalid setting AUTHZ_HEALTH_ADDR: expected host:port"),
+        (
+            {"AUTHZ_GRPC_ADDR": "127.0.0.1:1", "AUTHZ_HEALTH_ADDR": "127.0.0.1:1"},
+            "invalid setting AUTHZ_HEALTH_ADDR: must differ",
+        ),
+        ({"AUTHZ_TLS_CERT": "/nonexistent.pem"}, "invalid setting AUTHZ_TLS_CERT: cannot read"),
+        ({"AUTHZ_TLS_CERT": "/dev/null"}, "invalid setting AUTHZ_TLS_KEY: AUTHZ_TLS_CERT and"),
+        ({"AUTHZ_TLS_CLIENT_CA": "/dev/null"}, "invalid setting AUTHZ_TLS_CLIENT_CA: needs"),
     ],
 )
 def test_bad_settings_name_the_setting(env: dict[str, str], message: str) -> None:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from ratelimit.limiter import LimitKind, Limits, Quota, QuotaKind, QuotaState, RateLimiter
+from ratelimit.limiter import LimitKind, Limits, Quota, QuotaKind, QuotaState
 from ratelimit.memory import (
     COUNTER_SWEEP_INTERVAL_MS,
     SWEEP_INTERVAL_MS,
@@ -22,11 +22,6 @@ T0 = 5_000_000
 def make() -> tuple[InMemoryRateLimiter, FakeClock[int]]:
     clock = FakeClock(T0)
     return InMemoryRateLimiter(clock_ms=clock), clock
-
-
-def test_implements_the_protocol() -> None:
-    limiter: RateLimiter = InMemoryRateLimiter()
-    assert limiter is not None
 
 
 async def test_contract_example() -> None:

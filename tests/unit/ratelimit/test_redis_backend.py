@@ -20,7 +20,6 @@ from ratelimit.limiter import (
     Quota,
     QuotaKind,
     QuotaState,
-    RateLimiter,
     RateLimitUnavailable,
 )
 from ratelimit.lua_scripts import Operation, script_text
@@ -118,11 +117,6 @@ def limiter(
 
 def errors(registry: CollectorRegistry, kind: str) -> float | None:
     return registry.get_sample_value("authz_ratelimit_redis_errors_total", {"kind": kind})
-
-
-def test_implements_the_protocol(limiter: RedisRateLimiter) -> None:
-    as_protocol: RateLimiter = limiter
-    assert as_protocol is limiter
 
 
 async def test_registers_the_packaged_scripts_and_sends_keys_and_args(
