@@ -37,14 +37,16 @@ from authz.server import StartupError, serve
 from authz.settings import Settings, SettingsError
 from authz.store import open_store
 from authz.store.base import Store
-from authz.usage.accesslog import AccessLogServicer
+from authz.usage.accesslog import AccessLogServicer, ReservationGate
 from authz.usage.accountant import UsageAccountant
 from authz.usage.pricing import PriceTable
+from authz.usage.replay import MemoryReplayGuard, RedisReplayGuard, ReplayGuard
+from authz.usage.reservations import Keyring
 from authz.usage.seeding import QuotaSeeder
 from ratelimit.breaker import CircuitBreaker
 from ratelimit.limiter import RateLimiter
 from ratelimit.memory import InMemoryRateLimiter
-from ratelimit.redis_backend import RedisRateLimiter, connect_redis
+from ratelimit.redis_backend import RedisClient, RedisRateLimiter, connect_redis
 
 log = logging.getLogger("authz")
 
@@ -61,20 +63,32 @@ class App:
     last_used: LastUsedRecorder
     prices: PriceTable
     accountant: UsageAccountant
+    keyring: Keyring
     authorization: AuthorizationServicer
     health: health_aio.HealthServicer
     readiness: Readiness
     server: grpc.aio.Server
 
 
+REPLAY_CONNECTIONS = 16
+"""The replay check's own small pool: one SET per access-log entry, never on the Check path."""
+
+
+def _redis_client(settings: Settings, **options: int) -> RedisClient:
+    assert settings.redis_url is not None
+    try:
+        return connect_redis(
+            settings.redis_url, timeout_seconds=settings.redis_timeout_ms / 1000, **options
+        )
+    except ValueError as error:
+        raise SettingsError("AUTHZ_REDIS_URL", str(error)) from None
+
+
 def build_limiter(settings: Settings, metrics: Metrics) -> RateLimiter:
     if settings.redis_url is None:
         return InMemoryRateLimiter()
     timeout = settings.redis_timeout_ms / 1000
-    try:
-        client = connect_redis(settings.redis_url, timeout_seconds=timeout)
-    except ValueError as error:
-        raise SettingsError("AUTHZ_REDIS_URL", str(error)) from None
+    client = _redis_client(settings)
     breaker = CircuitBreaker(
         failure_threshold=settings.redis_breaker_failures,
         cooldown_seconds=settings.redis_breaker_cooldown_ms / 1000,
@@ -126,6 +140,18 @@ async def build(
         metrics=metrics,
         flush_interval=settings.ledger_flush_s,
     )
+    wall_clock = clock or time.time
+    keyring = Keyring(store, clock=wall_clock)
+    await keyring.load()
+    replay: ReplayGuard = (
+        MemoryReplayGuard(clock=wall_clock)
+        if settings.redis_url is None
+        else RedisReplayGuard(
+            _redis_client(settings, max_connections=REPLAY_CONNECTIONS),
+            timeout_s=settings.redis_timeout_ms / 1000,
+        )
+    )
+    gate = ReservationGate(keyring=keyring, replay=replay, metrics=metrics, clock=wall_clock)
     authorization = AuthorizationServicer(
         resolver=resolver,
         limiter=limiter,
@@ -134,9 +160,10 @@ async def build(
         last_used=last_used,
         prices=prices,
         seeder=QuotaSeeder(store, limiter),
+        keyring=keyring,
         fail_open=settings.failure_mode == "open",
         max_request_bytes=settings.max_request_bytes,
-        wall_clock=clock or time.time,
+        wall_clock=wall_clock,
     )
     health = health_aio.HealthServicer()
     readiness = Readiness(
@@ -150,7 +177,9 @@ async def build(
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(authorization, server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogServicer(accountant), server)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(
+        AccessLogServicer(accountant, gate=gate), server
+    )
     verifier = IdentityVerifier(
         settings.jwt_issuers, jwks_timeout_s=settings.jwks_timeout_ms / 1000
     )
@@ -180,6 +209,7 @@ async def build(
         last_used=last_used,
         prices=prices,
         accountant=accountant,
+        keyring=keyring,
         authorization=authorization,
         health=health,
         readiness=readiness,

@@ -34,6 +34,7 @@ from authz.resolver import KeyResolver
 from authz.responses import AllowRenderer, render_deny
 from authz.store.base import StoreUnavailable
 from authz.usage.pricing import PriceTable
+from authz.usage.reservations import Keyring, Signed, claims_for
 from authz.usage.seeding import QuotaSeeder
 from ratelimit.limiter import (
     BucketState,
@@ -60,6 +61,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         last_used: LastUsedRecorder,
         prices: PriceTable,
         seeder: QuotaSeeder,
+        keyring: Keyring,
         fail_open: bool,
         max_request_bytes: int,
         wall_clock: Callable[[], float] = time.time,
@@ -71,6 +73,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         self._last_used = last_used
         self._prices = prices
         self._seeder = seeder
+        self._keyring = keyring
         self._fail_open = fail_open
         self._max_request_bytes = max_request_bytes
         self._wall_clock = wall_clock
@@ -102,7 +105,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             self._last_used.touch(outcome.grant.key_id)
             if outcome.strip_headers:
                 self._metrics.keys_stripped.inc(len(outcome.strip_headers))
-            return self._renderer.render(outcome)
+            return self._renderer.render(outcome, self._sign(outcome))
         self._metrics.checks.labels("deny", outcome.code).inc()
         if outcome.workspace_id is not None:
             self._metrics.workspace_denials.labels(
@@ -153,6 +156,18 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             now_ts=now_ts,
             fail_open=fail_open,
             strip_headers=summary.key_headers,
+        )
+
+    def _sign(self, allow: Allow) -> Signed | None:
+        return self._keyring.sign(
+            claims_for(
+                workspace_id=allow.workspace.id,
+                key_id=allow.grant.key_id,
+                reserved_tokens=allow.reserved_tokens,
+                now_ts=self._wall_clock(),
+                model=allow.model,
+                price=allow.price,
+            )
         )
 
     def _count_rate(self, workspace_id: str, rate: LimitResult) -> None:

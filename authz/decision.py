@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, replace
 
 from authz.keys import is_well_formed, key_like_in, mask_key
-from authz.models import KeyGrant, Workspace
+from authz.models import KeyGrant, ModelPrice, Workspace
 from authz.request import Generation, RequestSummary
 from authz.usage.periods import seconds_until_next_period
 from authz.usage.pricing import PriceTable
@@ -48,6 +48,9 @@ class Allow:
     fail_open: bool = False
     strip_headers: tuple[str, ...] = ()
     """Request headers to remove before the upstream because they hold a key."""
+    model: str | None = None
+    """The model the request named; the charge uses `price`, its price at Check time."""
+    price: ModelPrice | None = None
 
 
 Outcome = Allow | Deny
@@ -62,6 +65,9 @@ class Reservation:
     quota: Quota | None = None
     spend_micros: int = 0
     """Estimated spend in micro-USD (0 without a spend cap or a price)."""
+    model: str | None = None
+    price: ModelPrice | None = None
+    """The price of `model` now: the reservation is signed with it and charged at it."""
 
 
 def reserve(
@@ -76,21 +82,22 @@ def reserve(
         body_bytes=summary.body_bytes, completion_tokens=completion, choices=summary.choices
     )
     cap = workspace.monthly_spend_cap_usd
+    price = prices.price_for(summary.model)
     if workspace.monthly_token_quota is None and cap is None:
-        return Reservation(tokens=tokens)
+        return Reservation(tokens=tokens, model=summary.model, price=price)
     spend = 0
-    if cap is not None:
+    if cap is not None and price is not None:
         # The split between prompt and completion is unknown yet: price all of it at the
         # model's higher rate, so the cap is never passed by an underestimate.
-        price = prices.price_for(summary.model)
-        if price is not None:
-            spend = round(tokens * max(price.input_per_1m_usd, price.output_per_1m_usd))
+        spend = round(tokens * max(price.input_per_1m_usd, price.output_per_1m_usd))
     quota = Quota(
         period=month_period(now_ts),
         token_quota=workspace.monthly_token_quota,
         spend_cap_micros=None if cap is None else round(cap * 1e6),
     )
-    return Reservation(tokens=tokens, quota=quota, spend_micros=spend)
+    return Reservation(
+        tokens=tokens, quota=quota, spend_micros=spend, model=summary.model, price=price
+    )
 
 
 MISSING_KEY = Deny(
@@ -250,8 +257,11 @@ def decide(
     return Allow(
         grant=grant,
         workspace=workspace,
-        reserved_tokens=requested_tokens,
+        # Fail-open took nothing from the buckets: nothing to refund later either.
+        reserved_tokens=0 if fail_open else requested_tokens,
         rate=rate,
         fail_open=fail_open,
         strip_headers=strip_headers,
+        model=reservation.model,
+        price=reservation.price,
     )

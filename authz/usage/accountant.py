@@ -23,7 +23,7 @@ from authz.resolver import KeyResolver
 from authz.store.base import Change, ChangeKind, Store, StoreUnavailable
 from authz.usage.events import UsageEvent
 from authz.usage.periods import hour_of, period_of
-from authz.usage.pricing import PriceTable
+from authz.usage.pricing import PriceTable, spend_micros_at
 from authz.usage.seeding import month_from_ledger
 from ratelimit.limiter import Limits, RateLimiter, RateLimitUnavailable
 
@@ -69,9 +69,9 @@ class UsageAccountant:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def record(self, event: UsageEvent) -> None:
-        spend = self._prices.spend_micros(
-            event.model, event.prompt_tokens or 0, event.completion_tokens or 0
-        )
+        # The price in force at Check time, signed into the reservation (never the response's
+        # model, which upstreams answer with a dated name).
+        spend = spend_micros_at(event.price, event.prompt_tokens or 0, event.completion_tokens or 0)
         await self._reconcile(event, spend)
         self._tally(event, spend)
         self._observe(event, spend)

@@ -3,6 +3,9 @@
 Envoy's `http_grpc` access logger sends the stream's dynamic metadata: the ext_authz namespace
 (written by our Check: workspace, key, reserved tokens) and `oais.usage` (written by Envoy's
 `json_to_metadata` / `sse_to_metadata` filters from the upstream's `usage` object).
+
+The ext_authz namespace also carries the signed reservation (authz/usage/reservations.py):
+nothing here is trusted until the access-log service has verified it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from envoy.data.accesslog.v3.accesslog_pb2 import HTTPAccessLogEntry
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.struct_pb2 import Struct
 
+from authz.models import ModelPrice
+from authz.usage import reservations as rsv
+
 EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
 USAGE_NAMESPACE = "oais.usage"
 UNKNOWN_MODEL = "unknown"
@@ -23,7 +29,12 @@ _MAX_TOKENS = 10**12
 
 @dataclass(frozen=True, slots=True)
 class UsageEvent:
-    """An allowed request as Envoy finished it."""
+    """An allowed request as Envoy finished it.
+
+    `model` is the ledger's model: the one the client asked for (`claims.model`), or the
+    response's when the request named none. `response_model` is what the upstream answered
+    (e.g. a dated `gpt-4o-2024-08-06`), for reports; it never prices anything.
+    """
 
     workspace_id: str
     key_id: str
@@ -34,6 +45,11 @@ class UsageEvent:
     status: int
     started_at: datetime
     upstream_seconds: float | None
+    claims: rsv.Claims | None = None
+    """The reservation as the entry states it (None: unsigned); checked against `mac`."""
+    signing_key: str = ""
+    mac: str = ""
+    response_model: str | None = None
 
     @property
     def reported(self) -> bool:
@@ -41,20 +57,29 @@ class UsageEvent:
         return self.prompt_tokens is not None or self.completion_tokens is not None
 
     @property
+    def price(self) -> ModelPrice | None:
+        """The requested model's price at Check time, as the verified reservation carries it."""
+        return None if self.claims is None else self.claims.price
+
+    @property
     def tokens_used(self) -> int:
         return (self.prompt_tokens or 0) + (self.completion_tokens or 0)
 
 
-def _count(fields: Struct, name: str) -> int | None:
+def _amount(fields: Struct, name: str) -> float | None:
+    """A finite, non-negative number field, else None."""
     if name not in fields.fields:
         return None
     value = fields.fields[name]
     if value.WhichOneof("kind") != "number_value":
         return None
     number = value.number_value
-    if not math.isfinite(number) or number < 0:
-        return None
-    return min(int(number), _MAX_TOKENS)
+    return number if math.isfinite(number) and number >= 0 else None
+
+
+def _count(fields: Struct, name: str) -> int | None:
+    number = _amount(fields, name)
+    return None if number is None else min(int(number), _MAX_TOKENS)
 
 
 def _text(fields: Struct, name: str) -> str | None:
@@ -63,7 +88,26 @@ def _text(fields: Struct, name: str) -> str | None:
     value = fields.fields[name]
     if value.WhichOneof("kind") != "string_value":
         return None
-    return value.string_value[:128] or None
+    return value.string_value[: rsv.TEXT_LIMIT] or None
+
+
+def _claims(authz: Struct, workspace_id: str, key_id: str, reserved: int) -> rsv.Claims | None:
+    reservation_id = _text(authz, rsv.ID_FIELD)
+    reserved_at = _count(authz, rsv.TIME_FIELD)
+    price_in = _amount(authz, rsv.PRICE_IN_FIELD)
+    price_out = _amount(authz, rsv.PRICE_OUT_FIELD)
+    if reservation_id is None or reserved_at is None or price_in is None or price_out is None:
+        return None
+    return rsv.Claims(
+        reservation_id=reservation_id,
+        workspace_id=workspace_id,
+        key_id=key_id,
+        reserved_tokens=reserved,
+        reserved_at=reserved_at,
+        model=_text(authz, rsv.MODEL_FIELD) or "",
+        price_in=price_in,
+        price_out=price_out,
+    )
 
 
 def _seconds(duration: Duration) -> float:
@@ -93,14 +137,21 @@ def parse_entry(entry: HTTPAccessLogEntry) -> UsageEvent | None:
             _seconds(common.time_to_last_upstream_rx_byte)
             - _seconds(common.time_to_first_upstream_tx_byte),
         )
+    reserved = _count(authz, "reserved_tokens") or 0
+    claims = _claims(authz, workspace_id, key_id, reserved)
+    response_model = _text(usage, "model")
     return UsageEvent(
         workspace_id=workspace_id,
         key_id=key_id,
-        reserved_tokens=_count(authz, "reserved_tokens") or 0,
-        model=_text(usage, "model") or UNKNOWN_MODEL,
+        reserved_tokens=reserved,
+        model=(claims.model if claims else None) or response_model or UNKNOWN_MODEL,
         prompt_tokens=_count(usage, "prompt_tokens"),
         completion_tokens=_count(usage, "completion_tokens"),
         status=entry.response.response_code.value,
         started_at=common.start_time.ToDatetime(tzinfo=UTC),
         upstream_seconds=upstream,
+        claims=claims,
+        signing_key=_text(authz, rsv.KID_FIELD) or "",
+        mac=_text(authz, rsv.MAC_FIELD) or "",
+        response_model=response_model,
     )

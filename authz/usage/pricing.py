@@ -23,10 +23,13 @@ class PriceTable:
         return found or self._prices.get(DEFAULT_MODEL)
 
     def spend_micros(self, model: str | None, prompt_tokens: int, completion_tokens: int) -> int:
-        """Micro-USD: tokens * USD per 1M tokens is exactly micro-USD per token."""
-        price = self.price_for(model)
-        if price is None:
-            return 0
-        return round(
-            prompt_tokens * price.input_per_1m_usd + completion_tokens * price.output_per_1m_usd
-        )
+        return spend_micros_at(self.price_for(model), prompt_tokens, completion_tokens)
+
+
+def spend_micros_at(price: ModelPrice | None, prompt_tokens: int, completion_tokens: int) -> int:
+    """Micro-USD: tokens * USD per 1M tokens is exactly micro-USD per token."""
+    if price is None:
+        return 0
+    return round(
+        prompt_tokens * price.input_per_1m_usd + completion_tokens * price.output_per_1m_usd
+    )

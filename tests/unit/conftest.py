@@ -59,11 +59,16 @@ UNIT_SETTINGS = Settings(
 
 
 async def start_sidecar(
-    *, keep_authorization: bool = False, fail_open: bool = False, limiter: RateLimiter | None = None
+    *,
+    keep_authorization: bool = False,
+    fail_open: bool = False,
+    limiter: RateLimiter | None = None,
+    clock: FakeClock[float] | None = None,
 ) -> tuple[Sidecar, Started]:
     store = FakeStore()
+    await store.migrate()  # as `authz migrate` would: the reservation-signing key
     # One clock moves the cache, grace deadlines, last_used_at and the buckets together.
-    clock = FakeClock(1000.0)
+    clock = clock or FakeClock(1000.0)
     settings = replace(
         UNIT_SETTINGS,
         keep_authorization=keep_authorization,
@@ -72,7 +77,7 @@ async def start_sidecar(
     app = await build(
         settings,
         store=store,
-        limiter=limiter or InMemoryRateLimiter(clock_ms=clock.ms),
+        limiter=InMemoryRateLimiter(clock_ms=clock.ms) if limiter is None else limiter,
         clock=clock,
     )
     running = await start(app, serve_metrics=False)
