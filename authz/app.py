@@ -70,25 +70,19 @@ class App:
     server: grpc.aio.Server
 
 
-REPLAY_CONNECTIONS = 16
-"""The replay check's own small pool: one SET per access-log entry, never on the Check path."""
-
-
-def _redis_client(settings: Settings, **options: int) -> RedisClient:
-    assert settings.redis_url is not None
+def _redis_client(settings: Settings) -> RedisClient | None:
+    if settings.redis_url is None:
+        return None
     try:
-        return connect_redis(
-            settings.redis_url, timeout_seconds=settings.redis_timeout_ms / 1000, **options
-        )
+        return connect_redis(settings.redis_url, timeout_seconds=settings.redis_timeout_ms / 1000)
     except ValueError as error:
         raise SettingsError("AUTHZ_REDIS_URL", str(error)) from None
 
 
-def build_limiter(settings: Settings, metrics: Metrics) -> RateLimiter:
-    if settings.redis_url is None:
+def build_limiter(settings: Settings, metrics: Metrics, client: RedisClient | None) -> RateLimiter:
+    if client is None:
         return InMemoryRateLimiter()
     timeout = settings.redis_timeout_ms / 1000
-    client = _redis_client(settings)
     breaker = CircuitBreaker(
         failure_threshold=settings.redis_breaker_failures,
         cooldown_seconds=settings.redis_breaker_cooldown_ms / 1000,
@@ -116,8 +110,11 @@ async def build(
     )
     if store is None:
         store = await open_store(settings.database_url, **settings.store_options())
+    # One Redis client: the limiter's (it closes it), shared by the access-log replay check
+    # (a test that overrides the limiter gets the in-process replay memory).
+    redis = _redis_client(settings) if limiter is None else None
     if limiter is None:
-        limiter = build_limiter(settings, metrics)
+        limiter = build_limiter(settings, metrics, redis)
     resolver = KeyResolver(
         store,
         metrics,
@@ -145,11 +142,8 @@ async def build(
     await keyring.load()
     replay: ReplayGuard = (
         MemoryReplayGuard(clock=wall_clock)
-        if settings.redis_url is None
-        else RedisReplayGuard(
-            _redis_client(settings, max_connections=REPLAY_CONNECTIONS),
-            timeout_s=settings.redis_timeout_ms / 1000,
-        )
+        if redis is None
+        else RedisReplayGuard(redis, timeout_s=settings.redis_timeout_ms / 1000)
     )
     gate = ReservationGate(keyring=keyring, replay=replay, metrics=metrics, clock=wall_clock)
     authorization = AuthorizationServicer(
