@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.conftest import build_stack
-from tests.e2e.test_usage import ledger, reconciled, workspace_key
+from tests.e2e.test_usage import chat, ledger, reconciled, workspace_key
 from tests.support.accesslogs import log_entry, send
 from tests.support.stack import Stack, authz_cli
 
@@ -36,25 +36,17 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
 
 
 def ask(stack: Stack, secret: str, *, completion: int, stream: bool = False) -> Any:
-    body: dict[str, Any] = {
-        "model": "gpt-4o",
-        "max_tokens": completion,
-        "messages": [{"role": "user", "content": "price me"}],
-    }
-    if stream:
-        body |= {"stream": True, "stream_options": {"include_usage": True}}
-    encoded = json.dumps(body).encode()
-    answer = stack.request(
-        "/v1/chat/completions",
-        headers={
-            "Authorization": f"Bearer {secret}",
-            "Content-Type": "application/json",
-            "x-demo-completion-tokens": str(completion),
-            "x-demo-model-suffix": DATED,
-        },
-        body=encoded,
+    """Ask for gpt-4o; the upstream answers with gpt-4o-2024-08-06. (answer, prompt tokens)"""
+    answer, body = chat(
+        stack,
+        secret,
+        completion=completion,
+        stream=stream,
+        max_tokens=completion,
+        model="gpt-4o",
+        headers={"x-demo-model-suffix": DATED},
     )
-    return answer, math.ceil(len(encoded) / 4)
+    return answer, math.ceil(len(body) / 4)
 
 
 def test_dated_model_names_are_charged_at_the_requested_models_price(stack: Stack) -> None:

@@ -37,10 +37,17 @@ def workspace_key(stack: Stack, *args: str) -> tuple[str, dict[str, str]]:
 
 
 def chat(
-    stack: Stack, secret: str, *, completion: int, stream: bool = False, max_tokens: int = 40
+    stack: Stack,
+    secret: str,
+    *,
+    completion: int,
+    stream: bool = False,
+    max_tokens: int = 40,
+    model: str = "demo-model",
+    headers: dict[str, str] | None = None,
 ) -> Any:
     body: dict[str, Any] = {
-        "model": "demo-model",
+        "model": model,
         "max_tokens": max_tokens,
         "messages": [{"role": "user", "content": "count the tokens"}],
     }
@@ -54,6 +61,7 @@ def chat(
             "Authorization": f"Bearer {secret}",
             "Content-Type": "application/json",
             "x-demo-completion-tokens": str(completion),
+            **(headers or {}),
         },
         body=encoded,
     )
