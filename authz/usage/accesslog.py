@@ -27,7 +27,8 @@ WARN_EVERY_S = 10.0
 
 
 class ReservationGate:
-    """Decides whether an entry may change anyone's usage (docs/deploy.md, "Trust boundary")."""
+    """Decides whether an entry may change anyone's usage (docs/deploy.md, "Who can reach the
+    gRPC port")."""
 
     def __init__(
         self,

@@ -5,7 +5,8 @@ over what the access-log service will act on (workspace, key, reserved tokens, t
 asked for and its price then). The secrets live in the store (`authz migrate` makes the first,
 `authz signing-key rotate` the next), so every replica verifies every other one's reservations.
 The usage numbers themselves come from Envoy's filters and are not signed: the threat answered
-here is a caller of the gRPC port other than Envoy (docs/deploy.md, "Trust boundary").
+here is a caller of the gRPC port other than Envoy (docs/deploy.md, "Who can reach the gRPC
+port").
 """
 
 from __future__ import annotations
