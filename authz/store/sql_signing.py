@@ -56,11 +56,13 @@ class SigningKeyRules(Dialect):
 
     async def signing_keys(self) -> list[SigningKey]:
         now = utc_now()
+        # Read in the background and at start-up, never on a Check: the longer write timeout.
         rows = await self._read(
             lambda tx: tx.fetch(
                 f"SELECT {_COLUMNS} FROM signing_keys WHERE retires_at IS NULL OR retires_at > ?",
                 self._t(now),
-            )
+            ),
+            seconds=self._write_timeout,
         )
         keys = [self._signing_key(row) for row in rows]
         # The current key (no retirement) first, then the newest.

@@ -36,6 +36,9 @@ ROTATION_OVERLAP = timedelta(hours=2)
 time every replica takes to start signing with the new one (KEY_RELOAD_S), with room to spare."""
 KEY_RELOAD_S = 60.0
 """How often a replica reads the signing keys again, to pick up a rotation."""
+KEY_RETRY_S = 1.0
+"""How soon a replica without any key (the database did not answer) tries again: until then
+its allows are unsigned, and their usage is not counted."""
 
 TEXT_LIMIT = 128
 """Characters of a text field the access-log parser keeps; a signed model is cut to this too."""
@@ -168,7 +171,8 @@ class Keyring:
             await self._reloading
 
     def _maybe_reload(self) -> None:
-        if self._clock() - self._loaded_at < self._reload_s:
+        wait = self._reload_s if self._current is not None else KEY_RETRY_S
+        if self._clock() - self._loaded_at < wait:
             return
         if self._reloading is not None and not self._reloading.done():
             return
@@ -189,7 +193,7 @@ class Keyring:
         """True if `mac` is a valid signature of `claims` by a key still in force."""
         self._maybe_reload()
         base = self._by_id.get(key_id)
-        if base is None and self._clock() - self._loaded_at >= 1.0:
+        if base is None and self._clock() - self._loaded_at >= KEY_RETRY_S:
             # A key another replica made since our last read (a rotation): read again, at most
             # once a second however many unknown ids an attacker sends.
             await self.load()
@@ -198,4 +202,5 @@ class Keyring:
             return False
         expected = base.copy()
         expected.update(claims.message())
-        return hmac.compare_digest(expected.hexdigest(), mac)
+        # As bytes: compare_digest refuses non-ASCII str, and `mac` is whatever was sent.
+        return hmac.compare_digest(expected.hexdigest().encode(), mac.encode())

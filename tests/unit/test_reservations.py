@@ -20,14 +20,14 @@ from authz.keys import generate_key
 from authz.models import CLI_ACTOR, ModelPrice
 from authz.usage.events import parse_entry
 from authz.usage.replay import MemoryReplayGuard
-from authz.usage.reservations import MAX_AGE_S
+from authz.usage.reservations import KEY_RETRY_S, MAX_AGE_S, Keyring, claims_for
 from ratelimit.limiter import LimitResult, Limits, Quota, RateLimitUnavailable
 from ratelimit.memory import InMemoryRateLimiter
 from ratelimit.quota import month_period
 from tests.support.accesslogs import from_check, log_entry, send
 from tests.support.checks import bearer, check_request
 from tests.support.clock import FakeClock
-from tests.support.fakes import workspace
+from tests.support.fakes import FakeStore, workspace
 from tests.unit.conftest import Sidecar, Started, start_sidecar
 
 NOW = 1_790_000_000.0  # 2026-09-21, a fixed wall clock for reservations and the ledger
@@ -256,3 +256,39 @@ async def test_memory_replay_guard_forgets_ids_after_their_ttl() -> None:
     assert not await guard.first_report("ws", "r1", ttl_s=10)
     clock.now = 10.0
     assert await guard.first_report("ws", "r1", ttl_s=10)
+
+
+async def test_a_mac_that_is_not_even_hex_is_refused_and_the_stream_goes_on(world: World) -> None:
+    genuine = await world.check()
+    garbled = {**metadata(genuine), "reservation_mac": "é" * 64}
+    await send(
+        world.sidecar.address,
+        [log_entry(garbled, USAGE, started=world.started_at())],
+        [from_check(genuine, USAGE, started=world.started_at())],
+    )
+    assert world.refused("bad_mac") == 1
+    assert world.ledger_tokens() == 15
+
+
+async def test_a_replica_that_could_not_read_its_keys_tries_again_within_a_second(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = FakeStore()
+    await store.migrate()
+    store.down = True
+    clock = FakeClock(0.0)
+    keyring = Keyring(store, clock=clock)
+    with caplog.at_level(logging.WARNING, logger="authz.usage.reservations"):
+        await keyring.load()
+    assert "cannot read the signing keys" in caplog.text
+    claims = claims_for(
+        workspace_id="ws", key_id="key", reserved_tokens=1, now_ts=0.0, model="m", price=None
+    )
+    assert keyring.sign(claims) is None  # unsigned: its usage would not count
+    store.down = False
+    clock.now = KEY_RETRY_S
+    assert keyring.sign(claims) is None  # this one starts the read, in the background
+    await keyring.settle()
+    signed = keyring.sign(claims)
+    assert signed is not None
+    assert await keyring.verify(claims, key_id=signed.key_id, mac=signed.mac)

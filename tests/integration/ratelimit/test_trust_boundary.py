@@ -80,6 +80,7 @@ class Deployment:
         body = json.dumps({"model": "demo-model", "max_tokens": 20}).encode()
         response = await replica.stub.Check(check_request(headers=bearer(self.secret), body=body))
         assert response.status.code == 0
+        assert response.dynamic_metadata.fields["reservation_mac"].string_value  # signed
         return response
 
     async def counters(self) -> tuple[Any, ...]:
