@@ -76,6 +76,9 @@ def test_dated_model_names_are_charged_at_the_requested_models_price(stack: Stac
     assert report["spend_usd"] == pytest.approx(expected, abs=len(prompts) * 1e-6)
     # The ledger files usage under the model the client asked for.
     assert [m["model"] for m in report["by_model"]] == ["gpt-4o"]
+    # Every entry real Envoy sent carried a reservation that verified.
+    for reason in ("unsigned", "bad_mac", "too_old", "replay"):
+        assert stack.sidecar.metric("authz_usage_entries_refused_total", reason=reason) == 0
 
 
 def test_a_forged_access_log_message_changes_nothing(stack: Stack) -> None:
