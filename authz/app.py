@@ -141,9 +141,7 @@ async def build(
     keyring = Keyring(store, clock=wall_clock)
     await keyring.load()
     replay: ReplayGuard = (
-        MemoryReplayGuard(clock=wall_clock)
-        if redis is None
-        else RedisReplayGuard(redis, timeout_s=settings.redis_timeout_ms / 1000)
+        MemoryReplayGuard(clock=wall_clock) if redis is None else RedisReplayGuard(redis)
     )
     gate = ReservationGate(keyring=keyring, replay=replay, metrics=metrics, clock=wall_clock)
     authorization = AuthorizationServicer(
