@@ -41,14 +41,16 @@ from authz.store.base import Store, StoreError
 from authz.streams import StoppableAccessLog, StreamStop
 from authz.supervisor import Sleep, Supervisor
 from authz.tracing import Tracing
-from authz.usage.accesslog import AccessLogServicer
+from authz.usage.accesslog import AccessLogServicer, ReservationGate
 from authz.usage.accountant import UsageAccountant
 from authz.usage.pricing import PriceTable
+from authz.usage.replay import MemoryReplayGuard, RedisReplayGuard, ReplayGuard
+from authz.usage.reservations import Keyring
 from authz.usage.seeding import QuotaSeeder
 from ratelimit.breaker import CircuitBreaker
 from ratelimit.limiter import RateLimiter
 from ratelimit.memory import InMemoryRateLimiter
-from ratelimit.redis_backend import RedisRateLimiter, connect_redis
+from ratelimit.redis_backend import RedisClient, RedisRateLimiter, connect_redis
 
 log = logging.getLogger("authz")
 
@@ -65,6 +67,7 @@ class App:
     last_used: LastUsedRecorder
     prices: PriceTable
     accountant: UsageAccountant
+    keyring: Keyring
     authorization: AuthorizationServicer
     health: health_aio.HealthServicer
     readiness: Readiness
@@ -82,14 +85,19 @@ def health_only_server(health: health_aio.HealthServicer) -> grpc.aio.Server:
     return server
 
 
-def build_limiter(settings: Settings, metrics: Metrics) -> RateLimiter:
+def _redis_client(settings: Settings) -> RedisClient | None:
     if settings.redis_url is None:
-        return InMemoryRateLimiter()
-    timeout = settings.redis_timeout_ms / 1000
+        return None
     try:
-        client = connect_redis(settings.redis_url, timeout_seconds=timeout)
+        return connect_redis(settings.redis_url, timeout_seconds=settings.redis_timeout_ms / 1000)
     except ValueError as error:
         raise SettingsError("AUTHZ_REDIS_URL", str(error)) from None
+
+
+def build_limiter(settings: Settings, metrics: Metrics, client: RedisClient | None) -> RateLimiter:
+    if client is None:
+        return InMemoryRateLimiter()
+    timeout = settings.redis_timeout_ms / 1000
     breaker = CircuitBreaker(
         failure_threshold=settings.redis_breaker_failures,
         cooldown_seconds=settings.redis_breaker_cooldown_ms / 1000,
@@ -120,8 +128,11 @@ async def build(
     )
     if tracing is None:
         tracing = Tracing.from_environment(os.environ)
+    # One Redis client: the limiter's (it closes it), shared by the access-log replay check
+    # (a test that overrides the limiter gets the in-process replay memory).
+    redis = _redis_client(settings) if limiter is None else None
     if limiter is None:
-        limiter = build_limiter(settings, metrics)
+        limiter = build_limiter(settings, metrics, redis)
     # Opened last of the fallible steps: an open store holds a thread that would keep a
     # failed start-up alive.
     if store is None:
@@ -149,6 +160,13 @@ async def build(
         metrics=metrics,
         flush_interval=settings.ledger_flush_s,
     )
+    wall_clock = clock or time.time
+    keyring = Keyring(store, clock=wall_clock)
+    await keyring.load()
+    replay: ReplayGuard = (
+        MemoryReplayGuard(clock=wall_clock) if redis is None else RedisReplayGuard(redis)
+    )
+    gate = ReservationGate(keyring=keyring, replay=replay, metrics=metrics, clock=wall_clock)
     authorization = AuthorizationServicer(
         resolver=resolver,
         limiter=limiter,
@@ -157,9 +175,10 @@ async def build(
         last_used=last_used,
         prices=prices,
         seeder=QuotaSeeder(store, limiter),
+        keyring=keyring,
         fail_open=settings.failure_mode == "open",
         max_request_bytes=settings.max_request_bytes,
-        wall_clock=clock or time.time,
+        wall_clock=wall_clock,
         tracing=tracing.check,
     )
     health = HealthServicer()
@@ -181,7 +200,7 @@ async def build(
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     streams = StreamStop()
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(
-        StoppableAccessLog(AccessLogServicer(accountant), streams), server
+        StoppableAccessLog(AccessLogServicer(accountant, gate=gate), streams), server
     )
     verifier = IdentityVerifier(
         settings.jwt_issuers, jwks_timeout_s=settings.jwks_timeout_ms / 1000
@@ -211,6 +230,7 @@ async def build(
         last_used=last_used,
         prices=prices,
         accountant=accountant,
+        keyring=keyring,
         authorization=authorization,
         health=health,
         readiness=readiness,

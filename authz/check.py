@@ -38,6 +38,7 @@ from authz.responses import AllowRenderer, render_deny
 from authz.store.base import StoreUnavailable
 from authz.tracing import CheckTracing, traced_call
 from authz.usage.pricing import PriceTable
+from authz.usage.reservations import Keyring, Signed, claims_for
 from authz.usage.seeding import QuotaSeeder
 from ratelimit.limiter import (
     BucketState,
@@ -66,6 +67,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         last_used: LastUsedRecorder,
         prices: PriceTable,
         seeder: QuotaSeeder,
+        keyring: Keyring,
         fail_open: bool,
         max_request_bytes: int,
         wall_clock: Callable[[], float] = time.time,
@@ -78,6 +80,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         self._last_used = last_used
         self._prices = prices
         self._seeder = seeder
+        self._keyring = keyring
         self._fail_open = fail_open
         self._max_request_bytes = max_request_bytes
         self._wall_clock = wall_clock
@@ -123,7 +126,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
                 self._metrics.keys_stripped.inc(len(outcome.strip_headers))
             if outcome.shadow_denial is not None:
                 self._count_denial(self._metrics.shadow_denials, outcome.shadow_denial)
-            return self._renderer.render(outcome)
+            return self._renderer.render(outcome, self._sign(outcome))
         self._metrics.checks.labels("deny", outcome.code).inc()
         self._count_denial(self._metrics.workspace_denials, outcome)
         return render_deny(outcome)
@@ -181,6 +184,18 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             now_ts=now_ts,
             fail_open=fail_open,
             strip_headers=summary.key_headers,
+        )
+
+    def _sign(self, allow: Allow) -> Signed | None:
+        return self._keyring.sign(
+            claims_for(
+                workspace_id=allow.workspace.id,
+                key_id=allow.grant.key_id,
+                reserved_tokens=allow.reserved_tokens,
+                now_ts=self._wall_clock(),
+                model=allow.model,
+                price=allow.price,
+            )
         )
 
     def _count_rate(self, workspace_id: str, rate: LimitResult) -> None:

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, replace
 
 from authz.keys import is_well_formed, key_like_in, mask_key
-from authz.models import Enforcement, KeyGrant, StreamingUsage, Workspace
+from authz.models import Enforcement, KeyGrant, ModelPrice, StreamingUsage, Workspace
 from authz.request import Generation, RequestSummary
 from authz.usage.periods import seconds_until_next_period
 from authz.usage.pricing import PriceTable, estimate_micros
@@ -51,6 +51,9 @@ class Allow:
     shadow_denial: Deny | None = None
     """The 429 a shadow workspace's limits would have answered: admitted anyway, counted, and
     marked upstream."""
+    model: str | None = None
+    """The model the request named; the charge uses `price`, its price at Check time."""
+    price: ModelPrice | None = None
 
 
 Outcome = Allow | Deny
@@ -65,6 +68,9 @@ class Reservation:
     quota: Quota | None = None
     spend_micros: int = 0
     """Estimated spend in micro-USD (0 without a spend cap or a price)."""
+    model: str | None = None
+    price: ModelPrice | None = None
+    """The price of `model` now: the reservation is signed with it and charged at it."""
 
 
 def reserve(
@@ -79,16 +85,19 @@ def reserve(
         body_bytes=summary.body_bytes, completion_tokens=completion, choices=summary.choices
     )
     cap = workspace.monthly_spend_cap_usd
+    price = prices.price_for(summary.model)
     if workspace.monthly_token_quota is None and cap is None:
-        return Reservation(tokens=tokens)
+        return Reservation(tokens=tokens, model=summary.model, price=price)
     # The split between prompt and completion is unknown yet (see estimate_micros).
-    spend = 0 if cap is None else estimate_micros(prices.price_for(summary.model), tokens)
+    spend = 0 if cap is None else estimate_micros(price, tokens)
     quota = Quota(
         period=month_period(now_ts),
         token_quota=workspace.monthly_token_quota,
         spend_cap_micros=None if cap is None else round(cap * 1e6),
     )
-    return Reservation(tokens=tokens, quota=quota, spend_micros=spend)
+    return Reservation(
+        tokens=tokens, quota=quota, spend_micros=spend, model=summary.model, price=price
+    )
 
 
 MISSING_KEY = Deny(
@@ -283,9 +292,13 @@ def decide(
     return Allow(
         grant=grant,
         workspace=workspace,
-        reserved_tokens=0 if shadow_denial else requested_tokens,
+        # Fail-open and a shadow workspace's would-be denial took nothing from the buckets:
+        # nothing to refund later either.
+        reserved_tokens=0 if fail_open or shadow_denial else requested_tokens,
         rate=rate,
         fail_open=fail_open,
         strip_headers=strip_headers,
         shadow_denial=shadow_denial,
+        model=reservation.model,
+        price=reservation.price,
     )

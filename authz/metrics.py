@@ -156,6 +156,19 @@ class Metrics:
             ["result"],
             registry=registry,
         )
+        self.entries_refused = Counter(
+            "authz_usage_entries_refused",
+            "Access-log entries dropped before accounting, by reason: unsigned (no reservation), "
+            "bad_mac (not signed by a current key), too_old (reservation over an hour old), "
+            "replay (reservation already reported).",
+            ["reason"],
+            registry=registry,
+        )
+        self.replay_unchecked = Counter(
+            "authz_usage_replay_unchecked",
+            "Signed access-log entries counted without the replay check (Redis did not answer).",
+            registry=registry,
+        )
         self.ledger_flushes = Counter(
             "authz_ledger_flushes",
             "Ledger flushes by result: applied, duplicate (a retry already applied), failed "

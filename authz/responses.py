@@ -20,6 +20,7 @@ from google.protobuf.struct_pb2 import Struct
 from google.rpc import code_pb2, status_pb2
 
 from authz.decision import Allow, Deny
+from authz.usage.reservations import Signed
 from ratelimit.durations import format_go_duration, retry_after_header
 from ratelimit.limiter import BucketState, LimitResult
 
@@ -68,7 +69,7 @@ def rate_limit_headers(rate: LimitResult | None) -> list[HeaderValueOption]:
     return [*_bucket_headers("requests", rate.requests), *_bucket_headers("tokens", rate.tokens)]
 
 
-def _metadata(**fields: str | int | bool) -> Struct:
+def _metadata(**fields: str | int | float | bool) -> Struct:
     metadata = Struct()
     metadata.update(fields)
     return metadata
@@ -129,7 +130,8 @@ class AllowRenderer:
         self._remove_fail_open = [h for h in self._remove if h != FAIL_OPEN_HEADER]
         self._remove_shadow = [h for h in self._remove if h != SHADOW_DENY_HEADER]
 
-    def render(self, allow: Allow) -> CheckResponse:
+    def render(self, allow: Allow, signed: Signed | None = None) -> CheckResponse:
+        """`signed`: the reservation's signature fields, added to the dynamic metadata."""
         upstream = self._identity(allow.workspace.id, allow.grant.key_id)
         remove = self._remove
         if allow.fail_open:
@@ -154,5 +156,6 @@ class AllowRenderer:
                 key_id=allow.grant.key_id,
                 reserved_tokens=allow.reserved_tokens,
                 fail_open=allow.fail_open,
+                **(signed.metadata() if signed is not None else {}),
             ),
         )

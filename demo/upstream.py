@@ -19,7 +19,9 @@ Token counts are deterministic so tests can assert exact usage numbers:
 - total_tokens = prompt_tokens + completion_tokens.
 The reply text is always DEMO_REPLY, whatever the token counts say.
 
-Scripting: `x-demo-status: NNN` (400..599) makes any /v1 endpoint answer with that status and
+Scripting: `x-demo-model-suffix: -2024-08-06` answers with the requested model's name plus that
+suffix (up to 32 characters), as real providers answer `gpt-4o` with `gpt-4o-2024-08-06`.
+`x-demo-status: NNN` (400..599) makes any /v1 endpoint answer with that status and
 an OpenAI-shaped error body without usage. Streaming (`"stream": true`) answers
 `text/event-stream`, chunked on HTTP/1.1 (close-delimited on HTTP/1.0), and ends with a
 usage-only chunk (`"choices": []`) when `stream_options.include_usage` is true, then
@@ -54,6 +56,8 @@ MAX_COMPLETION_TOKENS = 64
 MAX_SCRIPTED_COMPLETION_TOKENS = 1_000_000
 COMPLETION_TOKENS_HEADER = "x-demo-completion-tokens"
 STATUS_HEADER = "x-demo-status"
+MODEL_SUFFIX_HEADER = "x-demo-model-suffix"
+MAX_MODEL_SUFFIX = 32
 DEFAULT_MAX_RECORDED = 1000
 MAX_BODY_BYTES = 16 * 1024 * 1024
 RECORDED_REQUESTS_PATH = "/_demo/requests"
@@ -209,6 +213,15 @@ def requested_model(payload: Mapping[str, object]) -> str:
     return model if isinstance(model, str) and model else DEMO_MODEL
 
 
+def answered_model(payload: Mapping[str, object], suffix: str | None) -> str:
+    """The model the reply names: the requested one, dated when a test asks for it."""
+    if suffix is None:
+        return requested_model(payload)
+    if len(suffix) > MAX_MODEL_SUFFIX or not suffix.isprintable():
+        raise DemoError(400, f"{MODEL_SUFFIX_HEADER} must be at most {MAX_MODEL_SUFFIX} characters")
+    return requested_model(payload) + suffix
+
+
 def wants_stream(payload: Mapping[str, object]) -> tuple[bool, bool]:
     """(stream?, include a usage chunk?) from `stream` and `stream_options.include_usage`."""
     options = payload.get("stream_options")
@@ -314,7 +327,7 @@ def build_completion(
         kind=kind,
         completion_id=f"{prefix}-{uuid.uuid4().hex[:24]}",
         created=int(now),
-        model=requested_model(payload),
+        model=answered_model(payload, headers.get(MODEL_SUFFIX_HEADER)),
         prompt_tokens=prompt_tokens(body),
         completion_tokens=completion_tokens(payload, headers.get(COMPLETION_TOKENS_HEADER)),
     )

@@ -9,6 +9,7 @@ Lua script may touch them together on Redis Cluster:
     authz:rl:v1:{ws:<id>}:qs:<YYYY-MM>   micro-USD spent in the period (integer string)
     authz:rl:v1:{ws:<id>}:op:<id>        the reply of one adjust/record call, kept a minute so a
                                          retry of that call is answered, not applied twice
+    authz:rl:v1:{ws:<id>}:rsv:<id>       a signed reservation already reported (SET NX, an hour)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ TOKENS_SUFFIX = "tok"
 QUOTA_TOKENS_SUFFIX = "qt"
 QUOTA_SPEND_SUFFIX = "qs"
 OPERATION_SUFFIX = "op"
+RESERVATION_SUFFIX = "rsv"
 
 
 def workspace_hash_tag(workspace_id: str) -> str:
@@ -56,4 +58,12 @@ def operation_key(workspace_id: str, operation_id: str) -> str:
     """The key remembering one operation's reply, in the workspace's slot."""
     return (
         f"{REDIS_KEY_PREFIX}:{workspace_hash_tag(workspace_id)}:{OPERATION_SUFFIX}:{operation_id}"
+    )
+
+
+def reservation_key(workspace_id: str, reservation_id: str) -> str:
+    """The key marking one signed reservation as already reported, in the workspace's slot."""
+    return (
+        f"{REDIS_KEY_PREFIX}:{workspace_hash_tag(workspace_id)}:{RESERVATION_SUFFIX}:"
+        f"{reservation_id}"
     )

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TextIO
 
-from authz.cli import audit, devissuer, keys, scan, usage, workspaces
+from authz.cli import audit, devissuer, keys, scan, signing, usage, workspaces
 from authz.cli.output import CliError, emit
 from authz.cli.parser import Commands, Parser, UsageProblem, common_flags, usage_line
 from authz.settings import Settings, SettingsError, add_setting_flags, load_settings
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_commands(commands, common)
     usage.add_commands(commands, common)
     devissuer.add_commands(commands, common)
+    signing.add_commands(commands, common)
     return parser
 
 
@@ -60,6 +61,7 @@ _HANDLERS: dict[str, Handler] = {
     "audit": audit.audit_command,
     "usage": usage.usage_command,
     "price": usage.price_command,
+    "signing-key": signing.signing_key_command,
 }
 
 

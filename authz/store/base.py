@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Protocol
 
@@ -80,6 +80,17 @@ class Change:
             return cls(ChangeKind(kind), ref)
         except ValueError:
             return None
+
+
+@dataclass(frozen=True, slots=True)
+class SigningKey:
+    """A deployment secret that signs reservations. `retires_at` is None for the current one;
+    a rotated-out key still verifies until then (the overlap). The secret never prints."""
+
+    id: str
+    secret: bytes = field(repr=False)
+    created_at: datetime
+    retires_at: datetime | None
 
 
 class ChangeSink(Protocol):
@@ -178,6 +189,15 @@ class Store(Protocol):
 
     async def set_price(self, price: ModelPrice, *, actor: Actor) -> ModelPrice:
         """Create or replace a model's price and tell every replica."""
+        ...
+
+    async def signing_keys(self) -> list[SigningKey]:
+        """The reservation-signing keys still valid now, the current one first."""
+        ...
+
+    async def rotate_signing_key(self, *, overlap: timedelta) -> SigningKey:
+        """Make a new current key; the previous ones stay valid for `overlap` more (never
+        longer than they already had)."""
         ...
 
     async def watch_changes(self, sink: ChangeSink) -> None:

@@ -49,9 +49,10 @@ from authz.store.rows import (
     usage_from_row,
 )
 from authz.store.sql_keys import KeyRules
+from authz.store.sql_signing import SigningKeyRules
 
 
-class SqlStore(KeyRules):
+class SqlStore(KeyRules, SigningKeyRules):
     """The Store protocol on a SQL database; a subclass supplies the dialect."""
 
     async def migrate(self) -> list[int]:
@@ -74,6 +75,7 @@ class SqlStore(KeyRules):
                     self._t(utc_now()),
                 )
                 applied.append(migration.version)
+            await self._ensure_signing_key(tx)
             return applied
 
         return await self._write(work)

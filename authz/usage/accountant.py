@@ -132,8 +132,10 @@ class UsageAccountant:
         )
 
     def _price_of(self, event: UsageEvent) -> ModelPrice | None:
-        """The one place an event's price is chosen."""
-        return self._prices.price_for(event.model)
+        """The one place an event's price is chosen: the requested model's price in force at
+        Check time, signed into the reservation (never the response's model, which upstreams
+        answer with a dated name, nor today's price table)."""
+        return event.price
 
     def _tally(self, event: UsageEvent, spend_micros: Fraction) -> None:
         key = (hour_of(event.started_at), event.workspace_id, event.key_id, event.model)

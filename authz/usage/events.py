@@ -3,6 +3,9 @@
 Envoy's `http_grpc` access logger sends the stream's dynamic metadata: the ext_authz namespace
 (written by our Check: workspace, key, reserved tokens) and `oais.usage` (written by Envoy's
 `json_to_metadata` / `sse_to_metadata` filters from the upstream's `usage` object).
+
+The ext_authz namespace also carries the signed reservation (authz/usage/reservations.py):
+nothing here is trusted until the access-log service has verified it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from datetime import UTC, datetime
 from envoy.data.accesslog.v3.accesslog_pb2 import HTTPAccessLogEntry
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.struct_pb2 import Struct
+
+from authz.models import ModelPrice
+from authz.usage import reservations as rsv
 
 EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
 USAGE_NAMESPACE = "oais.usage"
@@ -32,7 +38,12 @@ prove a floor on what it generated, never more than it did."""
 
 @dataclass(frozen=True, slots=True)
 class UsageEvent:
-    """An allowed request as Envoy finished it."""
+    """An allowed request as Envoy finished it.
+
+    `model` is the ledger's model: the one the client asked for (`claims.model`), or the
+    response's when the request named none. `response_model` is what the upstream answered
+    (e.g. a dated `gpt-4o-2024-08-06`), for reports; it never prices anything.
+    """
 
     workspace_id: str
     key_id: str
@@ -46,6 +57,11 @@ class UsageEvent:
     response_bytes: int = 0
     rejected: tuple[str, ...] = ()
     """Names of the response's fields replaced by INVALID_TEXT."""
+    claims: rsv.Claims | None = None
+    """The reservation as the entry states it (None: unsigned); checked against `mac`."""
+    signing_key: str = ""
+    mac: str = ""
+    response_model: str | None = None
 
     @property
     def reported(self) -> bool:
@@ -63,22 +79,31 @@ class UsageEvent:
         return max(self.reserved_tokens, self.response_bytes // PROVEN_BYTES_PER_TOKEN)
 
     @property
+    def price(self) -> ModelPrice | None:
+        """The requested model's price at Check time, as the verified reservation carries it."""
+        return None if self.claims is None else self.claims.price
+
+    @property
     def tokens_used(self) -> int:
         """Every token charged: what the upstream reported, else the estimate."""
         reported = (self.prompt_tokens or 0) + (self.completion_tokens or 0)
         return reported + self.estimated_tokens
 
 
-def _count(fields: Struct, name: str) -> int | None:
+def _amount(fields: Struct, name: str) -> float | None:
+    """A finite, non-negative number field, else None."""
     if name not in fields.fields:
         return None
     value = fields.fields[name]
     if value.WhichOneof("kind") != "number_value":
         return None
     number = value.number_value
-    if not math.isfinite(number) or number < 0:
-        return None
-    return min(int(number), _MAX_TOKENS)
+    return number if math.isfinite(number) and number >= 0 else None
+
+
+def _count(fields: Struct, name: str) -> int | None:
+    number = _amount(fields, name)
+    return None if number is None else min(int(number), _MAX_TOKENS)
 
 
 def _raw_text(fields: Struct, name: str) -> str | None:
@@ -117,6 +142,25 @@ def resource_of(path: str) -> str:
     return "/" + "/".join(kept) if kept else UNKNOWN_MODEL
 
 
+def _claims(authz: Struct, workspace_id: str, key_id: str, reserved: int) -> rsv.Claims | None:
+    reservation_id = _text(authz, rsv.ID_FIELD)
+    reserved_at = _count(authz, rsv.TIME_FIELD)
+    price_in = _amount(authz, rsv.PRICE_IN_FIELD)
+    price_out = _amount(authz, rsv.PRICE_OUT_FIELD)
+    if reservation_id is None or reserved_at is None or price_in is None or price_out is None:
+        return None
+    return rsv.Claims(
+        reservation_id=reservation_id,
+        workspace_id=workspace_id,
+        key_id=key_id,
+        reserved_tokens=reserved,
+        reserved_at=reserved_at,
+        model=(_raw_text(authz, rsv.MODEL_FIELD) or "")[: rsv.TEXT_LIMIT],
+        price_in=price_in,
+        price_out=price_out,
+    )
+
+
 def _seconds(duration: Duration) -> float:
     return duration.seconds + duration.nanos / 1e9
 
@@ -135,10 +179,6 @@ def parse_entry(entry: HTTPAccessLogEntry) -> UsageEvent | None:
     if workspace_id is None or key_id is None:
         return None
     usage = metadata[USAGE_NAMESPACE] if USAGE_NAMESPACE in metadata else Struct()
-    model = _raw_text(usage, "model") or resource_of(entry.request.path)
-    rejected: tuple[str, ...] = ()
-    if not valid_text(model):
-        model, rejected = INVALID_TEXT, ("model",)
     upstream: float | None = None
     if common.HasField("time_to_first_upstream_tx_byte") and common.HasField(
         "time_to_last_upstream_rx_byte"
@@ -148,10 +188,25 @@ def parse_entry(entry: HTTPAccessLogEntry) -> UsageEvent | None:
             _seconds(common.time_to_last_upstream_rx_byte)
             - _seconds(common.time_to_first_upstream_tx_byte),
         )
+    reserved = _count(authz, "reserved_tokens") or 0
+    claims = _claims(authz, workspace_id, key_id, reserved)
+    # The ledger files the model the client asked for (signed into the reservation), else the
+    # one the response names, else the path's resource. Both come from outside: each must be
+    # printable text, else it is replaced and counted (a NUL would stop PostgreSQL's ledger).
+    rejected: list[str] = []
+    response_model = _raw_text(usage, "model")
+    if response_model is not None and not valid_text(response_model):
+        response_model = INVALID_TEXT
+        rejected.append("model")
+    requested = claims.model if claims else None
+    if requested and not valid_text(requested):
+        requested = INVALID_TEXT
+        rejected.append("requested_model")
+    model = requested or response_model or resource_of(entry.request.path)
     return UsageEvent(
         workspace_id=workspace_id,
         key_id=key_id,
-        reserved_tokens=_count(authz, "reserved_tokens") or 0,
+        reserved_tokens=reserved,
         model=model,
         prompt_tokens=_count(usage, "prompt_tokens"),
         completion_tokens=_count(usage, "completion_tokens"),
@@ -159,5 +214,9 @@ def parse_entry(entry: HTTPAccessLogEntry) -> UsageEvent | None:
         started_at=common.start_time.ToDatetime(tzinfo=UTC),
         upstream_seconds=upstream,
         response_bytes=min(entry.response.response_body_bytes, _MAX_TOKENS),
-        rejected=rejected,
+        rejected=tuple(rejected),
+        claims=claims,
+        signing_key=_text(authz, rsv.KID_FIELD) or "",
+        mac=_text(authz, rsv.MAC_FIELD) or "",
+        response_model=response_model,
     )

@@ -44,9 +44,11 @@ def chat(
     stream: bool = False,
     max_tokens: int = 40,
     include_usage: bool = True,
+    model: str = "demo-model",
+    headers: dict[str, str] | None = None,
 ) -> Any:
     body: dict[str, Any] = {
-        "model": "demo-model",
+        "model": model,
         "max_tokens": max_tokens,
         "messages": [{"role": "user", "content": "count the tokens"}],
     }
@@ -61,6 +63,7 @@ def chat(
             "Authorization": f"Bearer {secret}",
             "Content-Type": "application/json",
             "x-demo-completion-tokens": str(completion),
+            **(headers or {}),
         },
         body=encoded,
     )

@@ -178,3 +178,18 @@ def test_key_rotate_refusals(cli: Cli) -> None:
     old = cli("key", "create", "--workspace", workspace["id"], "--label", "x")
     cli("key", "revoke", old["id"])
     assert cli("key", "rotate", old["id"], code=1).startswith("authz: ")
+
+
+def test_signing_key_rotate_keeps_the_old_key_for_the_overlap_and_never_prints_a_secret(
+    cli: Cli,
+) -> None:
+    (first,) = cli("signing-key", "list")
+    assert set(first) == {"id", "created_at", "retires_at"}
+    assert first["retires_at"] is None
+    rotated = cli("signing-key", "rotate", "--overlap", "90m")
+    listed = cli("signing-key", "list")
+    assert [k["id"] for k in listed] == [rotated["id"], first["id"]]
+    retires = datetime.fromisoformat(listed[1]["retires_at"].replace("Z", "+00:00"))
+    created = datetime.fromisoformat(rotated["created_at"].replace("Z", "+00:00"))
+    assert retires - created == timedelta(minutes=90)
+    assert "secret" not in json.dumps(listed)

@@ -279,3 +279,36 @@ async def test_streaming_usage_policy_is_stored_and_audited(store: Store) -> Non
     assert details[-1] == "streaming_usage require \u2192 estimate"
     default = await store.create_workspace(NewWorkspace(name="plain"), actor=CLI_ACTOR)
     assert default.streaming_usage is StreamingUsage.ESTIMATE
+
+
+async def test_migrate_creates_one_signing_key_that_every_replica_reads(
+    open_replica: StoreOpener,
+) -> None:
+    first = await open_replica()
+    second = await open_replica()
+    try:
+        await first.migrate()
+        await second.migrate()  # a second migrate (another replica) adds no second key
+        keys = await first.signing_keys()
+        assert len(keys) == 1
+        assert len(keys[0].secret) == 32
+        assert keys[0].retires_at is None
+        assert await second.signing_keys() == keys
+        assert keys[0].secret.hex() not in repr(keys[0])
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_rotated_signing_key_stays_valid_for_the_overlap_only(store: Store) -> None:
+    (old,) = await store.signing_keys()
+    new = await store.rotate_signing_key(overlap=timedelta(hours=1))
+    keys = await store.signing_keys()
+    assert [k.id for k in keys] == [new.id, old.id]
+    assert keys[0].retires_at is None
+    retires = keys[1].retires_at
+    assert retires is not None
+    assert timedelta(minutes=59) < retires - datetime.now(UTC) <= timedelta(hours=1)
+    # A rotation with no overlap retires every older key at once.
+    newest = await store.rotate_signing_key(overlap=timedelta(0))
+    assert [k.id for k in await store.signing_keys()] == [newest.id]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from authz.keys import hash_key, mask_key, new_key_id, new_workspace_id
 from authz.migrations import load_migrations
@@ -35,6 +35,7 @@ from authz.store.base import (
     ChangeSink,
     Conflict,
     NotFound,
+    SigningKey,
     StoreUnavailable,
     utc_now,
 )
@@ -53,6 +54,7 @@ from authz.store.common import (
     rotation_audit,
     workspace_change,
 )
+from authz.store.sql_signing import new_signing_key, retire_at
 
 EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -94,6 +96,7 @@ class FakeStore:
         self.used: dict[str, datetime] = {}
         self.batches: dict[str, list[UsageRow]] = {}
         self.prices: dict[str, ModelPrice] = {}
+        self.signing: list[SigningKey] = []
         self.audit: list[AuditEntry] = []
         self.lookups = 0
         self.gate: asyncio.Event | None = None
@@ -104,7 +107,8 @@ class FakeStore:
     def another(self) -> FakeStore:
         """A second connection to the same data (another replica, or the CLI)."""
         other = FakeStore()
-        for name in ("workspaces", "grants", "keys", "hashes", "used", "batches", "prices"):
+        shared = ("workspaces", "grants", "keys", "hashes", "used", "batches", "prices", "signing")
+        for name in shared:
             setattr(other, name, getattr(self, name))
         other.audit = self.audit
         other._feeds = self._feeds
@@ -134,6 +138,8 @@ class FakeStore:
         self._up()
         applied = [] if self._migrated else [m.version for m in load_migrations("sqlite")]
         self._migrated = True
+        if not any(k.retires_at is None for k in self.signing):
+            self.signing.append(new_signing_key(utc_now()))
         return applied
 
     async def ping(self) -> None:
@@ -321,6 +327,22 @@ class FakeStore:
         self._audit(now, PRICES_AUDIT, None, "price.set", actor, detail)
         self._announce(Change(ChangeKind.PRICE, price.model))
         return stored
+
+    async def signing_keys(self) -> list[SigningKey]:
+        self._up()
+        now = utc_now()
+        live = [k for k in self.signing if k.retires_at is None or k.retires_at > now]
+        return sorted(live, key=lambda k: (k.retires_at is not None, -k.created_at.timestamp()))
+
+    async def rotate_signing_key(self, *, overlap: timedelta) -> SigningKey:
+        self._up()
+        now = utc_now()
+        key = new_signing_key(now)
+        self.signing[:] = [
+            replace(k, retires_at=retire_at(k.retires_at, now, overlap)) for k in self.signing
+        ]
+        self.signing.append(key)
+        return key
 
     async def watch_changes(self, sink: ChangeSink) -> None:
         feed: asyncio.Queue[Change | None] = asyncio.Queue()

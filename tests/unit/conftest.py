@@ -65,10 +65,12 @@ async def start_sidecar(
     fail_open: bool = False,
     limiter: RateLimiter | None = None,
     tracing: Tracing | None = None,
+    clock: FakeClock[float] | None = None,
 ) -> tuple[Sidecar, Started]:
     store = FakeStore()
+    await store.migrate()  # as `authz migrate` would: the reservation-signing key
     # One clock moves the cache, grace deadlines, last_used_at and the buckets together.
-    clock = FakeClock(1000.0)
+    clock = clock or FakeClock(1000.0)
     settings = replace(
         UNIT_SETTINGS,
         keep_authorization=keep_authorization,
@@ -77,7 +79,7 @@ async def start_sidecar(
     app = await build(
         settings,
         store=store,
-        limiter=limiter or InMemoryRateLimiter(clock_ms=clock.ms),
+        limiter=InMemoryRateLimiter(clock_ms=clock.ms) if limiter is None else limiter,
         clock=clock,
         tracing=tracing or Tracing(),
     )

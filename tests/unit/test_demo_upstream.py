@@ -419,3 +419,21 @@ def _wait_for_log_line(process: ManagedProcess, prefix: str) -> None:
         assert process.is_running(), process.read_log()
         time.sleep(0.02)
     raise AssertionError(f"no line starting with {prefix!r}:\n{process.read_log()}")
+
+
+def test_model_suffix_answers_with_a_dated_model_name(upstream: DemoUpstreamServer) -> None:
+    payload = {"model": "gpt-4o", "stream": True, "stream_options": {"include_usage": True}}
+    dated = {"x-demo-model-suffix": "-2024-08-06"}
+    plain = call(upstream, "/v1/chat/completions", method="POST", payload={"model": "gpt-4o"})
+    assert plain.json()["model"] == "gpt-4o"
+    reply = call(upstream, "/v1/chat/completions", method="POST", payload=payload, headers=dated)
+    chunks = [json.loads(p) for p in sse_payloads(reply.body)[:-1]]
+    assert {c["model"] for c in chunks} == {"gpt-4o-2024-08-06"}
+    too_long = call(
+        upstream,
+        "/v1/chat/completions",
+        method="POST",
+        payload=payload,
+        headers={"x-demo-model-suffix": "x" * 33},
+    )
+    assert too_long.status == 400

@@ -18,7 +18,7 @@ from ratelimit.memory import InMemoryRateLimiter
 from tests.support.checks import bearer, check_request
 from tests.support.fakes import FakeStore, workspace
 from tests.unit.conftest import Sidecar
-from tests.unit.test_usage import ALLOW, accountant, entry
+from tests.unit.test_usage import ALLOW, PRICED, accountant, entry
 
 QUOTA = Quota(period="2026-11", token_quota=1_000_000, spend_cap_micros=None)
 
@@ -58,7 +58,7 @@ async def test_an_unreported_stream_is_charged_to_tpm_quota_spend_and_ledger() -
     limits = Limits(rpm=0, tpm=100)
     await limiter.seed_usage("ws_test", period="2026-11", tokens=0, spend_micros=0)
     assert (await limiter.acquire("ws_test", limits, 70)).tokens.remaining == 30
-    event = parse_entry(entry(ALLOW, {"model": "gpt"}))
+    event = parse_entry(entry(PRICED, {"model": "gpt"}))
     assert event is not None
     await books.record(event)
     after = await limiter.acquire("ws_test", limits, 0, quota=QUOTA)

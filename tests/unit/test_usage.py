@@ -44,6 +44,14 @@ def entry(
 
 
 ALLOW = {"decision": "allow", "workspace_id": "ws_test", "key_id": "key_1", "reserved_tokens": 70}
+PRICED = {  # the reservation's claims (the MAC is the access-log gate's business, not tested here)
+    **ALLOW,
+    "reservation_id": "r1",
+    "reserved_at": int(START.timestamp()),
+    "requested_model": "gpt",
+    "price_input_per_1m_usd": 1.0,
+    "price_output_per_1m_usd": 3.0,
+}
 
 
 def test_parse_entry_reads_authz_and_usage_metadata() -> None:
@@ -58,6 +66,7 @@ def test_parse_entry_reads_authz_and_usage_metadata() -> None:
         status=200,
         started_at=START,
         upstream_seconds=pytest.approx(0.25),  # type: ignore[arg-type]
+        response_model="gpt",
     )
     assert event is not None
     assert (event.reported, event.tokens_used) == (True, 17)
@@ -145,7 +154,7 @@ async def test_reconcile_refunds_and_a_retried_flush_counts_once() -> None:
     books = accountant(store, limiter)
     admitted = await limiter.acquire("ws_test", Limits(rpm=0, tpm=100), 70)
     assert admitted.tokens.remaining == 30
-    event = parse_entry(entry(ALLOW, {"prompt_tokens": 12, "completion_tokens": 5}))
+    event = parse_entry(entry(PRICED, {"prompt_tokens": 12, "completion_tokens": 5}))
     assert event is not None
     await books.record(event)
     # 70 reserved, 17 used: 53 come back.

@@ -1,0 +1,9 @@
+-- Secrets that sign Check's reservations (HMAC-SHA256), so the access-log service can tell an
+-- entry our Check produced from one anybody could send. `authz migrate` inserts the first one;
+-- `authz signing-key rotate` adds the next and gives the old one `retires_at`.
+CREATE TABLE signing_keys (
+    id TEXT PRIMARY KEY,
+    secret_hex TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    retires_at TEXT
+);
