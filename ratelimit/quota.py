@@ -95,6 +95,18 @@ def to_wire_limit(limit: int | None) -> int:
     return NO_LIMIT if limit is None else limit
 
 
+def state_from_wire(period: str, tokens_used: int, spend_used: int, existed: int) -> QuotaState:
+    """The counters as a script reports them (see `missing_from_wire`)."""
+    missing = bucket.missing_from_wire(existed)
+    return QuotaState(
+        period=period,
+        tokens_used=tokens_used,
+        spend_used_micros=spend_used,
+        known=not missing,
+        missing=missing,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Counters:
     """The stored counters of one workspace and period; None = that counter does not exist."""
@@ -107,6 +119,12 @@ class Counters:
         """Both counters exist."""
         return self.tokens is not None and self.spend_micros is not None
 
+    @property
+    def missing(self) -> frozenset[QuotaKind]:
+        """The counters that do not exist."""
+        absent = ((QuotaKind.TOKENS, self.tokens), (QuotaKind.SPEND, self.spend_micros))
+        return frozenset(kind for kind, value in absent if value is None)
+
     def state(self, period: str) -> QuotaState:
         """The public form (a missing counter reads as 0)."""
         return QuotaState(
@@ -114,6 +132,7 @@ class Counters:
             tokens_used=self.tokens or 0,
             spend_used_micros=self.spend_micros or 0,
             known=self.known,
+            missing=self.missing,
         )
 
 

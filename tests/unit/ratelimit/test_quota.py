@@ -282,3 +282,23 @@ def test_a_quota_that_limits_nothing_admits_without_counters() -> None:
     outcome = check(unlimited, Counters(), tokens=10)
     assert outcome.decision.allowed
     assert outcome.decision.quota == QuotaState(PERIOD, 0, 0, known=False)
+
+
+@pytest.mark.parametrize(
+    ("counters", "missing"),
+    [
+        (Counters(), {QuotaKind.TOKENS, QuotaKind.SPEND}),
+        (Counters(tokens=5), {QuotaKind.SPEND}),
+        (Counters(spend_micros=5), {QuotaKind.TOKENS}),
+        (Counters(0, 0), set()),
+    ],
+)
+def test_the_state_says_which_counters_are_missing(
+    counters: Counters, missing: set[QuotaKind]
+) -> None:
+    state = counters.state(PERIOD)
+    assert state.missing == missing
+    assert state.known is (not missing)
+    wire = bucket.missing_to_wire(state.missing)
+    assert bucket.missing_from_wire(wire) == missing
+    assert quota.state_from_wire(PERIOD, 5, 6, wire).missing == missing
