@@ -174,7 +174,7 @@ async def build(
         renderer=AllowRenderer(keep_authorization=settings.keep_authorization),
         last_used=last_used,
         prices=prices,
-        seeder=QuotaSeeder(store, limiter),
+        seeder=QuotaSeeder(store, limiter, timeout_s=settings.db_timeout_ms / 1000),
         keyring=keyring,
         fail_open=settings.failure_mode == "open",
         max_request_bytes=settings.max_request_bytes,

@@ -21,6 +21,7 @@ from authz.decision import (
     Allow,
     Deny,
     Outcome,
+    Reservation,
     check_grant,
     decide,
     invalid_key,
@@ -159,15 +160,9 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         rate = None
         fail_open = False
         if workspace.rpm or workspace.tpm or reservation.quota is not None:
+            limits = Limits(rpm=workspace.rpm, tpm=workspace.tpm)
             try:
-                with traced_call(self._tracing, "ratelimit acquire"):
-                    rate = await self._limiter.acquire(
-                        workspace.id,
-                        Limits(rpm=workspace.rpm, tpm=workspace.tpm),
-                        reservation.tokens,
-                        quota=reservation.quota,
-                        spend_micros=reservation.spend_micros,
-                    )
+                rate = await self._acquire_seeded(workspace.id, limits, reservation)
             except RateLimitUnavailable:
                 if not self._fail_open:
                     raise
@@ -198,9 +193,34 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             )
         )
 
-    def _count_rate(self, workspace_id: str, rate: LimitResult) -> None:
+    async def _acquire_seeded(
+        self, workspace_id: str, limits: Limits, reservation: Reservation
+    ) -> LimitResult:
+        """Acquire; when the month's counters are missing, seed them from the ledger (one seed
+        per workspace, shared by concurrent Checks) and acquire again: never admit on a zero.
+        Raises RateLimitUnavailable when the seed fails, for the failure mode to decide."""
+        rate = await self._acquire(workspace_id, limits, reservation)
+        if rate.allowed or rate.quota is None or rate.quota.known:
+            return rate
+        await self._seeder.ensure(workspace_id, rate.quota.period)
+        rate = await self._acquire(workspace_id, limits, reservation)
         if rate.quota is not None and not rate.quota.known:
-            self._seeder.request(workspace_id, rate.quota.period)
+            raise RateLimitUnavailable("quota counters missing again right after seeding")
+        return rate
+
+    async def _acquire(
+        self, workspace_id: str, limits: Limits, reservation: Reservation
+    ) -> LimitResult:
+        with traced_call(self._tracing, "ratelimit acquire"):
+            return await self._limiter.acquire(
+                workspace_id,
+                limits,
+                reservation.tokens,
+                quota=reservation.quota,
+                spend_micros=reservation.spend_micros,
+            )
+
+    def _count_rate(self, workspace_id: str, rate: LimitResult) -> None:
         if not rate.allowed:
             if rate.quota_exceeded is not None:
                 result = f"quota_{rate.quota_exceeded.value}"

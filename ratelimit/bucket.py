@@ -70,11 +70,24 @@ _DENIED_TOKENS = 2
 _QUOTA_CODES: dict[QuotaKind | None, int] = {None: 0, QuotaKind.TOKENS: 1, QuotaKind.SPEND: 2}
 _QUOTA_KINDS = {code: kind for kind, code in _QUOTA_CODES.items()}
 
+_EXISTED_BITS = ((QuotaKind.TOKENS, 1), (QuotaKind.SPEND, 2))
+
+
+def missing_from_wire(existed: int) -> frozenset[QuotaKind]:
+    """The counters a script's existence mask (1 tokens, 2 spend) says were absent."""
+    return frozenset(kind for kind, bit in _EXISTED_BITS if not existed & bit)
+
+
+def missing_to_wire(missing: frozenset[QuotaKind]) -> int:
+    """The existence mask the scripts return for a set of absent counters."""
+    return sum(bit for kind, bit in _EXISTED_BITS if kind not in missing)
+
+
 WIRE_LENGTH = 8
 """Values in the script's reply to an acquire without a quota."""
 QUOTA_WIRE_LENGTH = 12
 """With a quota: the 8 above, then quota_exceeded (0/1 tokens/2 spend), tokens and spend used,
-and whether the counters were known (1/0)."""
+and which counters existed (a mask: 1 tokens, 2 spend; 3 = known)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +163,7 @@ class LimitDecision:
             _QUOTA_CODES[self.quota_exceeded],
             self.quota.tokens_used,
             self.quota.spend_used_micros,
-            int(self.quota.known),
+            missing_to_wire(self.quota.missing),
         )
 
     @classmethod
@@ -166,13 +179,15 @@ class LimitDecision:
         quota_exceeded: QuotaKind | None = None
         quota: QuotaState | None = None
         if period is not None:
-            exceeded, tokens_used, spend_used, known = wire[8:]
+            exceeded, tokens_used, spend_used, existed = wire[8:]
             quota_exceeded = _QUOTA_KINDS[exceeded]
+            missing = missing_from_wire(existed)
             quota = QuotaState(
                 period=period,
                 tokens_used=tokens_used,
                 spend_used_micros=spend_used,
-                known=bool(known),
+                known=not missing,
+                missing=missing,
             )
         denied_by = {
             _DENIED_NONE: None,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 from typing import Protocol
 
@@ -53,6 +53,10 @@ class QuotaState:
     known: bool
     """False when no counter existed for this workspace+period (Redis lost it, a fresh process):
     the caller may restore the totals from its ledger with `seed_usage`."""
+    missing: frozenset[QuotaKind] = field(default=frozenset(), compare=False)
+    """Which counters did not exist (for `record_usage`: before it); empty exactly when `known`.
+    A restore fills only these: a surviving counter already holds its month. Left out of
+    equality, so a state reads as period, usage and `known`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,8 +131,9 @@ class RateLimiter(Protocol):
         `tokens` / `spend_micros` to the period's counters (restarting their ~40-day TTL).
 
         Returns the counters after the increment; its `known` says whether both counters
-        existed *before* it (False: they now hold this report only, and `seed_usage` can no
-        longer restore the ledger's earlier total, so seed when a check reports known=False).
+        existed *before* it, and `missing` which did not (those now hold this report only, and
+        `seed_usage` can no longer restore the ledger's earlier total into them; the caller
+        adds it to those alone, never to a counter that survived).
         With an `operation_id`, the step applies once per id (remembered for a minute): a
         caller that retries a failed call with the same id cannot count it twice. Without
         one, each call is a new report.

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ratelimit import bucket
 from ratelimit import quota as quotas
@@ -160,9 +160,7 @@ class InMemoryRateLimiter:
         expires = now + quotas.COUNTER_TTL_MS
         self._counters[(workspace_id, period, _TOKENS)] = _Counter(tokens_used, expires)
         self._counters[(workspace_id, period, _SPEND)] = _Counter(spend_used, expires)
-        return QuotaState(
-            period=period, tokens_used=tokens_used, spend_used_micros=spend_used, known=before.known
-        )
+        return replace(after.state(period), known=before.known, missing=before.missing)
 
     async def seed_usage(
         self, workspace_id: str, *, period: str, tokens: int, spend_micros: int

@@ -14,7 +14,11 @@ Rules
 * The quota is checked before the buckets, and a quota denial debits no bucket. Its bucket
   reports are the buckets as they stand, `denied_by` is None and `retry_after` 0 (waiting for
   the next period is the caller's business).
-* A missing counter reads as 0; `known` is True only when both counters exist.
+* A missing counter never admits: when either counter is absent (Redis lost it, a new
+  process, a new month) and the quota limits at least one axis, the request is refused with
+  `known` False, `quota_exceeded` None and no bucket debited, so the caller restores the
+  counters (`seed`) and asks again. Admitting on a zero is how a used-up month used to reopen
+  after a Redis loss (issue 18, finding 5). Reported counters read a missing one as 0.
 * `record` adds to both counters (creating them) and restarts both TTLs; `seed` sets each missing
   counter, leaving an existing one (and its TTL) alone, like Redis' `SET NX`.
 * Counters live `COUNTER_TTL_SECONDS` after their last write, so old periods vanish, while the
@@ -91,6 +95,18 @@ def to_wire_limit(limit: int | None) -> int:
     return NO_LIMIT if limit is None else limit
 
 
+def state_from_wire(period: str, tokens_used: int, spend_used: int, existed: int) -> QuotaState:
+    """The counters as a script reports them (see `missing_from_wire`)."""
+    missing = bucket.missing_from_wire(existed)
+    return QuotaState(
+        period=period,
+        tokens_used=tokens_used,
+        spend_used_micros=spend_used,
+        known=not missing,
+        missing=missing,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Counters:
     """The stored counters of one workspace and period; None = that counter does not exist."""
@@ -103,6 +119,12 @@ class Counters:
         """Both counters exist."""
         return self.tokens is not None and self.spend_micros is not None
 
+    @property
+    def missing(self) -> frozenset[QuotaKind]:
+        """The counters that do not exist."""
+        absent = ((QuotaKind.TOKENS, self.tokens), (QuotaKind.SPEND, self.spend_micros))
+        return frozenset(kind for kind, value in absent if value is None)
+
     def state(self, period: str) -> QuotaState:
         """The public form (a missing counter reads as 0)."""
         return QuotaState(
@@ -110,6 +132,7 @@ class Counters:
             tokens_used=self.tokens or 0,
             spend_used_micros=self.spend_micros or 0,
             known=self.known,
+            missing=self.missing,
         )
 
 
@@ -140,7 +163,8 @@ def acquire(
     usage_tokens: int,
     usage_spend: int,
 ) -> bucket.Acquisition:
-    """The quota check, then (if it passes) `bucket.acquire`; the counters are not changed.
+    """The quota check, then (if it passes and both counters exist) `bucket.acquire`; the
+    counters are not changed.
 
     `limits`, `cost` and `quota` must be normalised; `usage_tokens` is the request's token count
     and `usage_spend` its spend, both through `normalise_amount` (`cost` is the same token count
@@ -148,7 +172,8 @@ def acquire(
     """
     state = counters.state(quota.period)
     kind = exceeded(quota, counters, usage_tokens, usage_spend)
-    if kind is None:
+    limited = quota.token_quota is not None or quota.spend_cap_micros is not None
+    if kind is None and (counters.known or not limited):
         outcome = bucket.acquire(limits, cost, now_ms=now_ms, requests=requests, tokens=tokens)
         return replace(outcome, decision=replace(outcome.decision, quota=state))
     req_report, tok_report = bucket.peek(limits, now_ms=now_ms, requests=requests, tokens=tokens)

@@ -301,13 +301,7 @@ class RedisRateLimiter:
                 OPERATION_TTL_SECONDS,
             ],
         )
-        tokens_used, spend_used, known = _ints(reply)
-        return QuotaState(
-            period=period,
-            tokens_used=tokens_used,
-            spend_used_micros=spend_used,
-            known=bool(known),
-        )
+        return quotas.state_from_wire(period, *_ints(reply))
 
     async def seed_usage(
         self, workspace_id: str, *, period: str, tokens: int, spend_micros: int

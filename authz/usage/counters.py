@@ -18,7 +18,7 @@ from authz.metrics import Metrics
 from authz.resolver import KeyResolver
 from authz.store.base import Store, StoreUnavailable
 from authz.usage.seeding import month_from_ledger
-from ratelimit.limiter import Limits, RateLimiter, RateLimitUnavailable
+from ratelimit.limiter import Limits, QuotaKind, RateLimiter, RateLimitUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class CounterUpdates:
                 operation_id=update.operation_id,
             )
             if not state.known:
-                await self._restore_month(update, limits)
+                await self._restore_month(update, limits, state.missing)
         except (RateLimitUnavailable, StoreUnavailable) as error:
             self._metrics.reconciliations.labels("limiter_unavailable").inc()
             log.warning(
@@ -106,12 +106,14 @@ class CounterUpdates:
             return False
         return True
 
-    async def _restore_month(self, update: CounterUpdate, limits: Limits) -> None:
-        """This call created the month's counters (Redis lost them, or a new process): add what
-        the ledger already holds, less the reports waiting here whose ledger rows are written
-        (their counter updates add them, this one included). Only the replica whose increment
-        created the counters gets here, and the Check path's seeding only fills counters that
-        are absent.
+    async def _restore_month(
+        self, update: CounterUpdate, limits: Limits, missing: frozenset[QuotaKind]
+    ) -> None:
+        """This call created the month's `missing` counters (Redis lost them, or a new process):
+        add to those only what the ledger already holds, less the reports waiting here whose
+        ledger rows are written (their counter updates add them, this one included). A counter
+        that survived keeps its count. Only the replica whose increment created a counter gets
+        here, and the Check path's seeding only fills counters that are absent.
         """
         workspace_id, period = update.workspace_id, update.period
         try:
@@ -127,12 +129,14 @@ class CounterUpdates:
             if same_month and self._in_ledger(counted.generation):
                 tokens -= counted.tokens
                 spend_micros -= counted.spend_micros
+        tokens = max(0, tokens) if QuotaKind.TOKENS in missing else 0
+        spend_micros = max(0, spend_micros) if QuotaKind.SPEND in missing else 0
         if tokens > 0 or spend_micros > 0:
             await self._limiter.record_usage(
                 workspace_id,
                 limits,
                 period=period,
                 tpm_delta=0,
-                tokens=max(0, tokens),
-                spend_micros=max(0, spend_micros),
+                tokens=tokens,
+                spend_micros=spend_micros,
             )

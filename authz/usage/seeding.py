@@ -1,8 +1,10 @@
 """Restoring a month's quota counters from the ledger when the limiter has none.
 
-Redis can lose counters (restart without persistence) and a new embedded process starts
-empty. The first Check that finds no counter asks for a seed; it runs in the background,
-once per workspace and period, and only fills counters that are still absent.
+Redis can lose counters (restart without persistence, eviction) and a new embedded process
+starts empty. The limiter never admits on a missing counter (see `ratelimit.quota`): the Check
+that finds one waits here for the seed, then asks again. One seed runs per workspace and period;
+concurrent Checks of that workspace wait on it (singleflight), each for at most the database
+timeout. The seed only fills counters that are still absent (SET NX).
 """
 
 from __future__ import annotations
@@ -21,30 +23,51 @@ log = logging.getLogger(__name__)
 class QuotaSeeder:
     """Seeds quota counters from the ledger, at most one seed in flight per workspace+period."""
 
-    def __init__(self, store: Store, limiter: RateLimiter) -> None:
+    def __init__(self, store: Store, limiter: RateLimiter, *, timeout_s: float) -> None:
         self._store = store
         self._limiter = limiter
+        self._timeout_s = timeout_s
         self._inflight: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._warnings = ThrottledLog(log)
 
-    def request(self, workspace_id: str, period: str) -> None:
-        key = (workspace_id, period)
-        if key in self._inflight:
-            return
-        task = asyncio.get_running_loop().create_task(self.seed(workspace_id, period))
-        self._inflight[key] = task
-        task.add_done_callback(lambda _task: self._inflight.pop(key, None))
+    async def ensure(self, workspace_id: str, period: str) -> None:
+        """Return once the period's counters are seeded; raise RateLimitUnavailable when the
+        ledger or the limiter cannot answer within the database timeout.
 
-    async def seed(self, workspace_id: str, period: str) -> None:
+        The seed is shared: a waiter that gives up (its timeout, its Check cancelled) leaves it
+        running for the others.
+        """
+        key = (workspace_id, period)
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._seed(workspace_id, period))
+            self._inflight[key] = task
+            task.add_done_callback(lambda done: self._finished(key, done))
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await asyncio.shield(task)
+        except TimeoutError as error:
+            raise RateLimitUnavailable(
+                f"quota counters of {workspace_id} {period} not seeded within "
+                f"{self._timeout_s * 1000:.0f} ms"
+            ) from error
+
+    def _finished(self, key: tuple[str, str], task: asyncio.Task[None]) -> None:
+        self._inflight.pop(key, None)
+        if not task.cancelled():
+            task.exception()  # retrieved here too: every waiter may have timed out already
+
+    async def _seed(self, workspace_id: str, period: str) -> None:
         try:
             tokens, spend_micros = await month_from_ledger(self._store, workspace_id, period)
-            await self._limiter.seed_usage(
-                workspace_id, period=period, tokens=tokens, spend_micros=spend_micros
-            )
-        except (StoreUnavailable, RateLimitUnavailable) as error:
+        except StoreUnavailable as error:
             self._warnings.warning(
-                "seed", "quota: cannot seed %s %s yet: %s", workspace_id, period, error
+                "seed", "quota: cannot seed %s %s from the ledger: %s", workspace_id, period, error
             )
+            raise RateLimitUnavailable(f"ledger unavailable for seeding: {error}") from error
+        await self._limiter.seed_usage(
+            workspace_id, period=period, tokens=tokens, spend_micros=spend_micros
+        )
 
 
 async def month_from_ledger(store: Store, workspace_id: str, period: str) -> tuple[int, int]:

@@ -174,6 +174,18 @@ local function record(key, amount, ttl)
   return value
 end
 
+-- Which usage counters exist, as the replies carry it: 1 tokens + 2 spend (3 = both, "known").
+local function existed_mask(tokens_exist, spend_exists)
+  local mask = 0
+  if tokens_exist then
+    mask = mask + 1
+  end
+  if spend_exists then
+    mask = mask + 2
+  end
+  return mask
+end
+
 local function seed(key, amount, ttl)
   local set = redis.call('SET', key, string.format('%d', math.min(amount, MAX_COUNTER)), 'NX',
     'EX', ttl)

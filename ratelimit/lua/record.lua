@@ -4,8 +4,8 @@
 -- ARGV[1] tpm limit (0 = unlimited: the bucket is left alone), ARGV[2] token delta
 -- ARGV[3] tokens, ARGV[4] micro-USD to add, ARGV[5] the counters' TTL in seconds
 -- ARGV[6] how long to remember the operation, in seconds
--- Returns {tokens_used, spend_used, known (1 when both counters existed before)}; a repeat of the
--- operation returns the first reply.
+-- Returns {tokens_used, spend_used, existed (which counters existed before: 1 tokens + 2 spend,
+-- as prelude's existed_mask)}; a repeat of the operation returns the first reply.
 local done = recall(KEYS[4])
 if done then
   return done
@@ -15,10 +15,9 @@ local now = now_ms()
 if tpm > 0 and delta ~= 0 then
   adjust(KEYS[1], tpm, delta, now)
 end
-local known = 0
-if redis.call('EXISTS', KEYS[2], KEYS[3]) == 2 then
-  known = 1
-end
+local existed = existed_mask(redis.call('EXISTS', KEYS[2]) == 1,
+  redis.call('EXISTS', KEYS[3]) == 1)
 local ttl = ARGV[5]
-local reply = {record(KEYS[2], tonumber(ARGV[3]), ttl), record(KEYS[3], tonumber(ARGV[4]), ttl), known}
+local reply = {record(KEYS[2], tonumber(ARGV[3]), ttl), record(KEYS[3], tonumber(ARGV[4]), ttl),
+  existed}
 return remember(KEYS[4], reply, ARGV[6])

@@ -59,6 +59,22 @@ from authz.store.sql_signing import new_signing_key, retire_at
 EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
 
 
+def ledger_row(workspace_id: str, key_id: str, hour: datetime, tokens: int) -> UsageRow:
+    """One ledger row of `tokens` prompt tokens (one request, no spend), for seeding tests."""
+    return UsageRow(
+        hour=hour,
+        workspace_id=workspace_id,
+        key_id=key_id,
+        model="m",
+        requests=1,
+        prompt_tokens=tokens,
+        completion_tokens=0,
+        errors_4xx=0,
+        errors_5xx=0,
+        spend_usd=0.0,
+    )
+
+
 def workspace(
     ws_id: str = "ws_test",
     *,

@@ -204,6 +204,8 @@ async def run_op(
             workspace, limits, op.amount, quota=op.quota, spend_micros=op.spend
         )
         assert actual == expected
+        missing = [r.quota.missing if r.quota else None for r in (actual, expected)]
+        assert missing[0] == missing[1]
     elif op.kind == "adjust":
         await memory.adjust_tokens(workspace, limits, op.amount)
         await redis.adjust_tokens(workspace, limits, op.amount)
@@ -220,6 +222,7 @@ async def run_op(
             for limiter in (memory, redis)
         ]
         assert states[1] == states[0]
+        assert states[1].missing == states[0].missing
     else:
         for seeder in (memory, redis):
             await seeder.seed_usage(

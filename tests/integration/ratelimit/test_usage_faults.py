@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 import pytest
+import redis.asyncio
 from envoy.data.accesslog.v3.accesslog_pb2 import HTTPAccessLogEntry
 from google.protobuf.struct_pb2 import Struct
 from prometheus_client import CollectorRegistry
@@ -25,6 +26,7 @@ from authz.usage.accountant import UsageAccountant
 from authz.usage.events import parse_entry
 from authz.usage.periods import period_bounds, period_of
 from authz.usage.pricing import PriceTable
+from ratelimit.keys import usage_keys
 from ratelimit.limiter import Limits, Quota
 from ratelimit.redis_backend import RedisRateLimiter, connect_redis
 from tests.support.redis_servers import RedisServer
@@ -166,3 +168,18 @@ async def test_killed_database_connections_lose_no_report(books: Books, pg_dsn: 
     await books.settle()
     assert await books.ledger() == 300
     assert await books.counters() == 300
+
+
+async def test_one_evicted_counter_is_restored_alone(books: Books, own_redis: RedisServer) -> None:
+    await books.report(1000)
+    await books.settle()
+    client = redis.asyncio.Redis.from_url(own_redis.url)
+    try:
+        _, spend_key = usage_keys(books.workspace_id, PERIOD)
+        assert await client.delete(spend_key) == 1  # evicted; the token counter survives
+    finally:
+        await client.aclose()
+    await books.report(500)
+    await books.settle()
+    assert await books.ledger() == 1500
+    assert await books.counters() == 1500  # the ledger was not added to the survivor

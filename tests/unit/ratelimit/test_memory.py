@@ -135,10 +135,11 @@ async def test_quota_denies_at_the_boundary_and_debits_nothing() -> None:
 async def test_acquire_only_reads_the_counters() -> None:
     limiter, _ = make()
     quota = Quota(period=PERIOD, token_quota=10, spend_cap_micros=None)
+    await limiter.seed_usage("ws", period=PERIOD, tokens=0, spend_micros=0)
     for _ in range(5):
         result = await limiter.acquire("ws", Limits(0, 0), 10, quota=quota, spend_micros=9)
         assert result.allowed
-        assert result.quota == QuotaState(PERIOD, 0, 0, known=False)
+        assert result.quota == QuotaState(PERIOD, 0, 0, known=True)
 
 
 async def test_without_a_quota_nothing_changes() -> None:
@@ -214,8 +215,13 @@ async def test_a_new_process_knows_no_counters() -> None:
     fresh = InMemoryRateLimiter(clock_ms=clock)
     quota = Quota(period=PERIOD, token_quota=5, spend_cap_micros=None)
     result = await fresh.acquire("ws", Limits(0, 0), 5, quota=quota)
-    assert result.allowed
+    # Never admitted on a zero: refused, by no allowance, until the counters are seeded.
+    assert not result.allowed
+    assert result.quota_exceeded is None
     assert result.quota == QuotaState(PERIOD, 0, 0, known=False)
+    await fresh.seed_usage("ws", period=PERIOD, tokens=5, spend_micros=5)
+    again = await fresh.acquire("ws", Limits(0, 0), 5, quota=quota)
+    assert again.quota_exceeded is QuotaKind.TOKENS
 
 
 async def test_counters_outlive_the_month_and_vanish_forty_days_after_the_last_write() -> None:

@@ -126,13 +126,13 @@ def test_the_quota_is_checked_before_the_buckets_and_debits_nothing() -> None:
 
 def test_within_the_quota_the_buckets_decide_exactly_as_without_it() -> None:
     requests = BucketLevel(level=0, updated_ms=T0)
-    outcome = check(tokens_quota(100), Counters(), tokens=10, requests=requests)
+    outcome = check(tokens_quota(100), Counters(0, 0), tokens=10, requests=requests)
     plain = bucket.acquire(
         bucket.normalise_limits(LIMITS), 10, now_ms=T0, requests=requests, tokens=None
     )
     assert outcome.decision.denied_by is LimitKind.REQUESTS
     assert outcome.decision.quota_exceeded is None
-    assert outcome.decision.quota == QuotaState(PERIOD, 0, 0, known=False)
+    assert outcome.decision.quota == QuotaState(PERIOD, 0, 0, known=True)
     assert outcome.decision == LimitDecision(
         allowed=plain.decision.allowed,
         denied_by=plain.decision.denied_by,
@@ -140,9 +140,24 @@ def test_within_the_quota_the_buckets_decide_exactly_as_without_it() -> None:
         retry_after_ms=plain.decision.retry_after_ms,
         requests=plain.decision.requests,
         tokens=plain.decision.tokens,
-        quota=QuotaState(PERIOD, 0, 0, known=False),
+        quota=QuotaState(PERIOD, 0, 0, known=True),
     )
     assert (outcome.requests, outcome.tokens) == (plain.requests, plain.tokens)
+
+
+@pytest.mark.parametrize("counters", [Counters(), Counters(tokens=0), Counters(spend_micros=0)])
+def test_a_missing_counter_never_admits_and_debits_nothing(counters: Counters) -> None:
+    outcome = check(tokens_quota(100), counters, tokens=10)
+    assert not outcome.decision.allowed
+    assert outcome.decision.quota_exceeded is None
+    assert outcome.decision.denied_by is None
+    assert outcome.decision.quota == counters.state(PERIOD)
+    assert (outcome.requests, outcome.tokens) == (None, None)
+
+
+def test_a_surviving_counter_over_the_quota_still_denies_by_it() -> None:
+    outcome = check(tokens_quota(100), Counters(tokens=100), tokens=1)
+    assert outcome.decision.quota_exceeded is QuotaKind.TOKENS
 
 
 def test_the_quota_check_does_not_count() -> None:
@@ -260,3 +275,30 @@ def test_quota_decisions_follow_the_formula_and_never_touch_buckets(
         assert not outcome.decision.allowed
         assert outcome.requests is None
         assert outcome.tokens is None
+
+
+def test_a_quota_that_limits_nothing_admits_without_counters() -> None:
+    unlimited = Quota(period=PERIOD, token_quota=None, spend_cap_micros=None)
+    outcome = check(unlimited, Counters(), tokens=10)
+    assert outcome.decision.allowed
+    assert outcome.decision.quota == QuotaState(PERIOD, 0, 0, known=False)
+
+
+@pytest.mark.parametrize(
+    ("counters", "missing"),
+    [
+        (Counters(), {QuotaKind.TOKENS, QuotaKind.SPEND}),
+        (Counters(tokens=5), {QuotaKind.SPEND}),
+        (Counters(spend_micros=5), {QuotaKind.TOKENS}),
+        (Counters(0, 0), set()),
+    ],
+)
+def test_the_state_says_which_counters_are_missing(
+    counters: Counters, missing: set[QuotaKind]
+) -> None:
+    state = counters.state(PERIOD)
+    assert state.missing == missing
+    assert state.known is (not missing)
+    wire = bucket.missing_to_wire(state.missing)
+    assert bucket.missing_from_wire(wire) == missing
+    assert quota.state_from_wire(PERIOD, 5, 6, wire).missing == missing

@@ -276,7 +276,7 @@ PERIOD = "2025-03"
 async def test_acquire_with_a_quota_sends_all_four_keys_in_one_call(
     limiter: RedisRateLimiter, fake: FakeRedis
 ) -> None:
-    fake.script.reply = [1, 0, 0, 0, 4, 12000, 90, 6000, 0, 70, 800, 1]
+    fake.script.reply = [1, 0, 0, 0, 4, 12000, 90, 6000, 0, 70, 800, 3]  # both counters exist
     quota = Quota(period=PERIOD, token_quota=10**30, spend_cap_micros=None)
     result = await limiter.acquire("ws1", Limits(rpm=5, tpm=100), 10, quota=quota, spend_micros=7)
     assert result.allowed
@@ -317,11 +317,23 @@ async def test_record_usage_is_one_call_and_decodes_the_counters(
         "ws1", Limits(rpm=5, tpm=100), period=PERIOD, tpm_delta=-(10**9), tokens=20, spend_micros=3
     )
     assert state == QuotaState(PERIOD, 120, 3400, known=False)
+    assert state.missing == {QuotaKind.TOKENS, QuotaKind.SPEND}
     [(keys, args)] = fake.script.calls
     assert keys[:3] == (bucket_keys("ws1")[1], *usage_keys("ws1", PERIOD))
     sent_operation_key(keys, "ws1")
     assert args == [100, -200, 20, 3, COUNTER_TTL_SECONDS, OPERATION_TTL_SECONDS]
     assert fake.script.operations == ["record"]
+
+
+async def test_record_usage_says_which_counter_was_missing(
+    limiter: RedisRateLimiter, fake: FakeRedis
+) -> None:
+    fake.script.reply = [120, 3400, 1]  # the token counter existed, the spend counter did not
+    state = await limiter.record_usage(
+        "ws1", Limits(rpm=5, tpm=100), period=PERIOD, tpm_delta=0, tokens=20, spend_micros=3
+    )
+    assert not state.known
+    assert state.missing == {QuotaKind.SPEND}
 
 
 async def test_record_usage_with_no_tpm_limit_sends_no_delta(
