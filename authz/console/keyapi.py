@@ -55,9 +55,7 @@ class KeyApi:
         if client:
             metadata.append(("x-forwarded-for", client))
         try:
-            return await getattr(stub, method)(
-                request, metadata=metadata, timeout=self._timeout
-            )
+            return await getattr(stub, method)(request, metadata=metadata, timeout=self._timeout)
         except grpc.aio.AioRpcError as error:
             status = _HTTP_STATUS.get(error.code(), 503)
             raise KeyApiError(status, error.details() or error.code().name) from None

@@ -48,10 +48,10 @@ from authz.store.rows import (
     price_from_row,
     usage_from_row,
 )
-from authz.store.sql_keys import KeyRules
+from authz.store.sql_observations import ObservationRules
 
 
-class SqlStore(KeyRules):
+class SqlStore(ObservationRules):
     """The Store protocol on a SQL database; a subclass supplies the dialect."""
 
     async def migrate(self) -> list[int]:
