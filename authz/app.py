@@ -37,8 +37,8 @@ from authz.server import StartupError, serve
 from authz.settings import Settings, SettingsError
 from authz.store import open_store
 from authz.store.base import Store
-from authz.usage.accesslog import AccessLogServicer
 from authz.usage.accountant import UsageAccountant
+from authz.usage.observations import ObservationSink, ObservedAccessLog
 from authz.usage.pricing import PriceTable
 from authz.usage.seeding import QuotaSeeder
 from ratelimit.breaker import CircuitBreaker
@@ -150,7 +150,9 @@ async def build(
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(authorization, server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogServicer(accountant), server)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(
+        ObservedAccessLog(accountant, sink=ObservationSink(store=store)), server
+    )
     verifier = IdentityVerifier(
         settings.jwt_issuers, jwks_timeout_s=settings.jwks_timeout_ms / 1000
     )
