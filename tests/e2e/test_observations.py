@@ -52,13 +52,17 @@ def chat(stack: Stack, secret: str, max_tokens: int = 20) -> int:
     ).status
 
 
-def observations(stack: Stack, idp: TestIdp, workspace_id: str, member_of: str = "") -> Any:
+def observations(
+    stack: Stack, idp: TestIdp, workspace_id: str, member_of: str = "", *, via_envoy: bool = False
+) -> Any:
     now = datetime.now(UTC)
     request = console_pb2.GetObservationsRequest(workspace_id=workspace_id)
     request.since.FromDatetime(now - timedelta(hours=2))
     request.until.FromDatetime(now + timedelta(hours=1))
     token = idp.token(workspaces=[member_of or workspace_id])
-    with grpc.insecure_channel(stack.sidecar.grpc_addr) as channel:
+    # The console in Kubernetes calls through Envoy's listener (deploy/k8s/base/console.yaml).
+    target = f"127.0.0.1:{stack.envoy_port}" if via_envoy else stack.sidecar.grpc_addr
+    with grpc.insecure_channel(target) as channel:
         stub = console_pb2_grpc.ConsoleServiceStub(channel)
         return stub.GetObservations(
             request, metadata=(("authorization", f"Bearer {token}"),), timeout=5
@@ -93,6 +97,7 @@ def test_percentiles_and_denials_by_reason_per_key(stack: Stack, idp: TestIdp) -
     assert sum(h.latency.requests for h in answer.hours) == 2
     assert sum(h.denials["rate_limit_requests"] for h in answer.hours) == 1
 
+    assert observations(stack, idp, busy, via_envoy=True) == answer
     small_answer = observations(stack, idp, small)
     assert [dict(k.denials) for k in small_answer.keys] == [{"rate_limit_tokens": 1}]
 
