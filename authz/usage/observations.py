@@ -9,6 +9,7 @@ workspace (a 401 for an unknown or revoked key names none: nothing is known abou
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -38,7 +39,7 @@ def _text(entry: HTTPAccessLogEntry, name: str) -> str | None:
     return fields[name].string_value[:128] or None
 
 
-def observation(entry: HTTPAccessLogEntry) -> tuple[datetime, str, str, int | str] | None:
+def observation(entry: HTTPAccessLogEntry) -> _Slot | None:
     """(hour, workspace, key, latency bucket or denial reason) of one entry, else None."""
     common = entry.common_properties
     if EXT_AUTHZ_NAMESPACE not in common.metadata.filter_metadata:
@@ -68,6 +69,9 @@ class ObservationSink:
         self._store = store
         self._pending: dict[_Slot, int] = {}
         self._unapplied: list[tuple[str, list[LatencyRow], list[DenialRow]]] = []
+        # Streams from several Envoys flush concurrently: one at a time, or two could apply
+        # the same batch and then drop the next one unapplied.
+        self._flush_lock = asyncio.Lock()
 
     def observe(self, entry: HTTPAccessLogEntry) -> None:
         slot = observation(entry)
@@ -76,27 +80,27 @@ class ObservationSink:
 
     async def flush(self) -> None:
         """Write what was tallied; a batch that failed is retried first, under its own id."""
-        if self._pending:
-            latency = [
-                LatencyRow(hour, ws, key, what, n)
-                for (hour, ws, key, what), n in self._pending.items()
-                if isinstance(what, int)
-            ]
-            denials = [
-                DenialRow(hour, ws, key, what, n)
-                for (hour, ws, key, what), n in self._pending.items()
-                if isinstance(what, str)
-            ]
-            self._pending = {}
-            self._unapplied.append((uuid.uuid4().hex, latency, denials))
-        while self._unapplied:
-            batch_id, latency, denials = self._unapplied[0]
-            try:
-                await self._store.apply_observation_batch(batch_id, latency, denials)
-            except StoreUnavailable as error:
-                log.warning("observations: flush failed, will retry with the next batch: %s", error)
-                return
-            self._unapplied.pop(0)
+        async with self._flush_lock:
+            if self._pending:
+                latency: list[LatencyRow] = []
+                denials: list[DenialRow] = []
+                for (hour, workspace_id, key_id, what), n in self._pending.items():
+                    if isinstance(what, int):
+                        latency.append(LatencyRow(hour, workspace_id, key_id, what, n))
+                    else:
+                        denials.append(DenialRow(hour, workspace_id, key_id, what, n))
+                self._pending = {}
+                self._unapplied.append((uuid.uuid4().hex, latency, denials))
+            while self._unapplied:
+                batch_id, latency, denials = self._unapplied[0]
+                try:
+                    await self._store.apply_observation_batch(batch_id, latency, denials)
+                except StoreUnavailable as error:
+                    log.warning(
+                        "observations: flush failed, retried with the next batch: %s", error
+                    )
+                    return
+                self._unapplied.pop(0)
 
 
 class ObservedAccessLog(AccessLogServicer):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from envoy.data.accesslog.v3.accesslog_pb2 import HTTPAccessLogEntry
@@ -10,6 +12,7 @@ from google.protobuf.struct_pb2 import Struct
 from authz.usage.events import EXT_AUTHZ_NAMESPACE
 from authz.usage.latency import bucket_of
 from authz.usage.observations import ObservationSink, observation
+from authz.usage.observed import DenialRow, LatencyRow
 from tests.support.fakes import FakeStore
 
 STARTED = datetime(2026, 11, 27, 9, 41, 5, tzinfo=UTC)
@@ -66,3 +69,33 @@ async def test_sink_flushes_once_and_retries_after_an_outage() -> None:
     assert {(r.bucket, r.count) for r in latency} == {(bucket_of(0.010), 2), (bucket_of(0.9), 1)}
     denials = await store.denial_report("ws_a", HOUR, HOUR + timedelta(hours=1))
     assert [(r.key_id, r.reason, r.count) for r in denials] == [("key_old", "unauthenticated", 1)]
+
+
+class GatedStore(FakeStore):
+    """Holds every batch write until `gate` opens, as a slow database would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_open = asyncio.Event()
+
+    async def apply_observation_batch(
+        self, batch_id: str, latency: Sequence[LatencyRow], denials: Sequence[DenialRow]
+    ) -> bool:
+        await self.gate_open.wait()
+        return await super().apply_observation_batch(batch_id, latency, denials)
+
+
+async def test_concurrent_flushes_from_two_streams_lose_nothing() -> None:
+    store = GatedStore()
+    await store.migrate()
+    sink = ObservationSink(store=store)
+    sink.observe(entry(200, 10.0, **ALLOW))
+    first = asyncio.create_task(sink.flush())
+    await asyncio.sleep(0)  # the first stream's flush is now waiting inside its write
+    sink.observe(entry(200, 900.0, **ALLOW))
+    second = asyncio.create_task(sink.flush())
+    await asyncio.sleep(0)
+    store.gate_open.set()
+    await asyncio.gather(first, second)
+    latency = await store.latency_report("ws_a", HOUR, HOUR + timedelta(hours=1))
+    assert {(r.bucket, r.count) for r in latency} == {(bucket_of(0.010), 1), (bucket_of(0.9), 1)}
