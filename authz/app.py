@@ -41,8 +41,9 @@ from authz.store.base import Store, StoreError
 from authz.streams import StoppableAccessLog, StreamStop
 from authz.supervisor import Sleep, Supervisor
 from authz.tracing import Tracing
-from authz.usage.accesslog import AccessLogServicer, ReservationGate
+from authz.usage.accesslog import ReservationGate
 from authz.usage.accountant import UsageAccountant
+from authz.usage.observations import ObservationSink, ObservedAccessLog
 from authz.usage.pricing import PriceTable
 from authz.usage.replay import MemoryReplayGuard, RedisReplayGuard, ReplayGuard
 from authz.usage.reservations import Keyring
@@ -200,7 +201,10 @@ async def build(
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     streams = StreamStop()
     als_pb2_grpc.add_AccessLogServiceServicer_to_server(
-        StoppableAccessLog(AccessLogServicer(accountant, gate=gate), streams), server
+        StoppableAccessLog(
+            ObservedAccessLog(accountant, gate=gate, sink=ObservationSink(store=store)), streams
+        ),
+        server
     )
     verifier = IdentityVerifier(
         settings.jwt_issuers, jwks_timeout_s=settings.jwks_timeout_ms / 1000

@@ -156,7 +156,8 @@ def screen_request(path: str, authorization: str | None) -> str | Deny:
 def check_grant(presented: str, grant: KeyGrant, now_ts: float) -> Deny | None:
     """A key past its rotation grace deadline answers exactly like a revoked one."""
     if grant.expires_at is not None and now_ts >= grant.expires_at.timestamp():
-        return invalid_key(presented)
+        # Named for the workspace's own records (metrics, the console's denials), never the body.
+        return replace(invalid_key(presented), workspace_id=grant.workspace_id, key_id=grant.key_id)
     return None
 
 

@@ -87,7 +87,7 @@ def render_deny(deny: Deny) -> CheckResponse:
     if not deny.should_retry:
         headers.append(_NO_RETRY)
     grpc_code = code_pb2.UNAUTHENTICATED if deny.status == 401 else code_pb2.PERMISSION_DENIED
-    fields: dict[str, str | int | bool] = {"decision": "deny", "code": deny.code}
+    fields: dict[str, str | int | bool] = {"decision": "deny", "code": deny.code, "type": deny.type}
     if deny.workspace_id is not None:
         fields["workspace_id"] = deny.workspace_id
     if deny.key_id is not None:

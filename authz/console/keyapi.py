@@ -41,6 +41,9 @@ def as_json(message: Message) -> dict[str, Any]:
     )
 
 
+_CONSOLE_METHODS = frozenset({"ListAudit", "GetObservations"})
+
+
 class KeyApi:
     """KeyService and ConsoleService clients over one channel; `token` is the member's JWT."""
 
@@ -50,7 +53,7 @@ class KeyApi:
         self._timeout = timeout_s
 
     async def _call(self, method: str, request: Message, token: str, client: str) -> Any:
-        stub = self._console if method == "ListAudit" else self._stub
+        stub = self._console if method in _CONSOLE_METHODS else self._stub
         metadata = [("authorization", f"Bearer {token}")]
         if client:
             metadata.append(("x-forwarded-for", client))
@@ -111,3 +114,14 @@ class KeyApi:
         request = console_pb2.ListAuditRequest(workspace_id=workspace_id, limit=200)
         answer = await self._call("ListAudit", request, token, client)
         return [as_json(entry) for entry in answer.entries]
+
+    async def observations(
+        self, token: str, client: str, workspace_id: str, *, since: datetime, until: datetime
+    ) -> console_pb2.GetObservationsResponse:
+        request = console_pb2.GetObservationsRequest(
+            workspace_id=workspace_id, since=timestamp(since), until=timestamp(until)
+        )
+        answer: console_pb2.GetObservationsResponse = await self._call(
+            "GetObservations", request, token, client
+        )
+        return answer

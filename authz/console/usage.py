@@ -1,4 +1,5 @@
-"""Ledger rows → what the Observability page draws. Pure: the caller passes the range in.
+"""Ledger rows and observations → what the Observability page draws. Pure: the caller
+passes the range in.
 
 The ledger's grain is one hour per workspace, key and model; the page wants one point per
 hour for the workspace, totals per key (is the old key still used?), and the month so far
@@ -7,12 +8,13 @@ against the quota and spend cap.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from authz.api.gen import keys_pb2
+from authz.api.gen import console_pb2, keys_pb2
+from authz.usage.observed import DENIAL_REASONS
 
 RANGES = {"24h": timedelta(hours=24), "7d": timedelta(days=7)}
 """The page's ranges besides "month" (the current UTC calendar month)."""
@@ -77,3 +79,36 @@ def month_totals(rows: Iterable[keys_pb2.UsageRow]) -> dict[str, Any]:
         tokens += row.prompt_tokens + row.completion_tokens
         spend += row.spend_usd
     return {"tokens": tokens, "spend_usd": round(spend, 6)}
+
+
+def _latency(latency: console_pb2.Latency) -> dict[str, Any]:
+    return {"p50_ms": latency.p50_ms, "p95_ms": latency.p95_ms}
+
+
+def _denials(denials: Mapping[str, int]) -> dict[str, int]:
+    return {reason: int(denials.get(reason, 0)) for reason in DENIAL_REASONS}
+
+
+def observed(
+    points: list[dict[str, Any]],
+    keys: dict[str, dict[str, Any]],
+    answer: console_pb2.GetObservationsResponse,
+) -> dict[str, Any]:
+    """Add p50/p95 (ms) and denials by reason to the hourly points and the per-key totals (a
+    key with only denials gets an entry too), and return the range's totals."""
+    by_hour = {h.hour.ToDatetime(tzinfo=UTC).isoformat(): h for h in answer.hours}
+    empty = console_pb2.HourObservation()
+    for point in points:
+        hour = by_hour.get(point["hour"], empty)
+        point.update(_latency(hour.latency), **_denials(hour.denials))
+    for key in answer.keys:
+        entry = keys.setdefault(
+            key.key_id, {**dict.fromkeys(COUNTERS, 0), "spend_usd": 0.0, "last_hour": None}
+        )
+        entry.update(_latency(key.latency), denials=_denials(key.denials))
+    for entry in keys.values():
+        entry.setdefault("p50_ms", 0.0)
+        entry.setdefault("p95_ms", 0.0)
+        entry.setdefault("denials", _denials({}))
+    totals = {reason: sum(p[reason] for p in points) for reason in DENIAL_REASONS}
+    return {"latency": _latency(answer.total), "denials": totals}

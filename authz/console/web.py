@@ -24,7 +24,7 @@ from authz.console.keyapi import KeyApi, KeyApiError
 from authz.console.oidc import OidcFlow, ProviderError
 from authz.console.sessions import Lookup, Session, SessionStore
 from authz.console.settings import ConsoleSettings
-from authz.console.usage import RANGES, hourly, month_totals, per_key, window
+from authz.console.usage import RANGES, hourly, month_totals, observed, per_key, window
 from authz.identity import IdentityVerifier, SignInUnavailable, Unauthenticated
 from authz.usage.periods import period_bounds, period_of
 
@@ -235,20 +235,23 @@ class Console:
         month_start, _ = period_bounds(period_of(now))
         span = window(name, now, month_start)
         token, client = session.access_token, _client(request)
-        rows, month, limits, keys, audit = await asyncio.gather(
+        rows, month, limits, keys, audit, observations = await asyncio.gather(
             self.keys.usage(token, client, workspace, since=span.since, until=span.until),
             self.keys.usage(token, client, workspace, since=month_start, until=span.until),
             self.keys.workspace(token, client, workspace),
             self.keys.list_keys(token, client, workspace),
             self.keys.audit(token, client, workspace),
+            self.keys.observations(token, client, workspace, since=span.since, until=span.until),
         )
+        points, totals = hourly(rows, span), per_key(rows)
         return web.json_response(
             {
                 "range": name,
                 "since": span.since.isoformat(),
                 "until": span.until.isoformat(),
-                "hours": hourly(rows, span),
-                "per_key": per_key(rows),
+                "hours": points,
+                "per_key": totals,
+                **observed(points, totals, observations),
                 "keys": {k["id"]: {"label": k["label"], "mask": k["mask"]} for k in keys},
                 "month": month_totals(month),
                 "workspace": limits,

@@ -20,6 +20,7 @@ from authz.models import (
     Workspace,
     WorkspaceUpdate,
 )
+from authz.usage.observed import DenialRow, LatencyRow
 
 PRICES_AUDIT = "*"
 """The audit log's workspace id for price changes: prices apply to every workspace."""
@@ -183,6 +184,24 @@ class Store(Protocol):
     ) -> tuple[int, float]:
         """(tokens reported and estimated, spend in USD) the ledger holds for a workspace in
         [since, until)."""
+        ...
+
+    async def apply_observation_batch(
+        self, batch_id: str, latency: Sequence[LatencyRow], denials: Sequence[DenialRow]
+    ) -> bool:
+        """Add latency buckets and denials once: False (no change) if `batch_id` was applied."""
+        ...
+
+    async def latency_report(
+        self, workspace_id: str, since: datetime, until: datetime
+    ) -> list[LatencyRow]:
+        """A workspace's latency bucket counts per hour and key in [since, until)."""
+        ...
+
+    async def denial_report(
+        self, workspace_id: str, since: datetime, until: datetime
+    ) -> list[DenialRow]:
+        """A workspace's denials per hour, key and reason in [since, until)."""
         ...
 
     async def list_prices(self) -> list[ModelPrice]: ...

@@ -48,11 +48,11 @@ from authz.store.rows import (
     price_from_row,
     usage_from_row,
 )
-from authz.store.sql_keys import KeyRules
+from authz.store.sql_observations import ObservationRules
 from authz.store.sql_signing import SigningKeyRules
 
 
-class SqlStore(KeyRules, SigningKeyRules):
+class SqlStore(ObservationRules, SigningKeyRules):
     """The Store protocol on a SQL database; a subclass supplies the dialect."""
 
     async def migrate(self) -> list[int]:

@@ -149,6 +149,7 @@ def console_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsoleS
         for name, extra in {
             "acme": ["--key-limit", "10"],
             "small": ["--key-limit", "2"],
+            "limited": ["--rpm", "2"],
         }.items()
     }
     envoy_port, console_port = free_port(), free_port()

@@ -161,6 +161,39 @@ def test_rotate_then_revoke_refuses_the_old_key_through_envoy_within_a_second(
     assert {r.locator("td").nth(1).text_content() for r in audit.all()} == {"member"}
 
 
+def test_observability_shows_latency_and_denials_per_key(
+    page: Any, console_stack: ConsoleStack
+) -> None:
+    sign_in(page, console_stack)
+    open_keys(page, console_stack, "limited")  # 2 requests per minute
+    secret = generate(page, "batch-importer")
+    assert [console_stack.chat(secret) for _ in range(3)] == [200, 200, 429]
+    page.get_by_role("link", name="Observability").click()
+    page.wait_for_url(re.compile(r"/observability"))
+    key_row = page.locator("#per-key tr", has_text="batch-importer")
+
+    def observed() -> bool:
+        page.reload()
+        page.locator("[data-tile=Requests]").wait_for()
+        denied = key_row.locator("td[data-col=denied]")
+        return bool(denied.count() == 1 and denied.text_content() == "1")
+
+    wait_until(observed, timeout=30, what="the 429 on the Observability page", interval=0.3)
+    assert page.locator("[data-tile='Denied 429 requests'] .tile-value").text_content() == "1"
+    assert page.locator("[data-tile='Denied 429 tokens'] .tile-value").text_content() == "0"
+    assert "429 requests: 1" in str(key_row.locator("td[data-col=denied]").get_attribute("title"))
+    p50 = str(key_row.locator("td[data-col=p50]").text_content())
+    p95 = str(key_row.locator("td[data-col=p95]").text_content())
+    assert re.fullmatch(r"[\d.]+ ms", p50), p50
+    assert re.fullmatch(r"[\d.]+ ms", p95), p95
+    assert float(p50.split()[0]) <= float(p95.split()[0])
+    p95_tile = str(page.locator("[data-tile='p95 latency'] .tile-value").text_content())
+    assert p95_tile.endswith(" ms")
+    # The charts: latency dots (p50 and p95 of this hour) and a denial bar.
+    assert page.locator("figure.chart svg circle.s4").count() > 0
+    assert page.locator("figure.chart svg rect.s1 title", has_text="429 requests").count() > 0
+
+
 def test_at_the_key_limit_generate_is_disabled_and_says_what_to_do(
     page: Any, console_stack: ConsoleStack
 ) -> None:

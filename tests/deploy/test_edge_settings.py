@@ -208,6 +208,7 @@ def test_envoy_yaml_is_one_of_the_checked_files() -> None:
 # served by the sidecar itself (JWT sign-in); unknown /keys/v1/ paths are answered by Envoy.
 EXT_AUTHZ_EXEMPT = {
     "/tokenfactory.keys.v1.KeyService/": "routed to the sidecar, which checks the caller's JWT",
+    "/tokenfactory.console.v1.ConsoleService/": "the same: the sidecar checks the caller's JWT",
     "/keys/v1/": "direct 404, nothing is forwarded",
     "/console": "routed to the members' console, which signs members in itself",
 }

@@ -195,3 +195,24 @@ def test_production_overlay_is_replicated_on_postgres_and_redis(kustomize: Kusto
     assert env_of(migrate)["AUTHZ_DATABASE_URL"] == env["AUTHZ_DATABASE_URL"]
     assert migrate["image"] == container(pod_spec(deployment), "authz")["image"]
     assert pod_spec(job)["restartPolicy"] == "Never"
+
+
+@pytest.mark.parametrize("overlay", K8S_OVERLAYS)
+def test_the_console_route_has_a_backend(kustomize: Kustomize, overlay: str) -> None:
+    manifests = kustomize(overlay)
+    envoy = load_yaml(REPO / "deploy/k8s/base/envoy.yaml")
+    [cluster] = [c for c in envoy["static_resources"]["clusters"] if c["name"] == "console"]
+    address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+    service = only(manifests, "Service", address["socket_address"]["address"])
+    assert address["socket_address"]["port_value"] in {p["port"] for p in service["spec"]["ports"]}
+    deployment = only(manifests, "Deployment", "console")
+    assert service["spec"]["selector"].items() <= pod_labels(deployment).items()
+    assert deployment["spec"]["replicas"] == 1  # sessions live in the console's memory
+    console = container(pod_spec(deployment), "console")
+    env = env_of(console)
+    # The key API through Envoy's Service: the sidecar's gRPC port stays closed to other pods.
+    gateway = only(manifests, "Service", "authz-gateway")
+    host, port = env["AUTHZ_CONSOLE_KEY_API"]["value"].rsplit(":", 1)
+    assert (host, int(port)) == ("authz-gateway", 8080)
+    assert int(port) in {p["port"] for p in gateway["spec"]["ports"]}
+    assert env["AUTHZ_CONSOLE_ADDR"]["value"].endswith(f":{console['ports'][0]['containerPort']}")

@@ -1,10 +1,12 @@
-"""ConsoleService.ListAudit over real gRPC, on both stores, with KeyService's sign-in rules."""
+"""ConsoleService (ListAudit, GetObservations) over real gRPC, on both stores, with
+KeyService's sign-in rules."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
@@ -16,6 +18,8 @@ from authz.identity import IdentityVerifier, load_issuers
 from authz.keys import mint_key
 from authz.models import Actor, NewWorkspace
 from authz.store.base import Store
+from authz.usage.latency import bucket_of
+from authz.usage.observed import DenialRow, LatencyRow
 from tests.support.idp import TestIdp
 
 pytestmark = pytest.mark.integration
@@ -42,6 +46,14 @@ class Api:
         token = self.idp.token(**claims)
         request = console_pb2.ListAuditRequest(workspace_id=workspace_id, limit=limit)
         return self.stub.ListAudit(request, metadata=(("authorization", f"Bearer {token}"),))
+
+    def observe(self, workspace_id: str, since: datetime, until: datetime, **claims: Any) -> Any:
+        claims.setdefault("workspaces", [self.workspace_id])
+        request = console_pb2.GetObservationsRequest(workspace_id=workspace_id)
+        request.since.FromDatetime(since)
+        request.until.FromDatetime(until)
+        token = self.idp.token(**claims)
+        return self.stub.GetObservations(request, metadata=(("authorization", f"Bearer {token}"),))
 
 
 @pytest.fixture
@@ -101,4 +113,73 @@ async def test_no_sign_in_is_unauthenticated(api: Api) -> None:
     request = console_pb2.ListAuditRequest(workspace_id=api.workspace_id)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await api.stub.ListAudit(request)
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+HOUR = datetime(2026, 11, 27, 9, tzinfo=UTC)
+
+
+async def test_observations_give_percentiles_and_denials_per_hour_and_key(
+    api: Api, store: Store
+) -> None:
+    later = HOUR + timedelta(hours=1)
+    await store.apply_observation_batch(
+        "o1",
+        [
+            LatencyRow(HOUR, api.workspace_id, "key_old", bucket_of(0.010), 19),
+            LatencyRow(HOUR, api.workspace_id, "key_old", bucket_of(2.0), 1),
+            LatencyRow(later, api.workspace_id, "key_new", bucket_of(0.100), 4),
+            LatencyRow(HOUR, api.other_id, "key_theirs", bucket_of(5.0), 50),
+        ],
+        [
+            DenialRow(later, api.workspace_id, "key_old", "unauthenticated", 3),
+            DenialRow(later, api.workspace_id, "key_new", "rate_limit_tokens", 2),
+            DenialRow(HOUR, api.other_id, "key_theirs", "insufficient_quota", 9),
+        ],
+    )
+    # Minutes are rounded down to whole hours.
+    answer = await api.observe(api.workspace_id, HOUR.replace(minute=30), HOUR + timedelta(hours=2))
+    hours = [
+        (h.hour.ToDatetime(tzinfo=UTC), h.latency.requests, dict(h.denials)) for h in answer.hours
+    ]
+    assert hours == [
+        (HOUR, 20, {}),
+        (later, 4, {"unauthenticated": 3, "rate_limit_tokens": 2}),
+    ]
+    first = answer.hours[0].latency
+    assert 9.5 < first.p50_ms <= 11.32  # the bucket that holds 10 ms
+    assert 9.5 < first.p95_ms <= 11.32  # 19 of 20 took 10 ms
+    keys = {k.key_id: (k.latency.requests, dict(k.denials)) for k in answer.keys}
+    assert keys == {
+        "key_old": (20, {"unauthenticated": 3}),
+        "key_new": (4, {"rate_limit_tokens": 2}),
+    }
+    assert answer.total.requests == 24
+    assert 90 < answer.total.p95_ms <= 108  # the bucket that holds 100 ms
+    empty = await api.observe(api.workspace_id, HOUR - timedelta(days=2), HOUR)
+    assert (list(empty.hours), list(empty.keys), empty.total.requests) == ([], [], 0)
+
+
+async def test_observations_follow_the_key_api_rules(api: Api) -> None:
+    since, until = HOUR, HOUR + timedelta(hours=1)
+    for call, code in (
+        (api.observe(api.other_id, since, until), grpc.StatusCode.PERMISSION_DENIED),
+        (
+            api.observe(api.workspace_id, since, until, permissions=[]),
+            grpc.StatusCode.PERMISSION_DENIED,
+        ),
+        (api.observe(api.workspace_id, until, since), grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            api.observe(api.workspace_id, since, since + timedelta(days=40)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == code
+    request = console_pb2.GetObservationsRequest(workspace_id=api.workspace_id)
+    request.since.FromDatetime(since)
+    request.until.FromDatetime(until)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await api.stub.GetObservations(request)
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -9,9 +9,10 @@ test_store.py, test_ledger_store.py) runs against it and both real stores, so it
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 from authz.keys import hash_key, mask_key, new_key_id, new_workspace_id
 from authz.migrations import load_migrations
@@ -55,7 +56,9 @@ from authz.store.common import (
     workspace_change,
 )
 from authz.store.sql_signing import new_signing_key, retire_at
+from authz.usage.observed import DenialRow, LatencyRow
 
+_T = TypeVar("_T")
 EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
 
 
@@ -111,6 +114,7 @@ class FakeStore:
         self.hashes: dict[str, bytes] = {}
         self.used: dict[str, datetime] = {}
         self.batches: dict[str, list[UsageRow]] = {}
+        self.observations: dict[str, tuple[list[LatencyRow], list[DenialRow]]] = {}
         self.prices: dict[str, ModelPrice] = {}
         self.signing: list[SigningKey] = []
         self.audit: list[AuditEntry] = []
@@ -123,8 +127,17 @@ class FakeStore:
     def another(self) -> FakeStore:
         """A second connection to the same data (another replica, or the CLI)."""
         other = FakeStore()
-        shared = ("workspaces", "grants", "keys", "hashes", "used", "batches", "prices", "signing")
-        for name in shared:
+        for name in (
+            "workspaces",
+            "grants",
+            "keys",
+            "hashes",
+            "used",
+            "batches",
+            "observations",
+            "prices",
+            "signing",
+        ):
             setattr(other, name, getattr(self, name))
         other.audit = self.audit
         other._feeds = self._feeds
@@ -318,6 +331,39 @@ class FakeStore:
         self.batches[batch_id] = list(rows)
         return True
 
+    async def apply_observation_batch(
+        self, batch_id: str, latency: Sequence[LatencyRow], denials: Sequence[DenialRow]
+    ) -> bool:
+        self._up()
+        if batch_id in self.observations:
+            return False
+        self.observations[batch_id] = (list(latency), list(denials))
+        return True
+
+    async def latency_report(
+        self, workspace_id: str, since: datetime, until: datetime
+    ) -> list[LatencyRow]:
+        self._up()
+        rows = [r for latency, _ in self.observations.values() for r in latency]
+        summed = _summed(
+            ((r.hour, r.key_id, r.bucket), r.count)
+            for r in rows
+            if r.workspace_id == workspace_id and since <= r.hour < until
+        )
+        return [LatencyRow(h, workspace_id, k, b, n) for (h, k, b), n in sorted(summed.items())]
+
+    async def denial_report(
+        self, workspace_id: str, since: datetime, until: datetime
+    ) -> list[DenialRow]:
+        self._up()
+        rows = [r for _, denials in self.observations.values() for r in denials]
+        summed = _summed(
+            ((r.hour, r.key_id, r.reason), r.count)
+            for r in rows
+            if r.workspace_id == workspace_id and since <= r.hour < until
+        )
+        return [DenialRow(h, workspace_id, k, r, n) for (h, k, r), n in sorted(summed.items())]
+
     async def period_totals(
         self, workspace_id: str, since: datetime, until: datetime
     ) -> tuple[int, float]:
@@ -441,3 +487,10 @@ class FakeStore:
 
 def _added(held: UsageRow, row: UsageRow) -> UsageRow:
     return replace(held, **{name: getattr(held, name) + getattr(row, name) for name in LEDGER_SUMS})
+
+
+def _summed(counts: Iterable[tuple[_T, int]]) -> dict[_T, int]:
+    total: dict[_T, int] = {}
+    for slot, count in counts:
+        total[slot] = total.get(slot, 0) + count
+    return total

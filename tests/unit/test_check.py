@@ -181,6 +181,8 @@ async def test_rpm_burst_then_429_with_headers(sidecar: Sidecar) -> None:
     error = error_of(response.denied_response.body)
     assert (error["code"], error["type"]) == ("rate_limit_exceeded", "requests")
     assert "Limit 5, Used 5, Requested 1" in str(error["message"])
+    # The access log gets the same reason, so the console can count 429s by bucket.
+    assert dict(response.dynamic_metadata)["type"] == "requests"
 
 
 async def test_request_larger_than_tpm_is_429_tokens(sidecar: Sidecar) -> None:
@@ -222,6 +224,10 @@ async def test_expired_grace_key_answers_like_revoked(sidecar: Sidecar) -> None:
     response = await sidecar.stub.Check(check_request(headers=bearer(key)))
     assert response.denied_response.status.code == 401
     assert error_of(response.denied_response.body)["code"] == "invalid_api_key"
+    # The access log (not the client) learns whose key it was, for the console's denials.
+    metadata = dict(response.dynamic_metadata)
+    assert (metadata["decision"], metadata["code"]) == ("deny", "invalid_api_key")
+    assert metadata["workspace_id"] == "ws_test"
 
 
 class DeadLimiter:

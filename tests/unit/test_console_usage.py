@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from authz.api.gen import keys_pb2
+from authz.api.gen import console_pb2, keys_pb2
 from authz.api.messages import timestamp
-from authz.console.usage import hourly, month_totals, per_key, window
+from authz.console.usage import hourly, month_totals, observed, per_key, window
 
 NOW = datetime(2026, 5, 3, 10, 42, tzinfo=UTC)
 MONTH = datetime(2026, 5, 1, tzinfo=UTC)
@@ -59,3 +59,46 @@ def test_month_totals_add_tokens_and_spend() -> None:
         row(MONTH, "k", 1, prompt_tokens=1, completion_tokens=2, spend_usd=0.2),
     ]
     assert month_totals(rows) == {"tokens": 153, "spend_usd": 0.3}
+
+
+def test_observations_join_the_hours_and_the_keys() -> None:
+    span = window("24h", NOW, MONTH)
+    this_hour = datetime(2026, 5, 3, 10, tzinfo=UTC)
+    points = hourly([row(this_hour, "new", 3)], span)
+    keys = per_key([row(this_hour, "new", 3)])
+    answer = console_pb2.GetObservationsResponse(
+        hours=[
+            console_pb2.HourObservation(
+                hour=timestamp(this_hour),
+                latency=console_pb2.Latency(requests=3, p50_ms=12.5, p95_ms=80.0),
+                denials={"unauthenticated": 2},
+            )
+        ],
+        keys=[
+            console_pb2.KeyObservation(
+                key_id="new", latency=console_pb2.Latency(requests=3, p50_ms=12.5, p95_ms=80.0)
+            ),
+            console_pb2.KeyObservation(key_id="old", denials={"unauthenticated": 2}),
+        ],
+        total=console_pb2.Latency(requests=3, p50_ms=12.5, p95_ms=80.0),
+    )
+    totals = observed(points, keys, answer)
+    assert (points[-1]["p50_ms"], points[-1]["p95_ms"], points[-1]["unauthenticated"]) == (
+        12.5,
+        80.0,
+        2,
+    )
+    assert (points[0]["p95_ms"], points[0]["rate_limit_tokens"]) == (0.0, 0)
+    # The old key only shows up through its 401s: still in use somewhere, and refused.
+    assert keys["old"]["requests"] == 0
+    assert keys["old"]["denials"]["unauthenticated"] == 2
+    assert keys["new"]["p95_ms"] == 80.0
+    assert totals == {
+        "latency": {"p50_ms": 12.5, "p95_ms": 80.0},
+        "denials": {
+            "unauthenticated": 2,
+            "rate_limit_requests": 0,
+            "rate_limit_tokens": 0,
+            "insufficient_quota": 0,
+        },
+    }

@@ -25,19 +25,37 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%tokenfactory/console/v1/console.proto\x12\x17tokenfactory.console.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"7\n\x10ListAuditRequest\x12\x14\n\x0cworkspace_id\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"\xa5\x01\n\nAuditEntry\x12&\n\x02\x61t\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x12\n\nactor_kind\x18\x04 \x01(\t\x12\x15\n\ractor_subject\x18\x05 \x01(\t\x12\x14\n\x0c\x61\x63tor_issuer\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x07 \x01(\t\"I\n\x11ListAuditResponse\x12\x34\n\x07\x65ntries\x18\x01 \x03(\x0b\x32#.tokenfactory.console.v1.AuditEntry2t\n\x0e\x43onsoleService\x12\x62\n\tListAudit\x12).tokenfactory.console.v1.ListAuditRequest\x1a*.tokenfactory.console.v1.ListAuditResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%tokenfactory/console/v1/console.proto\x12\x17tokenfactory.console.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"7\n\x10ListAuditRequest\x12\x14\n\x0cworkspace_id\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"\xa5\x01\n\nAuditEntry\x12&\n\x02\x61t\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x12\n\nactor_kind\x18\x04 \x01(\t\x12\x15\n\ractor_subject\x18\x05 \x01(\t\x12\x14\n\x0c\x61\x63tor_issuer\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x07 \x01(\t\"I\n\x11ListAuditResponse\x12\x34\n\x07\x65ntries\x18\x01 \x03(\x0b\x32#.tokenfactory.console.v1.AuditEntry\"\x84\x01\n\x16GetObservationsRequest\x12\x14\n\x0cworkspace_id\x18\x01 \x01(\t\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\";\n\x07Latency\x12\x10\n\x08requests\x18\x01 \x01(\x03\x12\x0e\n\x06p50_ms\x18\x02 \x01(\x01\x12\x0e\n\x06p95_ms\x18\x03 \x01(\x01\"\xe6\x01\n\x0fHourObservation\x12(\n\x04hour\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x07latency\x18\x02 \x01(\x0b\x32 .tokenfactory.console.v1.Latency\x12\x46\n\x07\x64\x65nials\x18\x03 \x03(\x0b\x32\x35.tokenfactory.console.v1.HourObservation.DenialsEntry\x1a.\n\x0c\x44\x65nialsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\xca\x01\n\x0eKeyObservation\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x31\n\x07latency\x18\x02 \x01(\x0b\x32 .tokenfactory.console.v1.Latency\x12\x45\n\x07\x64\x65nials\x18\x03 \x03(\x0b\x32\x34.tokenfactory.console.v1.KeyObservation.DenialsEntry\x1a.\n\x0c\x44\x65nialsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\xba\x01\n\x17GetObservationsResponse\x12\x37\n\x05hours\x18\x01 \x03(\x0b\x32(.tokenfactory.console.v1.HourObservation\x12\x35\n\x04keys\x18\x02 \x03(\x0b\x32\'.tokenfactory.console.v1.KeyObservation\x12/\n\x05total\x18\x03 \x01(\x0b\x32 .tokenfactory.console.v1.Latency2\xea\x01\n\x0e\x43onsoleService\x12\x62\n\tListAudit\x12).tokenfactory.console.v1.ListAuditRequest\x1a*.tokenfactory.console.v1.ListAuditResponse\x12t\n\x0fGetObservations\x12/.tokenfactory.console.v1.GetObservationsRequest\x1a\x30.tokenfactory.console.v1.GetObservationsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tokenfactory.console.v1.console_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_HOUROBSERVATION_DENIALSENTRY']._loaded_options = None
+  _globals['_HOUROBSERVATION_DENIALSENTRY']._serialized_options = b'8\001'
+  _globals['_KEYOBSERVATION_DENIALSENTRY']._loaded_options = None
+  _globals['_KEYOBSERVATION_DENIALSENTRY']._serialized_options = b'8\001'
   _globals['_LISTAUDITREQUEST']._serialized_start=99
   _globals['_LISTAUDITREQUEST']._serialized_end=154
   _globals['_AUDITENTRY']._serialized_start=157
   _globals['_AUDITENTRY']._serialized_end=322
   _globals['_LISTAUDITRESPONSE']._serialized_start=324
   _globals['_LISTAUDITRESPONSE']._serialized_end=397
-  _globals['_CONSOLESERVICE']._serialized_start=399
-  _globals['_CONSOLESERVICE']._serialized_end=515
+  _globals['_GETOBSERVATIONSREQUEST']._serialized_start=400
+  _globals['_GETOBSERVATIONSREQUEST']._serialized_end=532
+  _globals['_LATENCY']._serialized_start=534
+  _globals['_LATENCY']._serialized_end=593
+  _globals['_HOUROBSERVATION']._serialized_start=596
+  _globals['_HOUROBSERVATION']._serialized_end=826
+  _globals['_HOUROBSERVATION_DENIALSENTRY']._serialized_start=780
+  _globals['_HOUROBSERVATION_DENIALSENTRY']._serialized_end=826
+  _globals['_KEYOBSERVATION']._serialized_start=829
+  _globals['_KEYOBSERVATION']._serialized_end=1031
+  _globals['_KEYOBSERVATION_DENIALSENTRY']._serialized_start=780
+  _globals['_KEYOBSERVATION_DENIALSENTRY']._serialized_end=826
+  _globals['_GETOBSERVATIONSRESPONSE']._serialized_start=1034
+  _globals['_GETOBSERVATIONSRESPONSE']._serialized_end=1220
+  _globals['_CONSOLESERVICE']._serialized_start=1223
+  _globals['_CONSOLESERVICE']._serialized_end=1457
 # @@protoc_insertion_point(module_scope)

@@ -39,6 +39,11 @@ class ConsoleServiceStub:
                 request_serializer=tokenfactory_dot_console_dot_v1_dot_console__pb2.ListAuditRequest.SerializeToString,
                 response_deserializer=tokenfactory_dot_console_dot_v1_dot_console__pb2.ListAuditResponse.FromString,
                 _registered_method=True)
+        self.GetObservations = channel.unary_unary(
+                '/tokenfactory.console.v1.ConsoleService/GetObservations',
+                request_serializer=tokenfactory_dot_console_dot_v1_dot_console__pb2.GetObservationsRequest.SerializeToString,
+                response_deserializer=tokenfactory_dot_console_dot_v1_dot_console__pb2.GetObservationsResponse.FromString,
+                _registered_method=True)
 
 
 class ConsoleServiceServicer:
@@ -51,6 +56,14 @@ class ConsoleServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetObservations(self, request, context):
+        """Latency percentiles and denials by reason, per hour and per key, over a range of hours.
+        From Envoy's access log, like the usage ledger, so it lags by one access-log batch.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ConsoleServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -58,6 +71,11 @@ def add_ConsoleServiceServicer_to_server(servicer, server):
                     servicer.ListAudit,
                     request_deserializer=tokenfactory_dot_console_dot_v1_dot_console__pb2.ListAuditRequest.FromString,
                     response_serializer=tokenfactory_dot_console_dot_v1_dot_console__pb2.ListAuditResponse.SerializeToString,
+            ),
+            'GetObservations': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetObservations,
+                    request_deserializer=tokenfactory_dot_console_dot_v1_dot_console__pb2.GetObservationsRequest.FromString,
+                    response_serializer=tokenfactory_dot_console_dot_v1_dot_console__pb2.GetObservationsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -87,6 +105,33 @@ class ConsoleService:
             '/tokenfactory.console.v1.ConsoleService/ListAudit',
             tokenfactory_dot_console_dot_v1_dot_console__pb2.ListAuditRequest.SerializeToString,
             tokenfactory_dot_console_dot_v1_dot_console__pb2.ListAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetObservations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenfactory.console.v1.ConsoleService/GetObservations',
+            tokenfactory_dot_console_dot_v1_dot_console__pb2.GetObservationsRequest.SerializeToString,
+            tokenfactory_dot_console_dot_v1_dot_console__pb2.GetObservationsResponse.FromString,
             options,
             channel_credentials,
             insecure,
