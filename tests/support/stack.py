@@ -274,10 +274,21 @@ def change_applied_after(sidecar: Sidecar, kind: str, committed_at: str) -> floa
     a poll drops the whole cache on its next one ("reset"), which applies the change too."""
     committed = datetime.fromisoformat(committed_at.replace("Z", "+00:00"))
     applying = {f"change feed: {kind} change applied", "change feed: reset applied"}
-    for line in sidecar.process.read_log().splitlines():
-        entry = json.loads(line) if line.startswith("{") else {}
-        if entry.get("message") in applying:
-            applied = datetime.fromisoformat(entry["ts"].replace("Z", "+00:00"))
-            if applied >= committed:
-                return (applied - committed).total_seconds()
-    raise AssertionError(f"{sidecar.grpc_addr} never logged applying the {kind} change")
+
+    def applied_after() -> float | None:
+        for line in sidecar.process.read_log().splitlines():
+            entry = json.loads(line) if line.startswith("{") else {}
+            if entry.get("message") in applying:
+                applied = datetime.fromisoformat(entry["ts"].replace("Z", "+00:00"))
+                if applied >= committed:
+                    return (applied - committed).total_seconds()
+        return None
+
+    # The line is written after the change took effect, so the effect can be seen a moment
+    # before the line reaches the log file: wait for the line (generous ceiling), not a time.
+    deadline = time.monotonic() + 10
+    while (seconds := applied_after()) is None:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{sidecar.grpc_addr} never logged applying the {kind} change")
+        time.sleep(0.02)
+    return seconds
