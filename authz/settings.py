@@ -140,7 +140,8 @@ def flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
-def _parse_bool(raw: str) -> bool:
+def parse_bool(raw: str) -> bool:
+    """A boolean setting: 1/true/yes/on or 0/false/no/off, any case."""
     lowered = raw.strip().lower()
     if lowered in {"1", "true", "yes", "on"}:
         return True
@@ -242,7 +243,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "tls_key": _parse_readable_file,
     "tls_client_ca": _parse_readable_file,
     "failure_mode": _choice("closed", "open"),
-    "keep_authorization": _parse_bool,
+    "keep_authorization": parse_bool,
     "max_request_bytes": _parse_positive_int,
     "db_timeout_ms": _parse_positive_int,
     "redis_timeout_ms": _parse_positive_int,
@@ -250,7 +251,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "redis_breaker_cooldown_ms": _parse_positive_int,
     "db_pool_size": _parse_positive_int,
     "database_listen_url": _parse_listen_url,
-    "database_statement_cache": _parse_bool,
+    "database_statement_cache": parse_bool,
     "cache_size": _parse_positive_int,
     "cache_ttl_s": _parse_non_negative_float,
     "negative_cache_size": _parse_positive_int,
@@ -264,7 +265,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "shutdown_grace_s": _parse_non_negative_float,
     "log_level": _choice("debug", "info", "warning", "error"),
     "log_format": _choice("text", "json"),
-    "metrics_workspace_label": _parse_bool,
+    "metrics_workspace_label": parse_bool,
     "jwt_issuers": load_issuers,
     "jwks_timeout_ms": _parse_positive_int,
     "workers": _parse_positive_int,

@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from authz.identity import IssuerConfig, load_issuers
-from authz.settings import SettingsError, env_name, flag_name
+from authz.settings import SettingsError, env_name, flag_name, parse_bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,15 +86,6 @@ def _public_url(raw: str) -> str:
     return value
 
 
-def _bool(raw: str) -> bool:
-    lowered = raw.strip().lower()
-    if lowered in {"1", "true", "yes", "on"}:
-        return True
-    if lowered in {"0", "false", "no", "off"}:
-        return False
-    raise ValueError("expected true or false")
-
-
 def _positive(kind: Callable[[str], float]) -> Callable[[str], Any]:
     def parse(raw: str) -> Any:
         value = kind(raw.strip())
@@ -137,7 +128,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "console_public_url": _public_url,
     "console_key_api": _addr,
     "console_clients": parse_clients,
-    "console_cookie_secure": _bool,
+    "console_cookie_secure": parse_bool,
     "console_session_ttl_s": _positive(float),
     "console_timeout_ms": _positive(int),
     "jwt_issuers": load_issuers,

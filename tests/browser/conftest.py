@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.support.idp import issuers_json, jwks_issuer
 from tests.support.procs import ManagedProcess, free_port
 from tests.support.stack import (
     ROOT,
@@ -165,19 +166,7 @@ def console_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsoleS
             },
         )
         processes.append(provider)
-        issuers = json.dumps(
-            [
-                {
-                    "issuer": issuer,
-                    "audience": "oais-keys",
-                    "workspaces": granted,
-                    "workspace_claim": "workspaces",
-                    "permission_claim": "permissions",
-                    "manage_permission": "keys:manage",
-                    "jwks_url": f"{issuer}/jwks",
-                }
-            ]
-        )
+        issuers = issuers_json(jwks_issuer(issuer, workspaces=granted))
         upstream, upstream_port = start_upstream(log_dir)
         processes.append(upstream)
         sidecar = start_sidecar(

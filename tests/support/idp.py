@@ -164,3 +164,17 @@ class TestIdp:
 
 def issuers_json(*entries: dict[str, Any]) -> str:
     return json.dumps(list(entries))
+
+
+def jwks_issuer(issuer: str, *, workspaces: list[str]) -> dict[str, Any]:
+    """An AUTHZ_JWT_ISSUERS entry for `issuer`, its keys at `<issuer>/jwks`, with this suite's
+    claim names, bound to `workspaces`."""
+    return {
+        "issuer": issuer,
+        "audience": AUDIENCE,
+        "workspaces": workspaces,
+        "workspace_claim": WORKSPACE_CLAIM,
+        "permission_claim": PERMISSION_CLAIM,
+        "manage_permission": MANAGE,
+        "jwks_url": f"{issuer}/jwks",
+    }

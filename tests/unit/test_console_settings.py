@@ -8,16 +8,9 @@ import pytest
 
 from authz.console.settings import load_console_settings
 from authz.settings import SettingsError
+from tests.support.idp import jwks_issuer
 
-ISSUER = {
-    "issuer": "https://idp.example",
-    "audience": "oais-keys",
-    "workspaces": ["ws"],
-    "workspace_claim": "workspaces",
-    "permission_claim": "permissions",
-    "manage_permission": "keys:manage",
-    "jwks_url": "https://idp.example/jwks",
-}
+ISSUER = jwks_issuer("https://idp.example", workspaces=["ws"])
 
 
 def test_defaults_and_a_configured_client() -> None:

@@ -22,19 +22,12 @@ from authz.console.sessions import SessionStore
 from authz.console.settings import load_console_settings
 from authz.console.web import Console, build_app
 from authz.identity import Identity, IdentityVerifier
+from tests.support.idp import jwks_issuer
 from tests.support.procs import free_port
 
 T0 = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
 ORIGIN = "http://127.0.0.1:8080"
-ISSUER = {
-    "issuer": "https://idp.example",
-    "audience": "oais-keys",
-    "workspaces": ["ws"],
-    "workspace_claim": "workspaces",
-    "permission_claim": "permissions",
-    "manage_permission": "keys:manage",
-    "jwks_url": "https://idp.example/jwks",
-}
+ISSUER = jwks_issuer("https://idp.example", workspaces=["ws"])
 MEMBER = Identity(
     subject="ana", issuer="https://idp.example", workspaces=frozenset({"ws"}), may_manage_keys=True
 )
