@@ -24,7 +24,9 @@ import yaml
 from tests.support.idp import issuers_json, jwks_issuer
 from tests.support.procs import ManagedProcess, free_port
 from tests.support.stack import (
+    FEED_LOGS,
     ROOT,
+    Sidecar,
     authz_cli,
     envoy_binary,
     render_envoy_config,
@@ -64,6 +66,7 @@ class ConsoleStack:
     database_url: str
     workspaces: dict[str, str]
     processes: list[ManagedProcess]
+    sidecar: Sidecar
 
     @property
     def console(self) -> str:
@@ -172,7 +175,7 @@ def console_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsoleS
         sidecar = start_sidecar(
             log_dir,
             database_url=database_url,
-            env={"AUTHZ_JWT_ISSUERS": issuers, "AUTHZ_LEDGER_FLUSH_S": "0.2"},
+            env={"AUTHZ_JWT_ISSUERS": issuers, "AUTHZ_LEDGER_FLUSH_S": "0.2", **FEED_LOGS},
         )
         processes.append(sidecar.process)
         console = ManagedProcess(
@@ -214,7 +217,7 @@ def console_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsoleS
         )
         processes.append(envoy)
         envoy.wait_for_port(envoy_port, timeout=20)
-        stack = ConsoleStack(envoy_port, issuer, database_url, workspaces, processes)
+        stack = ConsoleStack(envoy_port, issuer, database_url, workspaces, processes, sidecar)
         # Envoy's health check must see the sidecar before API keys are checked.
         wait_until(lambda: stack.chat("sk-oais_nothing") == 401, timeout=20, what="envoy ready")
         yield stack

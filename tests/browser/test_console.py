@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.browser.conftest import PROVIDER_NAME, ConsoleStack
-from tests.support.stack import wait_until
+from tests.support.stack import authz_cli, change_applied_after, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -144,9 +144,14 @@ def test_rotate_then_revoke_refuses_the_old_key_through_envoy_within_a_second(
     assert f"staging-pipeline ({old_mask})" in str(dialog.text_content())
     dialog.get_by_role("button", name="Revoke").click()
     old_row.get_by_text("Revoked").wait_for()
-    revoked_at = time.monotonic()
-    took = wait_until(lambda: console_stack.chat(old) == 401, timeout=5, what="401 for the old key")
-    assert time.monotonic() - revoked_at < 1.0, f"401 after {took:.2f}s"
+    wait_until(lambda: console_stack.chat(old) == 401, timeout=10, what="401 for the old key")
+    # From the revocation's commit to the sidecar applying it, by the sidecar's own log line
+    # (not the test's wall clock, which a busy machine stretches).
+    listed = authz_cli(
+        console_stack.database_url, "key", "list", "--workspace", console_stack.workspaces["acme"]
+    )
+    (revoked,) = [k for k in listed if k["mask"] == old_mask]
+    assert change_applied_after(console_stack.sidecar, "key", revoked["revoked_at"]) < 1.0
     assert console_stack.chat(new) == 200
 
     # The audit view says who did what: created, rotated, revoked, by the signed-in member.

@@ -98,7 +98,8 @@ async def test_a_dead_master_fails_only_its_own_shard(
         await asyncio.gather(*(one(w, s) for w, s in workspaces.items()))
         if not failures:
             break
-        assert time.monotonic() - started < 10, "the cluster never answered"
+        if time.monotonic() - started > 10:
+            raise TimeoutError("the cluster never answered within 10 s of warm-up")
 
     stop = asyncio.Event()
     load = asyncio.create_task(load_until(stop))
