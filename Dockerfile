@@ -21,9 +21,13 @@ COPY ratelimit ./ratelimit
 COPY demo ./demo
 # Every dependency ships manylinux wheels, so no compiler is needed. pip compiles the
 # bytecode at install time, so the read-only runtime never has to. Versions are the ones
-# constraints.txt pins (`make lock`), the same as `make install`'s.
+# constraints.txt pins (`make lock`), the same as `make install`'s. xds-protos ships an old
+# copy of opentelemetry/proto that may overwrite opentelemetry-proto's, which the OTLP exporter
+# needs: it is installed again last.
 RUN /opt/authz/bin/pip wheel --no-deps --wheel-dir /wheels . \
     && /opt/authz/bin/pip install --constraint constraints.txt /wheels/*.whl \
+    && /opt/authz/bin/pip install --constraint constraints.txt --force-reinstall --no-deps \
+        opentelemetry-proto \
     && /opt/authz/bin/authz --help > /dev/null
 
 FROM ${PYTHON_IMAGE} AS runtime

@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip
 	$(BIN)/pip install --quiet --disable-pip-version-check --constraint constraints.txt -e '.[dev]'
+	# xds-protos ships an old copy of opentelemetry/proto (no InstrumentationScope) that wins or
+	# loses by install order; the OTLP exporter needs opentelemetry-proto's own files.
+	$(BIN)/pip install --quiet --disable-pip-version-check --constraint constraints.txt \
+		--force-reinstall --no-deps opentelemetry-proto
 	touch $(STAMP)
 
 # The console's dev OpenID Provider (oidc-provider), for `make run` and the browser tests.
