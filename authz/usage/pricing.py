@@ -30,10 +30,6 @@ class PriceTable:
         found = self._prices.get(model) if model else None
         return found or self._prices.get(DEFAULT_MODEL)
 
-    def spend_micros(self, model: str | None, prompt_tokens: int, completion_tokens: int) -> int:
-        """Whole micro-USD, rounded (for estimates; charges use `spend_exact` and a carry)."""
-        return round(spend_exact(self.price_for(model), prompt_tokens, completion_tokens))
-
 
 def _rate(usd_per_1m: float) -> Fraction:
     """Micro-USD per token, exactly as the price was written (0.15, not 0.1499999...)."""

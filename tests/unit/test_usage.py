@@ -19,7 +19,7 @@ from authz.store.base import Change, ChangeKind, StoreUnavailable
 from authz.usage.accountant import UsageAccountant
 from authz.usage.events import UsageEvent, parse_entry
 from authz.usage.periods import period_bounds, period_of, seconds_until_next_period
-from authz.usage.pricing import PriceTable
+from authz.usage.pricing import PriceTable, spend_exact
 from ratelimit.limiter import Limits, Quota
 from ratelimit.memory import InMemoryRateLimiter
 from tests.support.fakes import FakeStore, workspace
@@ -93,9 +93,9 @@ def test_garbage_usage_counts_as_unreported() -> None:
 
 def test_prices_default_row_and_micros() -> None:
     table = PriceTable([ModelPrice("gpt", 2.0, 8.0), ModelPrice("*", 1.0, 1.0)])
-    assert table.spend_micros("gpt", 1000, 500) == 2000 + 4000
-    assert table.spend_micros("other", 1000, 500) == 1500
-    assert PriceTable().spend_micros("gpt", 1000, 500) == 0
+    assert round(spend_exact(table.price_for("gpt"), 1000, 500)) == 2000 + 4000
+    assert round(spend_exact(table.price_for("other"), 1000, 500)) == 1500
+    assert round(spend_exact(PriceTable().price_for("gpt"), 1000, 500)) == 0
 
 
 def test_periods_are_utc_months() -> None:
@@ -193,8 +193,9 @@ async def test_a_price_change_on_the_feed_reloads_the_table() -> None:
     prices = PriceTable([ModelPrice("*", 1.0, 1.0)])
     books = accountant(store, InMemoryRateLimiter(clock_ms=lambda: 0), prices)
     await store.set_price(ModelPrice("gpt", 5.0, 5.0), actor=CLI_ACTOR)
-    assert prices.spend_micros("gpt", 1, 0) == 1  # still the old default ("*" at 1.0)
+    # still the old default ("*" at 1.0)
+    assert round(spend_exact(prices.price_for("gpt"), 1, 0)) == 1
     books.on_change(Change(ChangeKind.PRICE, "gpt"))
     while books._tasks:
         await asyncio.gather(*books._tasks)
-    assert prices.spend_micros("gpt", 1, 0) == 5
+    assert round(spend_exact(prices.price_for("gpt"), 1, 0)) == 5
