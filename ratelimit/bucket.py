@@ -33,15 +33,12 @@ Bucket rules
   is the cheaper thing for a client to reason about), else TOKENS; `retry_after` is the time
   until *every* bucket has room for this request.
 * `adjust` charges or refunds tokens after the real usage is known. A refund never fills past
-  capacity. A charge may drive the level negative, and the whole overuse is carried as debt:
-  no request is admitted until refill has paid it and the request fits, and `retry_after`
-  says when that is. So at the moment of any admission, everything charged over any window
-  ending then (reservations, reported overuse, minus refunds) is at most
-  `limit * window / 1 min + capacity`; overuse reported after the last admission is the debt
-  the next one waits for. (It used to be clamped at minus one capacity and the rest forgiven:
-  issue 17, finding 6.) The only bounds are for exact arithmetic, not policy: one report
-  charges at most `MAX_CHARGE` and the debt stops at `MAX_DEBT`, both far past any real
-  response (a 10M-token context times n = 128 is ~1.3e9 tokens).
+  capacity. A charge is carried whole as debt (it was forgiven past minus one capacity: issue
+  17, finding 6): nothing is admitted until refill has paid it and the request fits, which is
+  what `retry_after` says. So at any admission, everything charged over any window ending then
+  (reservations, reported overuse, minus refunds) is at most `limit * window / 1 min +
+  capacity`. Only exactness cuts a charge (`MAX_CHARGE`) or a debt (`MAX_DEBT`), both far past
+  any real response (a 10M-token context times n = 128 is ~1.3e9 tokens).
 * A bucket whose stored state is gone (a Redis key past its TTL, a swept in-memory entry) is full;
   state is kept until the bucket is full again, so this changes nothing, except that right after
   a limit is *raised* an idle bucket may count as full slightly early (refill uses the new rate).
@@ -69,12 +66,10 @@ MAX_LIMIT = 10**10
 """Limits above this are clamped to it; it keeps all bucket arithmetic below 2^53."""
 
 MAX_CHARGE = 10**10
-"""The most one usage report can charge (tokens past its reservation): a bound for exactness,
-far above any real response, so real overuse is never cut."""
+"""The most one usage report charges past its reservation: an exactness bound only."""
 
 MAX_DEBT = 10**11
-"""The deepest a bucket's debt goes, in tokens: 50 000 minutes at TPM 2000, and still 10
-minutes at MAX_LIMIT. Only here is overuse forgiven, to keep levels exact in doubles."""
+"""The deepest debt, in tokens (50 000 minutes at TPM 2000, 10 at MAX_LIMIT): exactness only."""
 
 TTL_MARGIN_MS = 1_000
 """Idle state is kept this long past the moment its bucket is full again."""

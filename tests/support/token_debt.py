@@ -73,7 +73,12 @@ def workloads(draw: st.DrawFn) -> Workload:
         st.integers(0, 1000 * tpm + 100_000),
         st.integers(0, 10**9),
     )
-    wait = st.one_of(st.integers(0, 2_000), st.integers(0, 70_000), st.integers(0, 3_600_000))
+    wait = st.one_of(
+        st.integers(0, 2_000),
+        st.integers(0, 70_000),
+        st.integers(0, 3_600_000),
+        st.integers(0, 100_000_000),  # long enough to pay off a debt of 1000 buckets
+    )
     steps = st.one_of(
         st.builds(Step, kind=st.just("acquire"), amount=cost, usage=usage),
         st.builds(Step, kind=st.just("acquire"), amount=cost, usage=usage),
