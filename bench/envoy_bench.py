@@ -125,7 +125,7 @@ def _backends(setups: Sequence[Setup]) -> Iterator[tuple[str, str]]:
         yield database, redis_url
 
 
-def _start_envoy(
+def start_bench_envoy(
     log_dir: Path, targets: dict[str, Running]
 ) -> tuple[ManagedProcess, dict[str, int]]:
     """Envoy with a listener per target, on free ports (again on others if one was taken)."""
@@ -166,7 +166,7 @@ def run(plan: Plan, setups: Sequence[Setup], log_dir: Path) -> dict[str, Any]:
                 running[setup.name] = start_setup(
                     setup, log_dir, postgres_url=database_url, redis_url=redis_url, seeded=seeded
                 )
-            envoy, ports = _start_envoy(log_dir, running)
+            envoy, ports = start_bench_envoy(log_dir, running)
             counter = StatementCounter.for_database(database_url) if database_url else None
             targets = {
                 name: Target(
