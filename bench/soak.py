@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
-import statistics
 import tempfile
 import threading
 import time
@@ -34,138 +34,37 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
 
-from bench.backends import bench_database, postgres_base_dsn
+from bench.backends import (
+    TRANSACTIONS,
+    StatementCounter,
+    bench_database,
+    postgres_base_dsn,
+    redis_commands,
+)
 from bench.backends import redis_url as redis_url_for_bench
 from bench.envoy_bench import start_bench_envoy
-from bench.loadgen import PATH, REQUEST_BODY, LoadResult, run_openloop
+from bench.loadgen import PATH, REQUEST_BODY, run_openloop
 from bench.setups import Running, Setup, authz_env, start_authz
-from tests.support.pgbouncer import SERVER_POOL_SIZE, find_pgbouncer, pgbouncer_for, through
+from bench.soak_result import POOL_SIZE, Costs, SoakPlan, SoakResult
+from tests.support.pgbouncer import find_pgbouncer, pgbouncer_for, through
 from tests.support.procs import free_port
 from tests.support.stack import FEED_LOGS, Sidecar, authz_cli, change_applied_after, wait_until
 
 ADMIN = "soak-admin"
 """application_name of the harness's own sessions (CLI, sampler), left out of the count."""
-POOL_SIZE = 2  # AUTHZ_DB_POOL_SIZE's default: what a fleet without PgBouncer would hold
 _STARTING_AT_ONCE = 5  # sidecars importing in parallel on a 2-core machine
 _BURST_THREADS = 16
 _SAMPLE_SECONDS = 0.2
 _SETTLE_SECONDS = 60.0  # ceiling for the ledger to catch up and changes to show
+_AUTHZ_STATS = "http.soak.ext_authz."
 _HUGE = 2_000_000_000  # a limit no run reaches, so every Check still runs the bucket script
-
-
-@dataclass(frozen=True, slots=True)
-class SoakPlan:
-    """How many replicas, how long, how hard; and the rate-limited workspace's burst."""
-
-    replicas: int = 20
-    seconds: float = 60.0
-    rate: int = 200
-    connections: int = 32
-    limit_rpm: int = 100
-    burst: int = 300
-
-
-@dataclass
-class SoakResult:
-    """What the soak measured; `problems()` names every property that did not hold."""
-
-    plan: SoakPlan
-    load: LoadResult | None = None
-    sent: int = 0
-    backends_peak: int = 0
-    backend_samples: int = 0
-    revocation_s: list[float] = field(default_factory=list)
-    burst_statuses: dict[int, int] = field(default_factory=dict)
-    burst_seconds: float = 0.0
-    pool_gave_up: float = 0.0
-    """Database calls that timed out waiting for a pool connection, all replicas together."""
-    ledger_requests: int = 0
-    limited_ledger_requests: int = 0
-    loadavg: tuple[tuple[float, ...], tuple[float, ...]] = ((), ())
-
-    @property
-    def budget(self) -> int:
-        """Backends allowed: one LISTEN per process, plus PgBouncer's server pool."""
-        return self.plan.replicas + SERVER_POOL_SIZE
-
-    @property
-    def admitted(self) -> int:
-        return self.burst_statuses.get(200, 0)
-
-    @property
-    def most_admissible(self) -> int:
-        """A full bucket plus what it refilled (limit/60 per second) while the burst ran."""
-        return self.plan.limit_rpm + int(self.plan.limit_rpm / 60 * self.burst_seconds)
-
-    def problems(self) -> list[str]:
-        found = []
-        if self.backends_peak > self.budget:
-            found.append(f"{self.backends_peak} PostgreSQL backends, budget {self.budget}")
-        slow = [s for s in self.revocation_s if s >= 1.0]
-        if len(self.revocation_s) != self.plan.replicas or slow:
-            found.append(
-                f"revocation applied by {len(self.revocation_s)}/{self.plan.replicas} "
-                f"replicas, {len(slow)} of them 1 s or later"
-            )
-        if self.admitted > self.most_admissible:
-            found.append(f"over-admission: {self.admitted} > {self.most_admissible}")
-        if self.admitted < self.plan.limit_rpm:
-            found.append(f"under-admission: {self.admitted} < {self.plan.limit_rpm}")
-        if set(self.burst_statuses) - {200, 429}:
-            found.append(f"burst answers other than 200/429: {self.burst_statuses}")
-        if self.ledger_requests != self.sent:
-            found.append(f"ledger {self.ledger_requests} requests for {self.sent} sent")
-        if self.limited_ledger_requests != self.admitted:
-            found.append(f"ledger {self.limited_ledger_requests} for {self.admitted} admitted")
-        if self.pool_gave_up:
-            found.append(f"{self.pool_gave_up:.0f} calls found the pool exhausted")
-        if self.load is None or self.load.non_2xx or self.load.socket_errors:
-            found.append(f"valid-key load not all 2xx: {self.load}")
-        return found
-
-    def render(self) -> str:
-        plan, load = self.plan, self.load
-        fmt = "/".join
-        revocations = sorted(self.revocation_s) or [float("nan")]
-        lines = [
-            f"Soak: {plan.replicas} replicas (authz serve) -> PgBouncer (transaction mode) -> "
-            f"PostgreSQL, one Redis, one Envoy; {plan.rate} rps for {plan.seconds:g} s",
-            f"load         {self.sent} sent, "
-            + (
-                f"{load.requests} answered, {load.non_2xx} non-2xx, {load.socket_errors} "
-                f"socket errors, {load.rps:.0f} rps, p50 {load.p50_ms:.1f} ms, "
-                f"p99 {load.p99_ms:.1f} ms"
-                if load
-                else "no result"
-            ),
-            f"PostgreSQL   peak {self.backends_peak} backends over {self.backend_samples} "
-            f"samples; budget {self.budget} = {plan.replicas} LISTEN + {SERVER_POOL_SIZE} "
-            f"PgBouncer server connections (without PgBouncer: {plan.replicas} x "
-            f"({POOL_SIZE} + 1) = {plan.replicas * (POOL_SIZE + 1)}); "
-            f"{self.pool_gave_up:.0f} calls gave up waiting for a pool connection",
-            f"revocation   applied by {len(self.revocation_s)}/{plan.replicas} replicas, "
-            f"median {statistics.median(revocations):.3f} s, slowest {revocations[-1]:.3f} s "
-            "after the commit (each replica's own log line)",
-            f"shared limit rpm {plan.limit_rpm}: {sum(self.burst_statuses.values())} sent in "
-            f"{self.burst_seconds:.2f} s, {self.admitted} admitted, at most "
-            f"{self.most_admissible} admissible (limit + refill); answers "
-            f"{dict(sorted(self.burst_statuses.items()))}",
-            f"ledger       {self.ledger_requests} requests for {self.sent} sent; rate-limited "
-            f"workspace {self.limited_ledger_requests} for {self.admitted} admitted",
-            f"machine      {os.cpu_count()} CPUs, load average before "
-            f"{fmt(f'{x:.2f}' for x in self.loadavg[0])}, after "
-            f"{fmt(f'{x:.2f}' for x in self.loadavg[1])}",
-        ]
-        problems = self.problems()
-        lines.append("RESULT       " + ("pass" if not problems else "FAIL: " + "; ".join(problems)))
-        return "\n".join(lines)
 
 
 class BackendSampler:
@@ -299,6 +198,33 @@ def _replicas(
             list(pool.map(lambda p: p.stop(), running.processes))
 
 
+@dataclass(frozen=True, slots=True)
+class _Meter:
+    """Reads the counters whose growth over the load window makes `Costs`."""
+
+    running: Running
+    redis_url: str
+    statements: StatementCounter
+
+    def read(self) -> tuple[float, float, int, int, int]:
+        redis = sum(redis_commands(self.redis_url).values())
+        transactions = StatementCounter(self.statements.dsn, TRANSACTIONS).read()
+        statements = self.statements.read()
+        return time.monotonic(), self.running.cpu_seconds(), redis, statements, transactions
+
+    def since(self, before: tuple[float, float, int, int, int], requests: int) -> Costs:
+        now = self.read()
+        return Costs(
+            requests=requests,
+            seconds=now[0] - before[0],
+            sidecar_cpu_s=now[1] - before[1],
+            redis_commands=now[2] - before[2],
+            pg_statements=now[3] - before[3],
+            pg_method=self.statements.method,
+            pg_transactions=now[4] - before[4],
+        )
+
+
 def run_soak(plan: SoakPlan, log_dir: Path, *, base_dsn: str, redis_url: str) -> SoakResult:
     """Run the soak against a PostgreSQL server (a fresh database on it) and a Redis."""
     binary = find_pgbouncer()
@@ -309,49 +235,96 @@ def run_soak(plan: SoakPlan, log_dir: Path, *, base_dsn: str, redis_url: str) ->
     with bench_database(base_dsn) as direct, pgbouncer_for(base_dsn, binary) as bouncer:
         admin = f"{direct}?application_name={ADMIN}"
         authz_cli(admin, "migrate")
-        steady, limited, revoked = (
-            _tenant(admin, f"soak-{name}", rpm=rpm)
+        tenants = {
+            name: _tenant(admin, f"soak-{name}", rpm=rpm)
             for name, rpm in (("steady", _HUGE), ("limited", plan.limit_rpm), ("revoked", _HUGE))
-        )
+        }
         pooled = through(bouncer, direct)
         with _replicas(
             plan.replicas, log_dir, pooled=pooled, direct=direct, redis_url=redis_url
         ) as (running, sidecars):
             for sidecar in sidecars:  # every replica has both keys cached
-                if (sidecar.decide(steady.secret), sidecar.decide(revoked.secret)) != (200, 200):
+                answers = {sidecar.decide(tenants[n].secret) for n in ("steady", "revoked")}
+                if answers != {200}:
                     raise RuntimeError(f"{sidecar.grpc_addr} does not authorize the soak keys")
-            envoy, ports = start_bench_envoy(log_dir, {"soak": running})
-            url = f"http://127.0.0.1:{ports['soak']}{PATH}"
+            admin_port = free_port()
+            envoy, ports = start_bench_envoy(log_dir, {"soak": running}, admin_port=admin_port)
             try:
+                url = f"http://127.0.0.1:{ports['soak']}{PATH}"
                 wait_until(lambda: _post(url, "") == 401, timeout=60, what="Envoy routes")
+                meter = _Meter(running, redis_url, StatementCounter.for_database(admin))
                 database = urlsplit(direct).path.lstrip("/")
-                with (
-                    BackendSampler(base_dsn, database) as sampler,
-                    ThreadPoolExecutor(1) as background,
-                ):
-                    load = background.submit(
-                        run_openloop, url, authorization=steady.authorization,
-                        rate=plan.rate, connections=plan.connections, seconds=plan.seconds,
-                    )  # fmt: skip
-                    started = time.monotonic()
-                    time.sleep(plan.seconds / 3)
-                    result.revocation_s = _revoke_everywhere(admin, revoked, sidecars)
-                    time.sleep(max(0.0, started + plan.seconds / 2 - time.monotonic()))
-                    _burst(url, limited, plan.burst, result)
-                    result.load = load.result()
+                with BackendSampler(base_dsn, database) as sampler:
+                    _steady_load(url, plan, result, admin=admin, tenants=tenants,
+                                 sidecars=sidecars, meter=meter)  # fmt: skip
                 result.backends_peak, result.backend_samples = sampler.peak, sampler.samples
-                result.sent = int(plan.rate * plan.seconds)
+                result.envoy_authz = _envoy_authz_counters(admin_port)
+                result.warnings = _warnings(sidecars)
                 result.pool_gave_up = sum(
                     s.metric("authz_db_pool_waits_total", result="gave_up") for s in sidecars
                 )
-                result.ledger_requests = _settled(lambda: _ledger(admin, steady), result.sent)
+                result.ledger_requests = _settled(
+                    lambda: _ledger(admin, tenants["steady"]), result.sent
+                )
                 result.limited_ledger_requests = _settled(
-                    lambda: _ledger(admin, limited), result.admitted
+                    lambda: _ledger(admin, tenants["limited"]), result.admitted
                 )
             finally:
                 envoy.stop()
     result.loadavg = (before, os.getloadavg())
     return result
+
+
+def _steady_load(
+    url: str,
+    plan: SoakPlan,
+    result: SoakResult,
+    *,
+    admin: str,
+    tenants: dict[str, Tenant],
+    sidecars: Sequence[Sidecar],
+    meter: _Meter,
+) -> None:
+    """The valid-key load for the whole run; a revocation a third of the way in, and the
+    rate-limited burst at half way."""
+    counters = meter.read()
+    with ThreadPoolExecutor(1) as background:
+        load = background.submit(
+            run_openloop, url, authorization=tenants["steady"].authorization,
+            rate=plan.rate, connections=plan.connections, seconds=plan.seconds,
+        )  # fmt: skip
+        started = time.monotonic()
+        time.sleep(plan.seconds / 3)
+        result.revocation_s = _revoke_everywhere(admin, tenants["revoked"], sidecars)
+        time.sleep(max(0.0, started + plan.seconds / 2 - time.monotonic()))
+        _burst(url, tenants["limited"], plan.burst, result)
+        result.load = load.result()
+    result.sent = int(plan.rate * plan.seconds)
+    result.costs = meter.since(counters, result.sent + plan.burst)
+
+
+def _envoy_authz_counters(admin_port: int) -> dict[str, int]:
+    """The soak listener's non-zero ext_authz counters, from Envoy's admin /stats."""
+    url = f"http://127.0.0.1:{admin_port}/stats?filter=ext_authz"
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        text = answer.read().decode()
+    counters = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(": ")
+        if name.startswith(_AUTHZ_STATS) and value.isdigit() and int(value):
+            counters[name.removeprefix(_AUTHZ_STATS)] = int(value)
+    return counters
+
+
+def _warnings(sidecars: Sequence[Sidecar]) -> dict[str, int]:
+    """Warning and error lines of every replica's JSON log, by message (cut to 160 chars)."""
+    found: Counter[str] = Counter()
+    for sidecar in sidecars:
+        for line in sidecar.process.read_log().splitlines():
+            entry = json.loads(line) if line.startswith("{") else {}
+            if entry.get("level") in ("warning", "error"):
+                found[str(entry.get("message"))[:160]] += 1
+    return dict(found.most_common(10))
 
 
 def _ledger(admin_url: str, tenant: Tenant) -> int:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.soak import SoakPlan, run_soak
+from bench.soak import run_soak
+from bench.soak_result import SoakPlan
 from tests.support.pgbouncer import SERVER_POOL_SIZE
 from tests.support.redis_servers import redis_url_for_tests
 
