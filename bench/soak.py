@@ -63,7 +63,9 @@ _STARTING_AT_ONCE = 5  # sidecars importing in parallel on a 2-core machine
 _BURST_THREADS = 16
 _SAMPLE_SECONDS = 0.2
 _SETTLE_SECONDS = 60.0  # ceiling for the ledger to catch up and changes to show
-_AUTHZ_STATS = "http.soak.ext_authz."
+# Envoy's counters that explain a non-2xx or a short ledger: ext_authz outcomes, and access
+# log entries the gRPC stream dropped under back-pressure.
+_ENVOY_STATS = ("http.soak.ext_authz.", "access_logs.grpc_access_log.")
 _HUGE = 2_000_000_000  # a limit no run reaches, so every Check still runs the bucket script
 
 
@@ -165,9 +167,10 @@ def _revoke_everywhere(admin_url: str, tenant: Tenant, sidecars: Sequence[Sideca
 
 @contextmanager
 def _replicas(
-    count: int, log_dir: Path, *, pooled: str, direct: str, redis_url: str
+    plan: SoakPlan, log_dir: Path, *, pooled: str, direct: str, redis_url: str
 ) -> Iterator[tuple[Running, list[Sidecar]]]:
-    """`count` sidecars as docs/deploy.md configures them behind PgBouncer, all ready."""
+    """The plan's sidecars as docs/deploy.md configures them behind PgBouncer, all ready."""
+    count = plan.replicas
     running = Running(Setup("soak", f"{count} replicas", "authz", "postgres", replicas=count))
 
     def start(index: int) -> Sidecar:
@@ -181,6 +184,7 @@ def _replicas(
             "AUTHZ_DATABASE_STATEMENT_CACHE": "false",
             "AUTHZ_DB_POOL_SIZE": str(POOL_SIZE),
             **FEED_LOGS,
+            **plan.settings,
         }
         process = start_authz(log_dir, f"replica-{index:02d}", env, port=port)
         return Sidecar(process, f"127.0.0.1:{port}", f"127.0.0.1:{metrics_port}")
@@ -240,9 +244,10 @@ def run_soak(plan: SoakPlan, log_dir: Path, *, base_dsn: str, redis_url: str) ->
             for name, rpm in (("steady", _HUGE), ("limited", plan.limit_rpm), ("revoked", _HUGE))
         }
         pooled = through(bouncer, direct)
-        with _replicas(
-            plan.replicas, log_dir, pooled=pooled, direct=direct, redis_url=redis_url
-        ) as (running, sidecars):
+        with _replicas(plan, log_dir, pooled=pooled, direct=direct, redis_url=redis_url) as (
+            running,
+            sidecars,
+        ):
             for sidecar in sidecars:  # every replica has both keys cached
                 answers = {sidecar.decide(tenants[n].secret) for n in ("steady", "revoked")}
                 if answers != {200}:
@@ -258,7 +263,7 @@ def run_soak(plan: SoakPlan, log_dir: Path, *, base_dsn: str, redis_url: str) ->
                     _steady_load(url, plan, result, admin=admin, tenants=tenants,
                                  sidecars=sidecars, meter=meter)  # fmt: skip
                 result.backends_peak, result.backend_samples = sampler.peak, sampler.samples
-                result.envoy_authz = _envoy_authz_counters(admin_port)
+                result.envoy = _envoy_counters(admin_port)
                 result.warnings = _warnings(sidecars)
                 result.pool_gave_up = sum(
                     s.metric("authz_db_pool_waits_total", result="gave_up") for s in sidecars
@@ -303,16 +308,15 @@ def _steady_load(
     result.costs = meter.since(counters, result.sent + plan.burst)
 
 
-def _envoy_authz_counters(admin_port: int) -> dict[str, int]:
-    """The soak listener's non-zero ext_authz counters, from Envoy's admin /stats."""
-    url = f"http://127.0.0.1:{admin_port}/stats?filter=ext_authz"
-    with urllib.request.urlopen(url, timeout=10) as answer:
+def _envoy_counters(admin_port: int) -> dict[str, int]:
+    """Envoy's non-zero ext_authz and access-log counters, from its admin /stats."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/stats", timeout=10) as answer:
         text = answer.read().decode()
     counters = {}
     for line in text.splitlines():
         name, _, value = line.partition(": ")
-        if name.startswith(_AUTHZ_STATS) and value.isdigit() and int(value):
-            counters[name.removeprefix(_AUTHZ_STATS)] = int(value)
+        if name.startswith(_ENVOY_STATS) and value.isdigit() and int(value):
+            counters[name] = int(value)
     return counters
 
 

@@ -48,6 +48,8 @@ class SoakPlan:
     connections: int = 32
     limit_rpm: int = 100
     burst: int = 300
+    settings: dict[str, str] = field(default_factory=dict)
+    """Sidecar settings changed from the shipped defaults (none for `make soak`)."""
 
 
 @dataclass
@@ -67,8 +69,9 @@ class SoakResult:
     ledger_requests: int = 0
     limited_ledger_requests: int = 0
     costs: Costs | None = None
-    envoy_authz: dict[str, int] = field(default_factory=dict)
-    """Envoy's non-zero ext_authz counters (ok, denied, error...) for the soak listener."""
+    envoy: dict[str, int] = field(default_factory=dict)
+    """Envoy's non-zero ext_authz (ok, denied, error) and access-log (written, dropped)
+    counters."""
     warnings: dict[str, int] = field(default_factory=dict)
     """Warning and error lines the replicas logged, by message, with how often."""
 
@@ -124,7 +127,8 @@ class SoakResult:
         revocations = sorted(self.revocation_s) or [float("nan")]
         lines = [
             f"Soak: {plan.replicas} replicas (authz serve) -> PgBouncer (transaction mode) -> "
-            f"PostgreSQL, one Redis, one Envoy; {plan.rate} rps for {plan.seconds:g} s",
+            f"PostgreSQL, one Redis, one Envoy; {plan.rate} rps for {plan.seconds:g} s; "
+            + (" ".join(f"{k}={v}" for k, v in plan.settings.items()) or "default settings"),
             f"load         {self.sent} sent, "
             + (
                 f"{load.requests} answered, {load.non_2xx} non-2xx, {load.socket_errors} "
@@ -153,7 +157,7 @@ class SoakResult:
             f"{fmt(f'{x:.2f}' for x in self.loadavg[0])}, after "
             f"{fmt(f'{x:.2f}' for x in self.loadavg[1])}",
         ]
-        lines.append(f"Envoy        ext_authz counters {self.envoy_authz}")
+        lines.append(f"Envoy        {self.envoy}")
         lines += [f"replica log  {n} x {message}" for message, n in self.warnings.items()]
         problems = self.problems()
         lines.append("RESULT       " + ("pass" if not problems else "FAIL: " + "; ".join(problems)))

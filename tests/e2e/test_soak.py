@@ -18,7 +18,18 @@ from tests.support.redis_servers import redis_url_for_tests
 
 pytestmark = pytest.mark.e2e
 
-PLAN = SoakPlan(replicas=4, seconds=10, rate=50, limit_rpm=30, burst=90)
+# The properties here are the budget, revocation, exactness and the ledger, not latency: five
+# processes per core share this machine with Envoy and the load, so the sidecars' 50 ms Redis
+# and 150 ms database budgets would turn CPU queueing into UNAVAILABLE. `make soak` measures
+# with the shipped settings.
+PLAN = SoakPlan(
+    replicas=4,
+    seconds=10,
+    rate=50,
+    limit_rpm=30,
+    burst=90,
+    settings={"AUTHZ_REDIS_TIMEOUT_MS": "2000", "AUTHZ_DB_TIMEOUT_MS": "2000"},
+)
 
 
 def test_a_fleet_behind_pgbouncer_stays_in_budget_exact_and_revoked_within_a_second(
