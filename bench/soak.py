@@ -62,6 +62,7 @@ ADMIN = "soak-admin"
 _STARTING_AT_ONCE = 5  # sidecars importing in parallel on a 2-core machine
 _BURST_THREADS = 16
 _SAMPLE_SECONDS = 0.2
+_IDLE_SECONDS = 5.0
 _SETTLE_SECONDS = 60.0  # ceiling for the ledger to catch up and changes to show
 # Envoy's counters that explain a non-2xx or a short ledger: ext_authz outcomes, and access
 # log entries the gRPC stream dropped under back-pressure.
@@ -258,6 +259,9 @@ def run_soak(plan: SoakPlan, log_dir: Path, *, base_dsn: str, redis_url: str) ->
                 url = f"http://127.0.0.1:{ports['soak']}{PATH}"
                 wait_until(lambda: _post(url, "") == 401, timeout=60, what="Envoy routes")
                 meter = _Meter(running, redis_url, StatementCounter.for_database(admin))
+                counters = meter.read()
+                time.sleep(_IDLE_SECONDS)  # what the fleet costs with no traffic
+                result.idle = meter.since(counters, 0)
                 database = urlsplit(direct).path.lstrip("/")
                 with BackendSampler(base_dsn, database) as sampler:
                     _steady_load(url, plan, result, admin=admin, tenants=tenants,

@@ -27,6 +27,15 @@ class Costs:
     pg_method: str
     pg_transactions: int
 
+    def idle_line(self, replicas: int) -> str:
+        seconds = max(self.seconds, 1e-9) * replicas
+        return (
+            f"per replica {self.sidecar_cpu_s / seconds:.1%} of a core, "
+            f"{self.pg_transactions / seconds:.1f} PostgreSQL transactions/s, "
+            f"{self.redis_commands / seconds:.1f} Redis commands/s (no traffic, "
+            f"{self.seconds:.0f} s)"
+        )
+
     def line(self) -> str:
         per, seconds = max(self.requests, 1), max(self.seconds, 1e-9)
         return (
@@ -69,6 +78,8 @@ class SoakResult:
     ledger_requests: int = 0
     limited_ledger_requests: int = 0
     costs: Costs | None = None
+    idle: Costs | None = None
+    """The same counters over a few seconds without traffic, before the load."""
     envoy: dict[str, int] = field(default_factory=dict)
     """Envoy's non-zero ext_authz (ok, denied, error) and access-log (written, dropped)
     counters."""
@@ -153,6 +164,7 @@ class SoakResult:
             f"({self.sent} sent); rate-limited "
             f"workspace {self.limited_ledger_requests} for {self.admitted} admitted",
             f"costs        {self.costs.line() if self.costs else 'not measured'}",
+            f"idle         {self.idle.idle_line(plan.replicas) if self.idle else 'not measured'}",
             f"machine      {os.cpu_count()} CPUs, load average before "
             f"{fmt(f'{x:.2f}' for x in self.loadavg[0])}, after "
             f"{fmt(f'{x:.2f}' for x in self.loadavg[1])}",
