@@ -1,6 +1,6 @@
 """What `make soak` measured (bench/soak.py), the properties it must show, and its report.
 
-Pure: figures in, verdicts and text out.
+No processes and no I/O: figures in, verdicts and text out.
 """
 
 from __future__ import annotations
