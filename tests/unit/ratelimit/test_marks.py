@@ -39,7 +39,7 @@ def seeded(tokens: int = 0, spend: int = 0, marks: dict[str, int] | None = None)
 def test_positions_grow_in_write_order() -> None:
     assert position(0) == WHOLE
     assert position(1, 0) == SPAN < position(1, 5) < position(1) < position(2, 0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="bad ledger position"):
         position(1, WHOLE)
 
 
@@ -70,7 +70,8 @@ def test_a_snapshot_mark_skips_the_batches_it_holds() -> None:
     assert record(month, "r", 4, 10, 0)[1] is Recorded.SKIPPED
     assert fold(month, "r", position(4), 10, 0)[1] is Folded.ALREADY
     month, recorded = record(month, "r", 5, 10, 0)
-    assert recorded is Recorded.COUNTED and month.counters.tokens == 60
+    assert recorded is Recorded.COUNTED
+    assert month.counters.tokens == 60
 
 
 def test_folds_during_a_seed_are_settled_against_the_snapshot() -> None:
@@ -102,7 +103,8 @@ def test_a_partial_loss_is_seeded_whole() -> None:
     assert not survivor.complete
     assert record(survivor, "r", 0, 1, 1)[1] is Recorded.MISSING
     held, start = seed_begin(survivor, "t")
-    assert start is SeedStart.HELD and held.counters == Counters()
+    assert start is SeedStart.HELD
+    assert held.counters == Counters()
 
 
 # The model check.
