@@ -22,6 +22,10 @@ LIMITS = Limits(rpm=0, tpm=0)
 HOLD_MS = 600_000
 
 
+def text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 async def stored(client: RedisClient, workspace_id: str) -> Month:
     tokens_key, spend_key, ledger_key = month_keys(workspace_id, PERIOD)
     tokens, spend = await client.get(tokens_key), await client.get(spend_key)
@@ -31,7 +35,7 @@ async def stored(client: RedisClient, workspace_id: str) -> Month:
             tokens=None if tokens is None else int(tokens),
             spend_micros=None if spend is None else int(spend),
         ),
-        {k.decode(): v.decode() for k, v in ledger.items()} or None,
+        {text(k): text(v) for k, v in ledger.items()} or None,
     )
 
 

@@ -56,13 +56,10 @@ class Replica:
     seeder: QuotaSeeder
     metrics: Metrics
 
-    def waiting(self) -> float:
+    def waiting(self) -> bool:
         m = self.metrics
-        return (
-            m.ledger_queue_rows._value.get()
-            + m.usage_counter_queue._value.get()
-            + m.usage_fold_queue._value.get()
-        )
+        gauges = (m.ledger_queue_rows, m.usage_counter_queue, m.usage_fold_queue)
+        return any(gauge._value.get() for gauge in gauges)
 
 
 @dataclass

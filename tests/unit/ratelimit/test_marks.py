@@ -251,10 +251,8 @@ class World:
         )
         if self.rng.random() < 0.01:
             self.lose()
-        elif action is self.report:
-            self.report(r)
         else:
-            action(r)  # type: ignore[operator]
+            action(r)
 
     def settle(self) -> None:
         """Every replica writes and folds everything; seeds run to their end."""
