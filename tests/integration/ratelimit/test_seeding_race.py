@@ -34,7 +34,8 @@ from authz.usage.reservations import Claims
 from authz.usage.seeding import QuotaSeeder, micros
 from ratelimit.breaker import CircuitBreaker
 from ratelimit.keys import month_keys
-from ratelimit.limiter import Limits, Quota, QuotaState, RateLimitUnavailable
+from ratelimit.limiter import Limits, Quota, QuotaState, RateLimiter, RateLimitUnavailable
+from ratelimit.memory import InMemoryRateLimiter
 from ratelimit.redis_backend import RedisRateLimiter, connect_redis
 from tests.support.redis_servers import RedisServer
 
@@ -51,7 +52,7 @@ SETTLE_ROUNDS = 200
 @dataclass
 class Replica:
     store: Store
-    limiter: RedisRateLimiter
+    limiter: RateLimiter
     accountant: UsageAccountant
     seeder: QuotaSeeder
     metrics: Metrics
@@ -66,8 +67,8 @@ class Replica:
 class Fleet:
     replicas: list[Replica]
     workspace_id: str
-    redis: redis.asyncio.Redis
-    server: RedisServer
+    redis: redis.asyncio.Redis | None = None
+    server: RedisServer | None = None
 
     def event(self, rng: random.Random) -> UsageEvent:
         # $1 / $2 per 1M tokens: whole micro-USD per token, so the ledger's float USD sums
@@ -175,11 +176,25 @@ async def fleet(pg_dsn: str, own_redis: RedisServer) -> AsyncIterator[Fleet]:
 
 
 async def flusher(fleet: Fleet, replica: Replica, rng: random.Random, rounds: int) -> None:
-    """Report a few requests, flush, again: one replica's life during a cycle."""
-    for _ in range(rounds):
-        for _ in range(rng.randint(1, 6)):
-            await replica.accountant.record(fleet.event(rng))
-        await replica.accountant.flush()
+    """One replica's life during a cycle: its access-log stream reports requests while its
+    flush loop writes the ledger, as two tasks (as in the sidecar)."""
+    done = asyncio.Event()
+
+    async def reports() -> None:
+        try:
+            for _ in range(rounds):
+                for _ in range(rng.randint(1, 6)):
+                    await replica.accountant.record(fleet.event(rng))
+                await asyncio.sleep(rng.uniform(0, 0.005))
+        finally:
+            done.set()
+
+    async def flushes() -> None:
+        while not done.is_set():
+            await replica.accountant.flush()
+            await asyncio.sleep(rng.uniform(0, 0.005))
+
+    await asyncio.gather(reports(), flushes())
 
 
 async def checker(fleet: Fleet, replica: Replica, stop: asyncio.Event) -> None:
@@ -207,6 +222,8 @@ async def loser(fleet: Fleet, rng: random.Random, losses: int, stop: asyncio.Eve
         if stop.is_set():
             return
         how = rng.choice(["flushall", "all", "tokens", "spend", "ledger", "stall"])
+        assert fleet.redis is not None
+        assert fleet.server is not None
         if how == "stall":
             fleet.server.pause()
             try:
@@ -242,6 +259,11 @@ async def test_counters_equal_the_ledger_after_every_lossy_cycle(fleet: Fleet) -
     tokens, spend = await fleet.ledger()
     assert tokens > 0
     assert spend > tokens  # every request had output tokens, at $2 per 1M
+
+
+def replica_redis(fleet: Fleet) -> redis.asyncio.Redis:
+    assert fleet.redis is not None
+    return fleet.redis
 
 
 class LostReplies(RedisRateLimiter):
@@ -287,9 +309,57 @@ async def test_a_retry_after_the_loss_of_its_reply_and_of_the_month_counts_once(
         await books.record(fleet.event(random.Random(1)))  # applied, reply lost: queued
         await books.flush()  # the retry loses its reply too; the batch is written and folded
         assert replica.metrics.usage_counter_queue._value.get() == 1
-        await fleet.redis.flushall()
+        await replica_redis(fleet).flushall()
         await books.flush()  # the retry: the month is seeded from the ledger first
         assert replica.metrics.usage_counter_queue._value.get() == 0
         assert await fleet.counters() == await fleet.ledger()
     finally:
         await limiter.close()
+
+
+async def test_embedded_restarts_seed_exactly_under_concurrent_flushes(sqlite_url: str) -> None:
+    """The embedded default (SQLite, in-process limiter): each restart starts with no counters,
+    and the first Checks seed them while the new process already reports and flushes."""
+    store = await open_store(sqlite_url, poll_interval=0.05, read_timeout=5, write_timeout=5)
+    await store.migrate()
+    slow_snapshots(store, random.Random(7))
+    workspace = await store.create_workspace(NewWorkspace(name="w", rpm=0, tpm=0), actor=CLI_ACTOR)
+    rng = random.Random(8)
+    try:
+        for restart in range(10):
+            limiter = InMemoryRateLimiter()
+            metrics = Metrics(CollectorRegistry())
+            seeder = QuotaSeeder(store, limiter, timeout_s=10)
+            replica = Replica(
+                store,
+                limiter,
+                UsageAccountant(
+                    store=store,
+                    limiter=limiter,
+                    resolver=KeyResolver(
+                        store,
+                        metrics,
+                        size=10,
+                        ttl=60,
+                        negative_size=10,
+                        negative_ttl=10,
+                        stale_if_error=0,
+                    ),
+                    prices=PriceTable(),
+                    metrics=metrics,
+                    flush_interval=60,
+                    seeder=seeder,
+                ),
+                seeder,
+                metrics,
+            )
+            fleet = Fleet([replica], workspace.id)
+            stop = asyncio.Event()
+            checks = asyncio.ensure_future(checker(fleet, replica, stop))
+            await flusher(fleet, replica, rng, rng.randint(3, 8))
+            stop.set()
+            await checks
+            await fleet.settle()
+            assert await fleet.counters() == await fleet.ledger(), f"restart {restart}"
+    finally:
+        await store.close()
