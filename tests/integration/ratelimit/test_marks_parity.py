@@ -7,13 +7,16 @@ from __future__ import annotations
 import random
 
 import pytest
+from redis.asyncio.cluster import RedisCluster
 
 from ratelimit.keys import month_keys
 from ratelimit.limiter import Limits, UsageTag
 from ratelimit.marks import Month, fold, position, record, seed_begin, seed_finish
 from ratelimit.memory import InMemoryRateLimiter
 from ratelimit.quota import Counters
-from ratelimit.redis_backend import RedisClient, RedisRateLimiter
+from ratelimit.redis_backend import RedisClient, RedisRateLimiter, connect_redis
+from tests.integration.ratelimit.conftest import GENEROUS_TIMEOUT_SECONDS
+from tests.support.redis_servers import RedisClusterServers, send_command
 
 pytestmark = pytest.mark.integration
 
@@ -43,14 +46,36 @@ async def stored(client: RedisClient, workspace_id: str) -> Month:
 async def test_scripts_match_the_python_twin(
     redis_client: RedisClient, workspace_id: str, seed: int
 ) -> None:
+    await run_against_the_twin(redis_client, workspace_id, seed, steps=300)
+
+
+async def test_scripts_match_the_python_twin_on_a_cluster(
+    cluster: RedisClusterServers, workspace_id: str
+) -> None:
+    client = connect_redis(cluster.url, timeout_seconds=GENEROUS_TIMEOUT_SECONDS)
+    assert isinstance(client, RedisCluster)
+    try:
+        workspaces = [f"{workspace_id}-{n}" for n in range(12)]  # over every master
+        assert {len({client.keyslot(k) for k in month_keys(w, PERIOD)}) for w in workspaces} == {1}
+        for seed, workspace in enumerate(workspaces):
+            await run_against_the_twin(client, workspace, seed, steps=60)
+        for node in cluster.nodes:
+            assert int(send_command(node.port, "DBSIZE")[1:]) > 0
+    finally:
+        await client.aclose()
+
+
+async def run_against_the_twin(
+    client: RedisClient, workspace_id: str, seed: int, *, steps: int
+) -> None:
     rng = random.Random(seed)
-    on_redis = RedisRateLimiter(redis_client)
+    on_redis = RedisRateLimiter(client, timeout_seconds=GENEROUS_TIMEOUT_SECONDS)
     partial_losses = seed % 2 == 1  # the in-process limiter only ever loses everything
     limiters: tuple[RedisRateLimiter | InMemoryRateLimiter, ...] = (on_redis,)
     if not partial_losses:
         limiters = (on_redis, InMemoryRateLimiter())
     model = Month(Counters(), None)
-    for step in range(300):
+    for step in range(steps):
         replica = rng.choice(["a", "b"])
         choice = rng.random()
         amounts = (rng.randint(0, 40), rng.randint(0, 70))
@@ -108,7 +133,7 @@ async def test_scripts_match_the_python_twin(
         else:
             keys = month_keys(workspace_id, PERIOD)
             lost = rng.choice([keys[:1], keys[1:2], keys[2:], keys]) if partial_losses else keys
-            await redis_client.delete(*lost)
+            await client.delete(*lost)
             model = Month(
                 Counters(
                     tokens=None if keys[0] in lost else model.counters.tokens,
@@ -118,4 +143,4 @@ async def test_scripts_match_the_python_twin(
             )
             if not partial_losses:
                 limiters = (on_redis, InMemoryRateLimiter())  # a new process
-        assert await stored(redis_client, workspace_id) == model, step
+        assert await stored(client, workspace_id) == model, step
