@@ -56,7 +56,7 @@ class QuotaState:
     spend_used_micros: int
     known: bool
     """False when no counter existed for this workspace+period (Redis lost it, a fresh process):
-    the caller may restore the totals from its ledger with `seed_usage`."""
+    the caller restores the totals from its ledger (`begin_seed`, `finish_seed`)."""
     missing: frozenset[QuotaKind] = field(default=frozenset(), compare=False)
     """Which counters did not exist (for `record_usage`: before it); empty exactly when `known`.
     A restore fills only these: a surviving counter already holds its month. Left out of

@@ -64,6 +64,7 @@ from ratelimit.lua_scripts import Operation, script_text
 from ratelimit.metrics import RateLimitMetrics
 from ratelimit.pipeline import ScriptPipeliner
 from ratelimit.redis_guard import CEILING_SECONDS, RedisGuard
+from ratelimit.redis_marks import OPERATION_TTL_SECONDS as OPERATION_TTL_SECONDS
 from ratelimit.redis_marks import LedgerMarkCalls
 from ratelimit.redis_nodes import STANDALONE, UNMAPPED, NodeBreakers
 
@@ -72,10 +73,6 @@ _log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_SECONDS = 0.05
 DEFAULT_MAX_CONNECTIONS = 32
 """Per Redis node. One EVALSHA takes well under a millisecond, so few connections carry a lot."""
-
-OPERATION_TTL_SECONDS = 60
-"""How long `adjust`, `record` and `record_month` remember an operation id: far past any retry
-of the call."""
 
 _STANDALONE_SCHEMES = ("redis", "rediss", "unix")
 _CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}
@@ -176,8 +173,6 @@ def _parse_host_port(item: str) -> tuple[str, int]:
 
 class RedisRateLimiter(LedgerMarkCalls):
     """`RateLimiter` on Redis (standalone or Cluster), one atomic Lua script call per operation."""
-
-    _operation_ttl_seconds = OPERATION_TTL_SECONDS
 
     def __init__(
         self,

@@ -17,12 +17,13 @@ from ratelimit.keys import bucket_keys, month_keys
 from ratelimit.limiter import Limits, QuotaState, UsageTag
 from ratelimit.lua_scripts import Operation
 
+OPERATION_TTL_SECONDS = 60
+"""How long `adjust`, `record` and `record_month` remember an operation id: far past any retry
+of the call."""
+
 
 class LedgerMarkCalls:
     """`fold_ledger`, `begin_seed`, `finish_seed` and tagged `record_usage` on Redis."""
-
-    _operation_ttl_seconds: int
-    """How long `record_month` remembers an operation id (the backend's, for all operations)."""
 
     async def _run(
         self, operation: Operation, keys: Sequence[str], args: Sequence[int | str]
@@ -61,7 +62,7 @@ class LedgerMarkCalls:
                 quotas.normalise_amount(tokens, "tokens"),
                 quotas.normalise_amount(spend, "spend"),
                 quotas.COUNTER_TTL_SECONDS,
-                self._operation_ttl_seconds,
+                OPERATION_TTL_SECONDS,
                 marks.check_replica(tag.replica_id),
                 tag.generation,
             ],
