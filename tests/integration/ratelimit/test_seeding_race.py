@@ -122,6 +122,25 @@ class Fleet:
         return snapshot.tokens, micros(snapshot.spend_usd)
 
 
+def sidecar(store: Store, limiter: RateLimiter, metrics: Metrics | None = None) -> Replica:
+    """One replica's usage side, wired as `authz.app.build` wires it."""
+    metrics = metrics or Metrics(CollectorRegistry())
+    seeder = QuotaSeeder(store, limiter, timeout_s=10)
+    resolver = KeyResolver(
+        store, metrics, size=10, ttl=60, negative_size=10, negative_ttl=10, stale_if_error=0
+    )
+    accountant = UsageAccountant(
+        store=store,
+        limiter=limiter,
+        resolver=resolver,
+        prices=PriceTable(),
+        metrics=metrics,
+        flush_interval=60,
+        seeder=seeder,
+    )
+    return Replica(store, limiter, accountant, seeder, metrics)
+
+
 def slow_snapshots(store: Store, rng: random.Random) -> None:
     """Widen the race a seed is exposed to: the other replicas keep writing and folding between
     its ledger snapshot and its installing it, as on a busy database."""
@@ -149,21 +168,7 @@ async def fleet(pg_dsn: str, own_redis: RedisServer) -> AsyncIterator[Fleet]:
                 timeout_seconds=0.3,
                 breaker=CircuitBreaker(failure_threshold=10_000),  # stalls are the test's
             )
-            metrics = Metrics(CollectorRegistry())
-            resolver = KeyResolver(
-                store, metrics, size=10, ttl=60, negative_size=10, negative_ttl=10, stale_if_error=0
-            )
-            seeder = QuotaSeeder(store, limiter, timeout_s=10)
-            accountant = UsageAccountant(
-                store=store,
-                limiter=limiter,
-                resolver=resolver,
-                prices=PriceTable(),
-                metrics=metrics,
-                flush_interval=60,
-                seeder=seeder,
-            )
-            replicas.append(Replica(store, limiter, accountant, seeder, metrics))
+            replicas.append(sidecar(store, limiter))
         workspace = await replicas[0].store.create_workspace(
             NewWorkspace(name="w", rpm=0, tpm=0), actor=CLI_ACTOR
         )
@@ -287,23 +292,7 @@ async def test_a_retry_after_the_loss_of_its_reply_and_of_the_month_counts_once(
     snapshot that holds its batch, and must not count it again."""
     replica = fleet.replicas[0]
     limiter = LostReplies(connect_redis(own_redis.url, timeout_seconds=2))
-    books = UsageAccountant(
-        store=replica.store,
-        limiter=limiter,
-        resolver=KeyResolver(
-            replica.store,
-            replica.metrics,
-            size=10,
-            ttl=60,
-            negative_size=10,
-            negative_ttl=10,
-            stale_if_error=0,
-        ),
-        prices=PriceTable(),
-        metrics=replica.metrics,
-        flush_interval=60,
-        seeder=QuotaSeeder(replica.store, limiter, timeout_s=10),
-    )
+    books = sidecar(replica.store, limiter, replica.metrics).accountant
     try:
         limiter.lose = 2
         await books.record(fleet.event(random.Random(1)))  # applied, reply lost: queued
@@ -327,32 +316,7 @@ async def test_embedded_restarts_seed_exactly_under_concurrent_flushes(sqlite_ur
     rng = random.Random(8)
     try:
         for restart in range(10):
-            limiter = InMemoryRateLimiter()
-            metrics = Metrics(CollectorRegistry())
-            seeder = QuotaSeeder(store, limiter, timeout_s=10)
-            replica = Replica(
-                store,
-                limiter,
-                UsageAccountant(
-                    store=store,
-                    limiter=limiter,
-                    resolver=KeyResolver(
-                        store,
-                        metrics,
-                        size=10,
-                        ttl=60,
-                        negative_size=10,
-                        negative_ttl=10,
-                        stale_if_error=0,
-                    ),
-                    prices=PriceTable(),
-                    metrics=metrics,
-                    flush_interval=60,
-                    seeder=seeder,
-                ),
-                seeder,
-                metrics,
-            )
+            replica = sidecar(store, InMemoryRateLimiter())
             fleet = Fleet([replica], workspace.id)
             stop = asyncio.Event()
             checks = asyncio.ensure_future(checker(fleet, replica, stop))
