@@ -49,6 +49,11 @@ lost or taken finds its token gone and starts over with a fresh snapshot). A rep
 increment only stands in for its batch until that batch is folded (the fold removes it), and
 is skipped once the batch is in the counters. So once every batch is written and folded, the
 counters equal the ledger, whatever the interleaving of flushes, reports, losses and seeds.
+(A row the store refuses for good is set aside by the accountant and never reaches the ledger:
+its report's count stays in flight until that replica's next batch for the month is folded,
+and from then on the counters follow the ledger without it.) Spend is folded as the batch's
+USD in whole micro-USD, rounded like the snapshot's total, so it is exact to the micro-USD
+whenever each row is.
 
 Both backends run these functions on the same stored form: the Redis scripts (ledger.lua and
 the record_month, fold, seed_begin and seed_finish bodies) on the keys, the in-process limiter
