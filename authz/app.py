@@ -156,6 +156,8 @@ async def build(
         store, interval=settings.last_used_flush_s, clock=clock or time.time
     )
     prices = PriceTable()
+    # One seeder for the Check path and the usage reports: one seed per month at a time.
+    seeder = QuotaSeeder(store, limiter, timeout_s=settings.db_timeout_ms / 1000)
     accountant = UsageAccountant(
         store=store,
         limiter=limiter,
@@ -163,6 +165,7 @@ async def build(
         prices=prices,
         metrics=metrics,
         flush_interval=settings.ledger_flush_s,
+        seeder=seeder,
     )
     wall_clock = clock or time.time
     keyring = Keyring(store, clock=wall_clock)
@@ -178,7 +181,7 @@ async def build(
         renderer=AllowRenderer(keep_authorization=settings.keep_authorization),
         last_used=last_used,
         prices=prices,
-        seeder=QuotaSeeder(store, limiter, timeout_s=settings.db_timeout_ms / 1000),
+        seeder=seeder,
         keyring=keyring,
         fail_open=settings.failure_mode == "open",
         max_request_bytes=settings.max_request_bytes,
@@ -207,7 +210,7 @@ async def build(
         StoppableAccessLog(
             ObservedAccessLog(accountant, gate=gate, sink=ObservationSink(store=store)), streams
         ),
-        server
+        server,
     )
     verifier = IdentityVerifier(
         settings.jwt_issuers, jwks_timeout_s=settings.jwks_timeout_ms / 1000

@@ -218,6 +218,12 @@ class Metrics:
             "workspace lookup unavailable); readiness fails while the queue is full.",
             registry=registry,
         )
+        self.usage_fold_queue = Gauge(
+            "authz_usage_fold_queue",
+            "Written ledger batches (per workspace and month) whose amounts wait to replace "
+            "their reports' counts in the quota counters (rate limiter unavailable).",
+            registry=registry,
+        )
         self.usage_fields_rejected = Counter(
             "authz_usage_fields_rejected",
             "Strings from responses replaced by a marker (not printable, or too long), by field.",

@@ -7,6 +7,7 @@ Lua script may touch them together on Redis Cluster:
     authz:rl:v1:{ws:<id>}:tok            token bucket   (hash: l, t)
     authz:rl:v1:{ws:<id>}:qt:<YYYY-MM>   tokens used in the period (integer string)
     authz:rl:v1:{ws:<id>}:qs:<YYYY-MM>   micro-USD spent in the period (integer string)
+    authz:rl:v1:{ws:<id>}:ql:<YYYY-MM>   the period's ledger marks (hash, see ratelimit.marks)
     authz:rl:v1:{ws:<id>}:op:<id>        the reply of one adjust/record call, kept a minute so a
                                          retry of that call is answered, not applied twice
     authz:rl:v1:{ws:<id>}:rsv:<id>       a signed reservation already reported (SET NX, an hour)
@@ -22,6 +23,7 @@ REQUESTS_SUFFIX = "req"
 TOKENS_SUFFIX = "tok"
 QUOTA_TOKENS_SUFFIX = "qt"
 QUOTA_SPEND_SUFFIX = "qs"
+QUOTA_LEDGER_SUFFIX = "ql"
 OPERATION_SUFFIX = "op"
 RESERVATION_SUFFIX = "rsv"
 
@@ -47,6 +49,13 @@ def usage_keys(workspace_id: str, period: str) -> tuple[str, str]:
         f"{REDIS_KEY_PREFIX}:{tag}:{QUOTA_TOKENS_SUFFIX}:{period}",
         f"{REDIS_KEY_PREFIX}:{tag}:{QUOTA_SPEND_SUFFIX}:{period}",
     )
+
+
+def month_keys(workspace_id: str, period: str) -> tuple[str, str, str]:
+    """The (tokens used, spend used, ledger marks) keys of one workspace and period."""
+    tag = workspace_hash_tag(workspace_id)
+    ledger = f"{REDIS_KEY_PREFIX}:{tag}:{QUOTA_LEDGER_SUFFIX}:{period}"
+    return (*usage_keys(workspace_id, period), ledger)
 
 
 def script_keys(workspace_id: str, period: str) -> tuple[str, str, str, str]:

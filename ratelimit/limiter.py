@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from ratelimit.marks import Folded, SeedStart
 
 
 class LimitKind(str, Enum):  # noqa: UP042 -- the fixed interface keeps its str mixin
@@ -52,7 +56,7 @@ class QuotaState:
     spend_used_micros: int
     known: bool
     """False when no counter existed for this workspace+period (Redis lost it, a fresh process):
-    the caller may restore the totals from its ledger with `seed_usage`."""
+    the caller restores the totals from its ledger (`begin_seed`, `finish_seed`)."""
     missing: frozenset[QuotaKind] = field(default=frozenset(), compare=False)
     """Which counters did not exist (for `record_usage`: before it); empty exactly when `known`.
     A restore fills only these: a surviving counter already holds its month. Left out of
@@ -85,6 +89,15 @@ class LimitResult:
     """Denied by the period's token quota or spend cap (then `denied_by` is None)."""
     quota: QuotaState | None = None
     """The period's counters at decision time, whenever a quota was passed."""
+
+
+@dataclass(frozen=True, slots=True)
+class UsageTag:
+    """Which ledger batch a usage report goes into: its replica and that replica's generation
+    (see `ratelimit.marks`)."""
+
+    replica_id: str
+    generation: int
 
 
 class RateLimitUnavailable(Exception):
@@ -130,6 +143,7 @@ class RateLimiter(Protocol):
         tokens: int,
         spend_micros: int,
         operation_id: str | None = None,
+        tag: UsageTag | None = None,
     ) -> QuotaState:
         """In one atomic step, adjust the TPM bucket like `adjust_tokens(tpm_delta)` and add
         `tokens` / `spend_micros` to the period's counters (restarting their ~40-day TTL).
@@ -141,7 +155,47 @@ class RateLimiter(Protocol):
         With an `operation_id`, the step applies once per id (remembered for a minute): a
         caller that retries a failed call with the same id cannot count it twice. Without
         one, each call is a new report.
+
+        With a `tag` (the batch the ledger will hold the report in), the month's counters are
+        kept exact against the ledger (`ratelimit.marks`): the step applies only to a seeded
+        month (else nothing changes, `known` is False: seed with `begin_seed`/`finish_seed`,
+        then repeat it) and counts the report only while its batch is not folded in yet.
         """
+        ...
+
+    async def fold_ledger(
+        self,
+        workspace_id: str,
+        *,
+        period: str,
+        replica_id: str,
+        position: int,
+        tokens: int,
+        spend_micros: int,
+    ) -> Folded:
+        """Batch `position` of `replica_id` is written with these amounts for this month: count
+        them instead of its reports' increments, once (`ratelimit.marks.fold`). MISSING: no
+        month and no seed under way; seed, then repeat it."""
+        ...
+
+    async def begin_seed(
+        self, workspace_id: str, *, period: str, token: str, hold_ms: int
+    ) -> SeedStart:
+        """Hold an unseeded month for the seeder `token` (`ratelimit.marks.seed_begin`)."""
+        ...
+
+    async def finish_seed(
+        self,
+        workspace_id: str,
+        *,
+        period: str,
+        token: str,
+        tokens: int,
+        spend_micros: int,
+        snapshot_marks: Mapping[str, int],
+    ) -> bool:
+        """Install a ledger snapshot (totals and its per-replica marks) read while `token` held
+        the month; False when the hold is gone (start over). `ratelimit.marks.seed_finish`."""
         ...
 
     async def seed_usage(

@@ -1,7 +1,8 @@
 """The Redis scripts, one per operation, shipped as package data under `ratelimit/lua/`.
 
 A script's text is `clock.lua` (the `now_ms` function: Redis' TIME) + `prelude.lua` (the shared
-bucket and counter maths) + the operation's body, which documents its KEYS and ARGV.
+bucket and counter maths) + for the ledger-mark operations `ledger.lua` (see `ratelimit.marks`)
++ the operation's body, which documents its KEYS and ARGV.
 """
 
 from __future__ import annotations
@@ -18,6 +19,16 @@ class Operation(StrEnum):
     ADJUST = "adjust"
     RECORD = "record"
     SEED = "seed"
+    RECORD_MONTH = "record_month"
+    FOLD = "fold"
+    SEED_BEGIN = "seed_begin"
+    SEED_FINISH = "seed_finish"
+
+
+LEDGER_OPERATIONS = frozenset(
+    {Operation.RECORD_MONTH, Operation.FOLD, Operation.SEED_BEGIN, Operation.SEED_FINISH}
+)
+"""The operations on a month's ledger marks: their scripts also get `ledger.lua`."""
 
 
 def read_lua(name: str) -> str:
@@ -31,6 +42,7 @@ def script_text(operation: Operation, *, clock: str | None = None) -> str:
     parts = (
         read_lua("clock") if clock is None else clock,
         read_lua("prelude"),
+        *((read_lua("ledger"),) if operation in LEDGER_OPERATIONS else ()),
         read_lua(operation),
     )
     return "\n".join(parts)

@@ -12,12 +12,12 @@ first quota check reports `known=False`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
-from ratelimit import bucket
+from ratelimit import bucket, marks
 from ratelimit import quota as quotas
-from ratelimit.limiter import LimitResult, Limits, Quota, QuotaState
+from ratelimit.limiter import LimitResult, Limits, Quota, QuotaKind, QuotaState, UsageTag
 
 SWEEP_INTERVAL_MS = 1_000
 """How often (at most) forgotten buckets are swept; a sweep is O(buckets held)."""
@@ -47,6 +47,12 @@ class _Counter:
     expires_at_ms: int
 
 
+@dataclass(slots=True)
+class _Ledger:
+    fields: dict[str, str]
+    expires_at_ms: int
+
+
 OPERATION_TTL_MS = 60_000
 """How long `record_usage` remembers an operation id (the Redis backend's OPERATION_TTL)."""
 
@@ -68,6 +74,8 @@ class InMemoryRateLimiter:
         # keeps it in an operation key.
         self._operations: dict[tuple[str, str], tuple[QuotaState, int]] = {}
         self._operations_swept_ms = 0
+        # (workspace, period) → the month's ledger-mark hash (ratelimit.marks), with its expiry.
+        self._ledgers: dict[tuple[str, str], _Ledger] = {}
 
     async def acquire(
         self,
@@ -123,25 +131,30 @@ class InMemoryRateLimiter:
         tokens: int,
         spend_micros: int,
         operation_id: str | None = None,
+        tag: UsageTag | None = None,
     ) -> QuotaState:
         """Adjust the TPM bucket by `tpm_delta` and add the usage to the period's counters, in
         one step. Returns the counters after it, `known` saying whether both existed before.
         Once per `operation_id`: a repeat within OPERATION_TTL_MS returns the first reply.
+        With a `tag`, as record_month.lua (`ratelimit.marks.record`).
         """
         quotas.validate_period(period)
         tokens = quotas.normalise_amount(tokens, "tokens")
         spend = quotas.normalise_amount(spend_micros, "spend")
         now = self._now()
+        if tag is not None:
+            marks.check_replica(tag.replica_id)
         if operation_id is None:
-            return self._record(workspace_id, limits, period, (tpm_delta, tokens, spend), now)
+            return self._record(workspace_id, limits, period, (tpm_delta, tokens, spend), now, tag)
         if now - self._operations_swept_ms >= 1000:  # amortised: at most once a second
             self._operations = {k: v for k, v in self._operations.items() if v[1] > now}
             self._operations_swept_ms = now
         done = self._operations.get((workspace_id, operation_id))
         if done is not None and done[1] > now:
             return done[0]
-        state = self._record(workspace_id, limits, period, (tpm_delta, tokens, spend), now)
-        self._operations[(workspace_id, operation_id)] = (state, now + OPERATION_TTL_MS)
+        state = self._record(workspace_id, limits, period, (tpm_delta, tokens, spend), now, tag)
+        if state.known or tag is None:  # a tagged step that did nothing is not remembered
+            self._operations[(workspace_id, operation_id)] = (state, now + OPERATION_TTL_MS)
         return state
 
     def _record(
@@ -151,8 +164,21 @@ class InMemoryRateLimiter:
         period: str,
         amounts: tuple[int, int, int],
         now: int,
+        tag: UsageTag | None = None,
     ) -> QuotaState:
         tpm_delta, tokens, spend = amounts
+        if tag is not None:
+            month_before = self._month(workspace_id, period, now)
+            month, recorded = marks.record(
+                month_before, tag.replica_id, tag.generation, tokens, spend
+            )
+            if recorded is marks.Recorded.MISSING:
+                state = month_before.counters.state(period)
+                return replace(state, known=False, missing=frozenset(QuotaKind))
+            self._adjust(workspace_id, bucket.normalise_limits(limits).tpm, tpm_delta, now)
+            counted = recorded is marks.Recorded.COUNTED
+            self._put_month(workspace_id, period, month, now, counters=counted)
+            return month.counters.state(period)
         self._adjust(workspace_id, bucket.normalise_limits(limits).tpm, tpm_delta, now)
         before = self._read_counters(workspace_id, period, now)
         after = quotas.record(before, tokens, spend)
@@ -180,6 +206,102 @@ class InMemoryRateLimiter:
             if old is None and new is not None:
                 self._counters[(workspace_id, period, axis)] = _Counter(new, expires)
 
+    async def fold_ledger(
+        self,
+        workspace_id: str,
+        *,
+        period: str,
+        replica_id: str,
+        position: int,
+        tokens: int,
+        spend_micros: int,
+    ) -> marks.Folded:
+        """As fold.lua (`ratelimit.marks.fold`)."""
+        quotas.validate_period(period)
+        tokens = quotas.normalise_amount(tokens, "tokens")
+        spend = quotas.normalise_amount(spend_micros, "spend")
+        now = self._now()
+        marks.check_replica(replica_id)
+        before = self._month(workspace_id, period, now)
+        month, folded = marks.fold(before, replica_id, position, tokens, spend)
+        if folded is marks.Folded.FOLDED:
+            self._put_month(workspace_id, period, month, now, counters=True)
+        elif folded is marks.Folded.HELD:
+            self._put_month(workspace_id, period, month, now, counters=False, keep_expiry=True)
+        return folded
+
+    async def begin_seed(
+        self, workspace_id: str, *, period: str, token: str, hold_ms: int
+    ) -> marks.SeedStart:
+        """As seed_begin.lua (`ratelimit.marks.seed_begin`)."""
+        quotas.validate_period(period)
+        now = self._now()
+        before = self._month(workspace_id, period, now)
+        month, start = marks.seed_begin(before, token)
+        if month is not before:
+            self._put_month(workspace_id, period, month, now, counters=True, ledger_ms=hold_ms)
+        return start
+
+    async def finish_seed(
+        self,
+        workspace_id: str,
+        *,
+        period: str,
+        token: str,
+        tokens: int,
+        spend_micros: int,
+        snapshot_marks: Mapping[str, int],
+    ) -> bool:
+        """As seed_finish.lua (`ratelimit.marks.seed_finish`)."""
+        quotas.validate_period(period)
+        now = self._now()
+        before = self._month(workspace_id, period, now)
+        month, done = marks.seed_finish(
+            before,
+            token,
+            quotas.normalise_amount(tokens, "tokens"),
+            quotas.normalise_amount(spend_micros, "spend"),
+            snapshot_marks,
+        )
+        if done:
+            self._put_month(workspace_id, period, month, now, counters=True)
+        return done
+
+    def _month(self, workspace_id: str, period: str, now: int) -> marks.Month:
+        held = self._ledgers.get((workspace_id, period))
+        ledger = None if held is None or held.expires_at_ms <= now else held.fields
+        return marks.Month(self._read_counters(workspace_id, period, now), ledger)
+
+    def _put_month(
+        self,
+        workspace_id: str,
+        period: str,
+        month: marks.Month,
+        now: int,
+        *,
+        counters: bool,
+        ledger_ms: int = quotas.COUNTER_TTL_MS,
+        keep_expiry: bool = False,
+    ) -> None:
+        """Store a month as the scripts leave its keys: the hash (with a fresh expiry unless
+        `keep_expiry`) and, with `counters`, both counters (absent ones deleted)."""
+        key = (workspace_id, period)
+        held = self._ledgers.get(key)
+        if month.ledger is None:
+            self._ledgers.pop(key, None)
+        else:
+            expires = held.expires_at_ms if keep_expiry and held else now + ledger_ms
+            self._ledgers[key] = _Ledger(dict(month.ledger), expires)
+        if not counters:
+            return
+        expires = now + quotas.COUNTER_TTL_MS
+        values = ((_TOKENS, month.counters.tokens), (_SPEND, month.counters.spend_micros))
+        for axis, value in values:
+            if value is None:
+                self._counters.pop((workspace_id, period, axis), None)
+            else:
+                self._counters[(workspace_id, period, axis)] = _Counter(value, expires)
+
     async def ping(self) -> bool:
         """Always ready: there is no backend to lose."""
         return True
@@ -188,6 +310,7 @@ class InMemoryRateLimiter:
         """Drop all buckets and counters."""
         self._buckets.clear()
         self._counters.clear()
+        self._ledgers.clear()
 
     def __len__(self) -> int:
         """How many bucket states are held (for tests of the memory bound)."""
@@ -248,3 +371,6 @@ class InMemoryRateLimiter:
         expired = [key for key, held in self._counters.items() if held.expires_at_ms <= now]
         for key in expired:
             del self._counters[key]
+        gone = [month for month, held in self._ledgers.items() if held.expires_at_ms <= now]
+        for month in gone:
+            del self._ledgers[month]

@@ -34,7 +34,7 @@ from redis.exceptions import NoScriptError
 class _Call:
     script: AsyncScript
     keys: Sequence[str]
-    args: Sequence[int]
+    args: Sequence[int | str]
     future: asyncio.Future[Any]
 
 
@@ -46,7 +46,9 @@ class ScriptPipeliner:
         self._pending: list[_Call] = []
         self._batches: set[asyncio.Task[None]] = set()
 
-    async def evalsha(self, script: AsyncScript, keys: Sequence[str], args: Sequence[int]) -> Any:
+    async def evalsha(
+        self, script: AsyncScript, keys: Sequence[str], args: Sequence[int | str]
+    ) -> Any:
         """The script's reply; raises what redis-py raises for the call or for its batch."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()

@@ -2,7 +2,10 @@
 
 A workspace has two usage counters per period ("YYYY-MM", UTC, chosen by the caller): tokens
 used and spend used in micro-USD. Check time only *reads* them; reconciliation (`record`) adds
-the real usage; `seed` restores them from the ledger when they are missing.
+the real usage; `seed` restores them from the ledger when they are missing. The sidecar records
+and seeds through `ratelimit.marks`, which keeps them exact against the ledger through losses
+that race other replicas' flushes; `record` and `seed` here are the plain operations
+(`record_usage` without a tag, `seed_usage`).
 
 Rules
 -----

@@ -52,11 +52,20 @@ from ratelimit import bucket
 from ratelimit import quota as quotas
 from ratelimit.breaker import CircuitBreaker
 from ratelimit.keys import bucket_keys, operation_key, usage_keys
-from ratelimit.limiter import LimitResult, Limits, Quota, QuotaState, RateLimitUnavailable
+from ratelimit.limiter import (
+    LimitResult,
+    Limits,
+    Quota,
+    QuotaState,
+    RateLimitUnavailable,
+    UsageTag,
+)
 from ratelimit.lua_scripts import Operation, script_text
 from ratelimit.metrics import RateLimitMetrics
 from ratelimit.pipeline import ScriptPipeliner
 from ratelimit.redis_guard import CEILING_SECONDS, RedisGuard
+from ratelimit.redis_marks import OPERATION_TTL_SECONDS as OPERATION_TTL_SECONDS
+from ratelimit.redis_marks import LedgerMarkCalls
 from ratelimit.redis_nodes import STANDALONE, UNMAPPED, NodeBreakers
 
 _log = logging.getLogger(__name__)
@@ -64,9 +73,6 @@ _log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_SECONDS = 0.05
 DEFAULT_MAX_CONNECTIONS = 32
 """Per Redis node. One EVALSHA takes well under a millisecond, so few connections carry a lot."""
-
-OPERATION_TTL_SECONDS = 60
-"""How long `adjust` and `record` remember an operation id: far past any retry of the call."""
 
 _STANDALONE_SCHEMES = ("redis", "rediss", "unix")
 _CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}
@@ -165,7 +171,7 @@ def _parse_host_port(item: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-class RedisRateLimiter:
+class RedisRateLimiter(LedgerMarkCalls):
     """`RateLimiter` on Redis (standalone or Cluster), one atomic Lua script call per operation."""
 
     def __init__(
@@ -274,15 +280,22 @@ class RedisRateLimiter:
         tokens: int,
         spend_micros: int,
         operation_id: str | None = None,
+        tag: UsageTag | None = None,
     ) -> QuotaState:
         """In one EVALSHA: adjust the TPM bucket by `tpm_delta` (as `adjust_tokens`), INCRBY the
         period's counters and restart their TTLs. Returns the counters after the increment;
         `known` says whether both existed before it. Raises RateLimitUnavailable.
 
         Applied once per call, even when a lost reply makes the guard retry it, and once per
-        `operation_id` when the caller retries the call itself.
+        `operation_id` when the caller retries the call itself. With a `tag`: the
+        `record_month` script instead (`ratelimit.marks`).
         """
         quotas.validate_period(period)
+        if tag is not None:
+            amounts = (tpm_delta, tokens, spend_micros)
+            return await self._record_month(
+                workspace_id, limits, period, amounts, operation_id, tag
+            )
         limits = bucket.normalise_limits(limits)
         reply = await self._run(
             Operation.RECORD,
@@ -360,7 +373,9 @@ class RedisRateLimiter:
         repeat from it."""
         return (*keys, operation_key(workspace_id, operation_id or uuid.uuid4().hex))
 
-    async def _run(self, operation: Operation, keys: Sequence[str], args: Sequence[int]) -> Any:
+    async def _run(
+        self, operation: Operation, keys: Sequence[str], args: Sequence[int | str]
+    ) -> Any:
         """One script call with the operation's fixed ARGV, on the node that owns its slot."""
         argv = [*args, *self._clock_args()]
         script = self._scripts[operation]

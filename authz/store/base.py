@@ -104,6 +104,24 @@ class ChangeSink(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class LedgerMark:
+    """Which batch a ledger write is: its replica and position (`ratelimit.marks.position`)."""
+
+    replica_id: str
+    position: int
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerSnapshot:
+    """A workspace's ledger for one period, read at one instant: the totals and, per replica,
+    the highest batch position they include."""
+
+    tokens: int
+    spend_usd: float
+    marks: Mapping[str, int]
+
+
 class Store(Protocol):
     """Persistence for workspaces, keys and the audit log."""
 
@@ -175,8 +193,17 @@ class Store(Protocol):
         """Ledger rows (hourly) matching every filter given, oldest first."""
         ...
 
-    async def apply_usage_batch(self, batch_id: str, rows: Sequence[UsageRow]) -> bool:
-        """Add `rows` to the ledger once: False (and no change) if `batch_id` was applied."""
+    async def apply_usage_batch(
+        self, batch_id: str, rows: Sequence[UsageRow], *, mark: LedgerMark | None = None
+    ) -> bool:
+        """Add `rows` to the ledger once: False (and no change) if `batch_id` was applied.
+        With a `mark`, in the same transaction, raise the replica's mark of every workspace and
+        period the rows touch to the batch's position."""
+        ...
+
+    async def ledger_snapshot(self, workspace_id: str, period: str) -> LedgerSnapshot:
+        """A workspace's totals for a `YYYY-MM` period (tokens reported and estimated, spend in
+        USD) and the marks of the batches they include, read consistently."""
         ...
 
     async def period_totals(

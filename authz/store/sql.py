@@ -25,6 +25,8 @@ from authz.store.base import (
     Change,
     ChangeKind,
     Conflict,
+    LedgerMark,
+    LedgerSnapshot,
     NotFound,
     SchemaMissing,
     utc_now,
@@ -48,6 +50,7 @@ from authz.store.rows import (
     price_from_row,
     usage_from_row,
 )
+from authz.store.sql_ledger import raise_marks, read_snapshot
 from authz.store.sql_observations import ObservationRules
 from authz.store.sql_signing import SigningKeyRules
 
@@ -200,7 +203,9 @@ class SqlStore(ObservationRules, SigningKeyRules):
         )
         return [usage_from_row(row, self._parse_time) for row in rows]
 
-    async def apply_usage_batch(self, batch_id: str, rows: Sequence[UsageRow]) -> bool:
+    async def apply_usage_batch(
+        self, batch_id: str, rows: Sequence[UsageRow], *, mark: LedgerMark | None = None
+    ) -> bool:
         # One fixed row order for every writer: concurrent replicas then take the rows' locks
         # in the same order and cannot deadlock each other.
         ordered = sorted(rows, key=lambda r: (r.workspace_id, r.hour, r.key_id, r.model))
@@ -220,10 +225,15 @@ class SqlStore(ObservationRules, SigningKeyRules):
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) " + USAGE_UPSERT,
                 values,
             )
+            if mark is not None:
+                await raise_marks(tx, ordered, mark)
             return True
 
         # The batch id makes a rerun after a dropped connection count once.
         return await self._write(work, idempotent=True)
+
+    async def ledger_snapshot(self, workspace_id: str, period: str) -> LedgerSnapshot:
+        return await self._read(lambda tx: read_snapshot(tx, workspace_id, period, self._t))
 
     async def period_totals(
         self, workspace_id: str, since: datetime, until: datetime

@@ -30,6 +30,7 @@ from authz.usage.counters import CounterUpdate, CounterUpdates
 from authz.usage.events import UsageEvent
 from authz.usage.periods import hour_of, period_of
 from authz.usage.pricing import PriceTable, SpendCarry, estimate_exact, spend_exact
+from authz.usage.seeding import DEFAULT_SEED_TIMEOUT_S, QuotaSeeder
 from ratelimit.limiter import RateLimiter
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ class Batch:
     batch_id: str
     rows: list[UsageRow]
     generation: int
+    part: int | None = None
+    """For one row of a split batch: its number (the batch's ledger position, see marks)."""
 
 
 @dataclass(slots=True)
@@ -76,6 +79,7 @@ class UsageAccountant:
         flush_interval: float,
         max_queued_rows: int = MAX_QUEUED_ROWS,
         clock: Callable[[], float] = time.time,
+        seeder: QuotaSeeder | None = None,
     ) -> None:
         self._store = store
         self._limiter = limiter
@@ -94,11 +98,10 @@ class UsageAccountant:
         self._flush_lock = asyncio.Lock()
         self._carry = SpendCarry()
         self._counters = CounterUpdates(
-            store=store,
             limiter=limiter,
             resolver=resolver,
             metrics=metrics,
-            in_ledger=self.in_ledger,
+            seeder=seeder or QuotaSeeder(store, limiter, timeout_s=DEFAULT_SEED_TIMEOUT_S),
         )
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -179,11 +182,13 @@ class UsageAccountant:
             while True:
                 self._enqueue_pending()
                 if not self._unapplied:
+                    await self._counters.fold_written()
                     return
                 batch = self._unapplied[0]
                 batch_id, rows = batch.batch_id, batch.rows
+                mark = self._counters.mark(batch.generation, batch.part)
                 try:
-                    applied = await self._store.apply_usage_batch(batch_id, rows)
+                    applied = await self._store.apply_usage_batch(batch_id, rows, mark=mark)
                 except StoreUnavailable as error:
                     self._metrics.ledger_flushes.labels("failed").inc()
                     log.warning("ledger: flush of %d rows failed, will retry: %s", len(rows), error)
@@ -194,7 +199,7 @@ class UsageAccountant:
                         self._metrics.ledger_flushes.labels("split").inc()
                         # The refused batch rolled back whole: each row is new to the store.
                         singles = [
-                            Batch(f"{batch_id}.{n}", [row], batch.generation)
+                            Batch(f"{batch_id}.{n}", [row], batch.generation, n)
                             for n, row in enumerate(rows)
                         ]
                         self._unapplied[0:0] = singles
@@ -203,6 +208,7 @@ class UsageAccountant:
                     self._count_queue()
                     continue
                 self._metrics.ledger_flushes.labels("applied" if applied else "duplicate").inc()
+                self._counters.written(rows, mark)
                 self._unapplied.pop(0)
                 self._count_queue()
 
@@ -220,11 +226,6 @@ class UsageAccountant:
 
     def _queued_rows(self) -> int:
         return sum(len(batch.rows) for batch in self._unapplied)
-
-    def in_ledger(self, generation: int) -> bool:
-        """Whether the rows tallied under `generation` are written (batches apply in order)."""
-        oldest = self._unapplied[0].generation if self._unapplied else self._generation
-        return generation < oldest
 
     def _count_queue(self) -> None:
         self._metrics.ledger_queue_rows.set(self._queued_rows())

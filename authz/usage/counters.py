@@ -4,6 +4,11 @@ Each report becomes one `CounterUpdate` with its own operation id. A failed upda
 limiter unreachable, the workspace lookup failing) is queued and retried with the same id,
 which the limiter's `record` step remembers: a call that ran although its reply was lost does
 not count twice. The ledger is tallied apart and never waits for these.
+
+The counters stay exact against the ledger through counter losses (`ratelimit.marks`): each
+update names the ledger batch its report goes into (this replica's id and the tally's
+generation), each written batch is folded in after it (`LedgerFolds`), and an update that finds
+the month's counters missing waits for the seed (`QuotaSeeder`) and is then applied.
 """
 
 from __future__ import annotations
@@ -11,14 +16,15 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from authz.metrics import Metrics
+from authz.models import UsageRow
 from authz.resolver import KeyResolver
-from authz.store.base import Store, StoreUnavailable
-from authz.usage.seeding import month_from_ledger
-from ratelimit.limiter import Limits, QuotaKind, RateLimiter, RateLimitUnavailable
+from authz.store.base import LedgerMark, StoreUnavailable
+from authz.usage.seeding import LedgerFolds, QuotaSeeder
+from ratelimit.limiter import Limits, RateLimiter, RateLimitUnavailable, UsageTag
+from ratelimit.marks import position
 
 log = logging.getLogger(__name__)
 
@@ -46,20 +52,31 @@ class CounterUpdates:
     def __init__(
         self,
         *,
-        store: Store,
         limiter: RateLimiter,
         resolver: KeyResolver,
         metrics: Metrics,
-        in_ledger: Callable[[int], bool],
+        seeder: QuotaSeeder,
         max_queued: int = MAX_QUEUED_UPDATES,
     ) -> None:
-        self._store = store
         self._limiter = limiter
         self._resolver = resolver
         self._metrics = metrics
-        self._in_ledger = in_ledger
+        self._seeder = seeder
         self._max_queued = max_queued
         self._queue: deque[CounterUpdate] = deque()
+        self._replica_id = uuid.uuid4().hex
+        """This process's name in the ledger marks: its generations are its own."""
+        self._folds = LedgerFolds(
+            limiter=limiter, seeder=seeder, replica_id=self._replica_id, metrics=metrics
+        )
+
+    def mark(self, generation: int, part: int | None = None) -> LedgerMark:
+        """The mark of a ledger batch of `generation` (`part`: the row of a split batch)."""
+        return LedgerMark(self._replica_id, position(generation, part))
+
+    def written(self, rows: list[UsageRow], mark: LedgerMark) -> None:
+        """The ledger holds a batch now: its amounts replace its reports' (at the next retry)."""
+        self._folds.written(rows, mark)
 
     async def charge(self, update: CounterUpdate) -> None:
         """Apply now, or queue behind earlier failures (they are retried first)."""
@@ -67,18 +84,24 @@ class CounterUpdates:
             self._queue.append(update)
             self._metrics.usage_counter_queue.set(len(self._queue))
 
+    async def fold_written(self) -> None:
+        """Fold the written batches into the counters (the rest wait for the next try)."""
+        await self._folds.drain()
+
     async def retry(self) -> None:
-        """Apply queued updates in order, stopping at the first that fails again."""
+        """Apply queued updates in order, stopping at the first that fails again; then the
+        written batches' folds."""
         while self._queue:
             if not await self._apply(self._queue[0]):
                 break
             self._queue.popleft()
             self._metrics.usage_counter_queue.set(len(self._queue))
+        await self._folds.drain()
 
     def backlog_problem(self) -> str | None:
         """A readiness reason while the queue is full: the counters fall behind the ledger."""
         if len(self._queue) < self._max_queued:
-            return None
+            return self._folds.backlog_problem()
         return f"{len(self._queue)} counter updates wait for the rate limiter"
 
     async def _apply(self, update: CounterUpdate) -> bool:
@@ -87,56 +110,25 @@ class CounterUpdates:
             if workspace is None:
                 return True  # deleted since: nothing left to charge
             limits = Limits(rpm=workspace.rpm, tpm=workspace.tpm)
-            state = await self._limiter.record_usage(
-                update.workspace_id,
-                limits,
-                period=update.period,
-                tpm_delta=update.tpm_delta,
-                tokens=update.tokens,
-                spend_micros=update.spend_micros,
-                operation_id=update.operation_id,
-            )
-            if not state.known:
-                await self._restore_month(update, limits, state.missing)
+            for _ in range(2):
+                state = await self._limiter.record_usage(
+                    update.workspace_id,
+                    limits,
+                    period=update.period,
+                    tpm_delta=update.tpm_delta,
+                    tokens=update.tokens,
+                    spend_micros=update.spend_micros,
+                    operation_id=update.operation_id,
+                    tag=UsageTag(self._replica_id, update.generation),
+                )
+                if state.known:
+                    return True
+                # The month's counters are missing: nothing was applied; seed, then repeat.
+                await self._seeder.ensure(update.workspace_id, update.period)
+            raise RateLimitUnavailable("the month's counters were lost again while seeding")
         except (RateLimitUnavailable, StoreUnavailable) as error:
             self._metrics.reconciliations.labels("limiter_unavailable").inc()
             log.warning(
                 "usage: counters of %s not updated yet, will retry: %s", update.workspace_id, error
             )
             return False
-        return True
-
-    async def _restore_month(
-        self, update: CounterUpdate, limits: Limits, missing: frozenset[QuotaKind]
-    ) -> None:
-        """This call created the month's `missing` counters (Redis lost them, or a new process):
-        add to those only what the ledger already holds, less the reports waiting here whose
-        ledger rows are written (their counter updates add them, this one included). A counter
-        that survived keeps its count. Only the replica whose increment created a counter gets
-        here, and the Check path's seeding only fills counters that are absent.
-        """
-        workspace_id, period = update.workspace_id, update.period
-        try:
-            tokens, spend_micros = await month_from_ledger(self._store, workspace_id, period)
-        except StoreUnavailable as error:
-            log.warning(
-                "usage: cannot restore %s %s from the ledger: %s", workspace_id, period, error
-            )
-            return
-        waiting = [update, *(u for u in self._queue if u is not update)]
-        for counted in waiting:
-            same_month = (counted.workspace_id, counted.period) == (workspace_id, period)
-            if same_month and self._in_ledger(counted.generation):
-                tokens -= counted.tokens
-                spend_micros -= counted.spend_micros
-        tokens = max(0, tokens) if QuotaKind.TOKENS in missing else 0
-        spend_micros = max(0, spend_micros) if QuotaKind.SPEND in missing else 0
-        if tokens > 0 or spend_micros > 0:
-            await self._limiter.record_usage(
-                workspace_id,
-                limits,
-                period=period,
-                tpm_delta=0,
-                tokens=tokens,
-                spend_micros=spend_micros,
-            )

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import pytest
 
 from authz.models import CLI_ACTOR, ModelPrice, UsageRow
-from authz.store.base import Store
+from authz.store.base import LedgerMark, Store
 from authz.store.common import InvalidInput
 
 pytestmark = pytest.mark.integration
@@ -76,3 +76,25 @@ async def test_estimated_tokens_are_kept_apart_and_count_in_the_period(store: St
     assert (only.estimated_requests, only.estimated_tokens) == (3, 1200)
     tokens, _ = await store.period_totals("ws_a", HOUR, HOUR.replace(hour=23))
     assert tokens == 84 + 1200
+
+
+async def test_a_snapshot_says_which_batches_it_holds(store: Store) -> None:
+    """Each batch raises its replica's mark of every month it touches (never lowers it), in its
+    own transaction; a snapshot returns a month's totals with those marks."""
+    december = HOUR.replace(month=12)
+    assert await store.apply_usage_batch(
+        "m1", [row(), row(workspace_id="ws_b"), row(hour=december)], mark=LedgerMark("r1", 7)
+    )
+    assert await store.apply_usage_batch("m2", [row(model="x")], mark=LedgerMark("r2", 3))
+    assert await store.apply_usage_batch("m3", [row(model="y")], mark=LedgerMark("r1", 5))
+    assert not await store.apply_usage_batch("m2", [row(model="x")], mark=LedgerMark("r2", 9))
+    assert await store.apply_usage_batch("m4", [row(model="z")])  # no mark: none moves
+    snapshot = await store.ledger_snapshot("ws_a", "2026-11")
+    assert snapshot.tokens == 4 * 42
+    assert snapshot.spend_usd == pytest.approx(1.0)
+    assert dict(snapshot.marks) == {"r1": 7, "r2": 3}
+    other = await store.ledger_snapshot("ws_b", "2026-11")
+    assert (other.tokens, dict(other.marks)) == (42, {"r1": 7})
+    assert dict((await store.ledger_snapshot("ws_a", "2026-12")).marks) == {"r1": 7}
+    empty = await store.ledger_snapshot("ws_c", "2026-11")
+    assert (empty.tokens, empty.spend_usd, dict(empty.marks)) == (0, 0.0, {})

@@ -35,6 +35,8 @@ from authz.store.base import (
     ChangeKind,
     ChangeSink,
     Conflict,
+    LedgerMark,
+    LedgerSnapshot,
     NotFound,
     SigningKey,
     StoreUnavailable,
@@ -55,8 +57,10 @@ from authz.store.common import (
     rotation_audit,
     workspace_change,
 )
+from authz.store.sql_ledger import months_of
 from authz.store.sql_signing import new_signing_key, retire_at
 from authz.usage.observed import DenialRow, LatencyRow
+from authz.usage.periods import period_bounds
 
 _T = TypeVar("_T")
 EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
@@ -114,6 +118,7 @@ class FakeStore:
         self.hashes: dict[str, bytes] = {}
         self.used: dict[str, datetime] = {}
         self.batches: dict[str, list[UsageRow]] = {}
+        self.ledger_marks: dict[tuple[str, str], dict[str, int]] = {}
         self.observations: dict[str, tuple[list[LatencyRow], list[DenialRow]]] = {}
         self.prices: dict[str, ModelPrice] = {}
         self.signing: list[SigningKey] = []
@@ -324,12 +329,26 @@ class FakeStore:
             and (until is None or row.hour < until)
         ]
 
-    async def apply_usage_batch(self, batch_id: str, rows: Sequence[UsageRow]) -> bool:
+    async def apply_usage_batch(
+        self, batch_id: str, rows: Sequence[UsageRow], *, mark: LedgerMark | None = None
+    ) -> bool:
         self._up()
         if batch_id in self.batches:
             return False
         self.batches[batch_id] = list(rows)
+        if mark is not None:
+            for workspace_id, period in months_of(rows):
+                held = self.ledger_marks.get((workspace_id, period), {})
+                if held.get(mark.replica_id, -1) < mark.position:
+                    held[mark.replica_id] = mark.position
+                self.ledger_marks[(workspace_id, period)] = held
         return True
+
+    async def ledger_snapshot(self, workspace_id: str, period: str) -> LedgerSnapshot:
+        start, end = period_bounds(period)
+        tokens, spend = await self.period_totals(workspace_id, start, end)
+        marks = dict(self.ledger_marks.get((workspace_id, period), {}))
+        return LedgerSnapshot(tokens=tokens, spend_usd=spend, marks=marks)
 
     async def apply_observation_batch(
         self, batch_id: str, latency: Sequence[LatencyRow], denials: Sequence[DenialRow]

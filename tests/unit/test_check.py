@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 
 import grpc
 import pytest
@@ -11,7 +12,15 @@ from google.rpc import code_pb2
 
 from authz.keys import generate_key, hash_key
 from authz.store.base import Change, ChangeKind
-from ratelimit.limiter import LimitResult, Limits, Quota, QuotaState, RateLimitUnavailable
+from ratelimit.limiter import (
+    LimitResult,
+    Limits,
+    Quota,
+    QuotaState,
+    RateLimitUnavailable,
+    UsageTag,
+)
+from ratelimit.marks import Folded, SeedStart
 from tests.support.checks import (
     bearer,
     check_request,
@@ -252,12 +261,42 @@ class DeadLimiter:
         tokens: int,
         spend_micros: int,
         operation_id: str | None = None,
+        tag: UsageTag | None = None,
     ) -> QuotaState:
         raise RateLimitUnavailable("redis down")
 
     async def seed_usage(
         self, workspace_id: str, *, period: str, tokens: int, spend_micros: int
     ) -> None:
+        raise RateLimitUnavailable("redis down")
+
+    async def fold_ledger(
+        self,
+        workspace_id: str,
+        *,
+        period: str,
+        replica_id: str,
+        position: int,
+        tokens: int,
+        spend_micros: int,
+    ) -> Folded:
+        raise RateLimitUnavailable("redis down")
+
+    async def begin_seed(
+        self, workspace_id: str, *, period: str, token: str, hold_ms: int
+    ) -> SeedStart:
+        raise RateLimitUnavailable("redis down")
+
+    async def finish_seed(
+        self,
+        workspace_id: str,
+        *,
+        period: str,
+        token: str,
+        tokens: int,
+        spend_micros: int,
+        snapshot_marks: Mapping[str, int],
+    ) -> bool:
         raise RateLimitUnavailable("redis down")
 
     async def adjust_tokens(self, workspace_id: str, limits: Limits, delta: int) -> None:

@@ -10,6 +10,7 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 
 from authz.health import Readiness
 from authz.models import UsageRow
+from authz.store.base import LedgerMark
 from authz.usage.accountant import UsageAccountant
 from authz.usage.events import INVALID_TEXT, parse_entry
 from ratelimit.memory import InMemoryRateLimiter
@@ -39,10 +40,12 @@ def test_response_strings_are_validated(model: str, stored: str) -> None:
 class PickyStore(FakeStore):
     """Refuses, as a database refuses a value it cannot hold, any batch with a row for key_bad."""
 
-    async def apply_usage_batch(self, batch_id: str, rows: Sequence[UsageRow]) -> bool:
+    async def apply_usage_batch(
+        self, batch_id: str, rows: Sequence[UsageRow], *, mark: LedgerMark | None = None
+    ) -> bool:
         if any(row.key_id == "key_bad" for row in rows):
             raise ValueError("invalid byte sequence")
-        return await super().apply_usage_batch(batch_id, rows)
+        return await super().apply_usage_batch(batch_id, rows, mark=mark)
 
 
 async def record_for(books: UsageAccountant, key_id: str) -> None:

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from authz.metrics import Metrics
 from authz.models import CLI_ACTOR, ModelPrice, UsageRow
 from authz.resolver import KeyResolver
-from authz.store.base import Change, ChangeKind, StoreUnavailable
+from authz.store.base import Change, ChangeKind, LedgerMark, StoreUnavailable
 from authz.usage.accountant import UsageAccountant
 from authz.usage.events import UsageEvent, parse_entry
 from authz.usage.periods import period_bounds, period_of, seconds_until_next_period
@@ -116,8 +116,10 @@ class FlakyStore(FakeStore):
         super().__init__()
         self.fail_after_apply = 1
 
-    async def apply_usage_batch(self, batch_id: str, rows: Sequence[UsageRow]) -> bool:
-        applied = await super().apply_usage_batch(batch_id, rows)
+    async def apply_usage_batch(
+        self, batch_id: str, rows: Sequence[UsageRow], *, mark: LedgerMark | None = None
+    ) -> bool:
+        applied = await super().apply_usage_batch(batch_id, rows, mark=mark)
         if self.fail_after_apply:
             self.fail_after_apply -= 1
             raise StoreUnavailable("timeout after commit")
