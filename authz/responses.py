@@ -132,6 +132,14 @@ def render_deny(deny: Deny) -> CheckResponse:
 _FAIL_OPEN = _set(FAIL_OPEN_HEADER, "true")
 
 
+def render_shed(deny: Deny, *, retry_after_s: float) -> CheckResponse:
+    """The answer to a Check shed under overload: built once, at start-up, and reused."""
+    response = render_deny(deny)
+    response.denied_response.headers.append(_set("retry-after", retry_after_header(retry_after_s)))
+    response.dynamic_metadata.fields["decision"].string_value = "shed"
+    return response
+
+
 IDENTITY_CACHE_SIZE = 1024
 """Keys whose allow template stays cached. A template is the constant part of the key's allow
 response, serialized: a few hundred bytes (built messages held 2 KB each in their upb arenas,

@@ -60,8 +60,16 @@ def _report(name: str, samples: list[float], cpu_s: float | None = None) -> None
 
 
 class _Context:
+    """A call without a deadline: never shed."""
+
     async def abort(self, code: Any, details: str) -> None:
         raise RuntimeError(f"{code}: {details}")
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ()
 
 
 async def main() -> None:
