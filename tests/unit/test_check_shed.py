@@ -47,10 +47,10 @@ class QueuedCall:
         return max(0.0, self._arrived_at + self._deadline_ms / 1000 - self._clock())
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
-        found = (("x-request-id", "abc"),)
+        found = [("x-request-id", "abc")]
         if self._header is not None:
-            found += ((EXPECTED_TIMEOUT_HEADER, self._header),)
-        return found
+            found.append((EXPECTED_TIMEOUT_HEADER, self._header))
+        return tuple(found)
 
     async def abort(self, code: Any, details: str) -> None:
         raise AssertionError(f"aborted: {code} {details}")
