@@ -2,10 +2,9 @@
 
 Denials are successful RPCs carrying a denied CheckResponse. A Check that queued in the sidecar
 past its budget (overload) is answered at once with a pre-rendered 429, before any lookup.
-Infrastructure failures (the
-database for an uncached key, the rate limiter in closed mode) are typed exceptions, counted,
-and answered with gRPC UNAVAILABLE so Envoy's `status_on_error` applies. Anything else is a
-bug and propagates.
+Infrastructure failures (the database for an uncached key, the rate limiter in closed mode) are
+typed exceptions, counted, and answered with gRPC UNAVAILABLE so Envoy's `status_on_error`
+applies. Anything else is a bug and propagates.
 """
 
 from __future__ import annotations
