@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
 
-.PHONY: install system-deps run test lint fmt bench bench-quick bench-memory bench-micro wrk clean \
+.PHONY: install system-deps run test lint fmt bench bench-quick bench-memory bench-micro soak wrk clean \
 	deploy-configs protos lock
 
 # Every dependency at the version constraints.txt pins (`make lock` refreshes it), here and in
@@ -80,6 +80,11 @@ bench-quick: $(STAMP) wrk
 
 bench-memory: $(STAMP)
 	$(BIN)/python -m bench.envoy_bench --memory
+
+# 20 sidecars through PgBouncer on one PostgreSQL and one Redis, behind one Envoy, 60 s of
+# steady load; see README "Many replicas". A 4-replica, 10 s version runs in `make test`.
+soak: $(STAMP) system-deps
+	$(BIN)/python -m bench.soak
 
 # In-process micro-benchmarks of the limiter and the servicer (no Envoy, no network).
 bench-micro: $(STAMP)

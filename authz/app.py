@@ -26,7 +26,7 @@ from authz.api.gen import console_pb2, console_pb2_grpc, keys_pb2, keys_pb2_grpc
 from authz.check import AuthorizationServicer
 from authz.console.service import ConsoleServicer
 from authz.grpcservices import HealthServicer, add_reflection
-from authz.health import Readiness
+from authz.health import PoolWatch, Readiness
 from authz.identity import IdentityVerifier
 from authz.keyservice import KeyServicer
 from authz.lastused import LastUsedRecorder
@@ -136,8 +136,11 @@ async def build(
         limiter = build_limiter(settings, metrics, redis)
     # Opened last of the fallible steps: an open store holds a thread that would keep a
     # failed start-up alive.
+    pool = PoolWatch(metrics)
     if store is None:
-        store = await open_store(settings.database_url, **settings.store_options())
+        options = settings.store_options()
+        options["pool_observer"] = pool
+        store = await open_store(settings.database_url, **options)
     resolver = KeyResolver(
         store,
         metrics,
@@ -190,7 +193,7 @@ async def build(
         metrics=metrics,
         limiter_required=settings.redis_url is not None and settings.failure_mode == "closed",
         interval=settings.health_interval_s,
-        backlogs={"ledger": accountant.backlog_problem},
+        backlogs={"ledger": accountant.backlog_problem, "db_pool": pool.problem},
     )
     supervisor = Supervisor(
         readiness=readiness, metrics=metrics, sleep=restart_sleep or asyncio.sleep

@@ -3,8 +3,8 @@
 Service "" is liveness: SERVING while the process lives. Service
 `envoy.service.auth.v3.Authorization` is readiness: SERVING only while the store answers and
 the rate limiter answers (or AUTHZ_FAILURE_MODE=open makes it optional), the ledger's retry
-queue has room, and nothing has reported itself down through `report` (a crashed background
-task, for one).
+queue has room, the database pool has not run out of connections since the last probe, and
+nothing has reported itself down through `report` (a crashed background task, for one).
 """
 
 from __future__ import annotations
@@ -25,6 +25,46 @@ log = logging.getLogger(__name__)
 AUTHZ_SERVICE = "envoy.service.auth.v3.Authorization"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class PoolWatch:
+    """The PostgreSQL pool's use, as metrics and as a readiness reason while it is exhausted.
+
+    Exhausted means a call gave up waiting for a connection since the previous probe: a
+    request then got UNAVAILABLE (never a 401) for want of a connection. A full pool whose
+    waiters are served in time is only busy, and stays ready: taking a replica out of the
+    load balancer for a burst of cache misses would move the burst to its neighbours.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._size = 0
+        self._gave_up = 0
+        self._gave_up_at_last_probe = 0
+
+    def sized(self, connections: int) -> None:
+        self._size = connections
+        self._metrics.db_pool_size.set(connections)
+
+    def used(self, *, in_use: int, waiting: int) -> None:
+        self._metrics.db_pool_in_use.set(in_use)
+        self._metrics.db_pool_waiting.set(waiting)
+
+    def waited(self, *, acquired: bool) -> None:
+        if not acquired:
+            self._gave_up += 1
+        self._metrics.db_pool_waits.labels("acquired" if acquired else "gave_up").inc()
+
+    def problem(self) -> str | None:
+        """A reason while exhausted (calls gave up since the previous call), else None."""
+        gave_up = self._gave_up - self._gave_up_at_last_probe
+        self._gave_up_at_last_probe = self._gave_up
+        if not gave_up:
+            return None
+        return (
+            f"exhausted: {gave_up} call(s) gave up waiting for one of its {self._size} "
+            "connections (AUTHZ_DB_POOL_SIZE, AUTHZ_DB_TIMEOUT_MS)"
+        )
 
 
 class Readiness:

@@ -60,6 +60,31 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
+        # PostgreSQL's connection budget, per process: the pool (plus the change feed's one
+        # LISTEN session, not pooled). Absent on SQLite.
+        self.db_pool_size = Gauge(
+            "authz_db_pool_size",
+            "PostgreSQL connections the pool may hold (AUTHZ_DB_POOL_SIZE); the change feed "
+            "holds one more.",
+            registry=registry,
+        )
+        self.db_pool_in_use = Gauge(
+            "authz_db_pool_connections_in_use",
+            "PostgreSQL pool connections lent out to a query or transaction right now.",
+            registry=registry,
+        )
+        self.db_pool_waiting = Gauge(
+            "authz_db_pool_acquires_waiting",
+            "Database calls waiting for a pool connection right now.",
+            registry=registry,
+        )
+        self.db_pool_waits = Counter(
+            "authz_db_pool_waits",
+            "Database calls that found every pool connection in use, by result: acquired (got "
+            "one in time) or gave_up (the call's timeout ran out first: pool exhausted).",
+            ["result"],
+            registry=registry,
+        )
         self.invalidations = Counter(
             "authz_cache_invalidations",
             "Cache invalidations received, by kind (key, ws, reset).",

@@ -125,14 +125,14 @@ def _backends(setups: Sequence[Setup]) -> Iterator[tuple[str, str]]:
         yield database, redis_url
 
 
-def _start_envoy(
-    log_dir: Path, targets: dict[str, Running]
+def start_bench_envoy(
+    log_dir: Path, targets: dict[str, Running], *, admin_port: int | None = None
 ) -> tuple[ManagedProcess, dict[str, int]]:
     """Envoy with a listener per target, on free ports (again on others if one was taken)."""
     for attempt in range(1, _BIND_ATTEMPTS + 1):
         ports = {name: free_port() for name in targets}
         plans = [ListenerPlan(name, ports[name], targets[name].ports) for name in targets]
-        config = build_config(plans, admin_port=free_port())
+        config = build_config(plans, admin_port=admin_port or free_port())
         path = log_dir / "envoy-bench.yaml"
         path.write_text(yaml.safe_dump(config))
         envoy = ManagedProcess(
@@ -166,7 +166,7 @@ def run(plan: Plan, setups: Sequence[Setup], log_dir: Path) -> dict[str, Any]:
                 running[setup.name] = start_setup(
                     setup, log_dir, postgres_url=database_url, redis_url=redis_url, seeded=seeded
                 )
-            envoy, ports = _start_envoy(log_dir, running)
+            envoy, ports = start_bench_envoy(log_dir, running)
             counter = StatementCounter.for_database(database_url) if database_url else None
             targets = {
                 name: Target(

@@ -15,8 +15,11 @@ Everything is an integer, so Python and Lua (whose numbers are IEEE doubles) agr
 * a bucket's level is in **units**, where one token (or one request) is `UNITS_PER_TOKEN` =
   60 000 units. A bucket with limit `L` per minute then refills exactly `L` units per
   millisecond, so refilling needs no division and loses nothing to rounding;
-* limits are capped at `MAX_LIMIT` (10^10 per minute), which keeps every value, including
-  `elapsed * limit` and a level of minus one capacity, far below 2^53.
+* limits are capped at `MAX_LIMIT` (10^10 per minute), one report's charge at `MAX_CHARGE`
+  (10^10 tokens) and a bucket's debt at `MAX_DEBT` (10^11 tokens), which keeps every value,
+  including `elapsed * limit`, `capacity - level` and a level of minus the whole debt less
+  one more charge, exact in doubles: `(MAX_LIMIT + MAX_DEBT + MAX_CHARGE) * UNITS_PER_TOKEN`
+  = 7.2e15 < 2^53 = 9.007e15.
 
 Bucket rules
 ------------
@@ -30,8 +33,12 @@ Bucket rules
   is the cheaper thing for a client to reason about), else TOKENS; `retry_after` is the time
   until *every* bucket has room for this request.
 * `adjust` charges or refunds tokens after the real usage is known. A refund never fills past
-  capacity. A charge may drive the level negative, down to minus one capacity, so over-use is
-  paid back by waiting (at most one extra minute).
+  capacity. A charge is carried whole as debt (it was forgiven past minus one capacity: issue
+  17, finding 6): nothing is admitted until refill has paid it and the request fits, which is
+  what `retry_after` says. So at any admission, everything charged over any window ending then
+  (reservations, reported overuse, minus refunds) is at most `limit * window / 1 min +
+  capacity`. Only exactness cuts a charge (`MAX_CHARGE`) or a debt (`MAX_DEBT`), both far past
+  any real response (a 10M-token context times n = 128 is ~1.3e9 tokens).
 * A bucket whose stored state is gone (a Redis key past its TTL, a swept in-memory entry) is full;
   state is kept until the bucket is full again, so this changes nothing, except that right after
   a limit is *raised* an idle bucket may count as full slightly early (refill uses the new rate).
@@ -57,6 +64,12 @@ UNITS_PER_TOKEN = 60_000
 
 MAX_LIMIT = 10**10
 """Limits above this are clamped to it; it keeps all bucket arithmetic below 2^53."""
+
+MAX_CHARGE = 10**10
+"""The most one usage report charges past its reservation: an exactness bound only."""
+
+MAX_DEBT = 10**11
+"""The deepest debt, in tokens (50 000 minutes at TPM 2000, 10 at MAX_LIMIT): exactness only."""
 
 TTL_MARGIN_MS = 1_000
 """Idle state is kept this long past the moment its bucket is full again."""
@@ -232,8 +245,17 @@ def normalise_cost(tokens: int) -> int:
 
 
 def normalise_delta(delta: int, tpm: int) -> int:
-    """Clamp an adjustment into [-2*tpm, 2*tpm]: beyond that the result is clamped the same way."""
-    return max(-2 * tpm, min(delta, 2 * tpm))
+    """Clamp an adjustment into [-2*tpm, MAX_CHARGE].
+
+    A charge is real overuse, and one response can use far more than its TPM (a default
+    reservation against a long completion, `n` choices): it is carried whole up to the
+    exactness bound `MAX_CHARGE`. A refund gives back at most a reservation, which never
+    exceeds the TPM it was admitted under; `2*tpm` leaves room for a limit lowered since, and
+    keeps a bogus refund from wiping a debt. An unlimited bucket (tpm 0) takes no delta.
+    """
+    if not tpm:
+        return 0
+    return max(-2 * tpm, min(delta, MAX_CHARGE))
 
 
 def floor_div(a: int, b: int) -> int:
@@ -365,11 +387,13 @@ def acquire(
 def adjust(tpm: int, delta: int, *, now_ms: int, tokens: BucketLevel | None) -> BucketLevel | None:
     """Charge (delta > 0) or refund (delta < 0) the token bucket; None when it is unlimited.
 
-    `tpm` must be normalised and `delta` clamped with `normalise_delta`.
+    `tpm` must be normalised and `delta` clamped with `normalise_delta`. Overuse is carried
+    whole as debt (down to `MAX_DEBT`), never forgiven after a minute.
     """
     if not tpm:
         return None
     cap = capacity(tpm)
     current = level_at(tpm, tokens, now_ms)
-    level = max(-cap, min(cap, current.level - delta * UNITS_PER_TOKEN))
+    delta = max(-MAX_CHARGE, min(delta, MAX_CHARGE))  # exactness guard, as in the Lua twin
+    level = max(-MAX_DEBT * UNITS_PER_TOKEN, min(cap, current.level - delta * UNITS_PER_TOKEN))
     return BucketLevel(level=level, updated_ms=current.updated_ms)

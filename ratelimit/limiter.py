@@ -113,7 +113,11 @@ class RateLimiter(Protocol):
         ...
 
     async def adjust_tokens(self, workspace_id: str, limits: Limits, delta: int) -> None:
-        """Charge (delta > 0) or refund (delta < 0) tokens after the real usage is known."""
+        """Charge (delta > 0) or refund (delta < 0) tokens after the real usage is known.
+
+        A charge past what the bucket holds is carried whole as debt: later requests wait until
+        refill has paid it (`ratelimit.bucket` has the rule and its only, exactness, bounds).
+        """
         ...
 
     async def record_usage(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from authz.store import open_store
 from authz.store.base import Store
 from tests.support.fakes import FakeStore
+from tests.support.pgbouncer import find_pgbouncer
 from tests.support.postgres_server import create_database, drop_database, postgres_dsn_for_tests
 
 
@@ -26,6 +28,17 @@ def pg_dsn(pg_base_dsn: str) -> Iterator[str]:
     dsn = create_database(pg_base_dsn)
     yield dsn
     drop_database(pg_base_dsn, dsn)
+
+
+@pytest.fixture(scope="session")
+def pgbouncer_binary() -> str:
+    """Debian's pgbouncer; CI must have it, a developer without it skips those tests."""
+    binary = find_pgbouncer()
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("pgbouncer is not installed: CI must run the PgBouncer tests")
+        pytest.skip("pgbouncer is not installed (Debian: apt-get install -y pgbouncer)")
+    return binary
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from typing import TypedDict, Unpack
 
 from authz.store.base import Store
 from authz.store.dialect import Timeouts
-from authz.store.postgres import PostgresStore
+from authz.store.postgres import PoolObserver, PostgresStore
 from authz.store.sqlite import SqliteStore, sqlite_path
 from authz.urls import is_sqlite_url
 
@@ -29,6 +29,8 @@ class StoreOptions(TypedDict, total=False):
     """PostgreSQL: where the change feed LISTENs (a direct connection past PgBouncer)."""
     statement_cache: bool
     """PostgreSQL: asyncpg's prepared-statement cache (off behind PgBouncer transaction mode)."""
+    pool_observer: PoolObserver | None
+    """PostgreSQL: told how the pool is used (connections in use, acquires that waited)."""
 
 
 async def open_store(
@@ -55,6 +57,7 @@ async def open_store(
         pool_size=options.get("pool_size", 2),
         listen_dsn=options.get("listen_url"),
         statement_cache=options.get("statement_cache", True),
+        observer=options.get("pool_observer"),
     )
     await store.open()
     return store

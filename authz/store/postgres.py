@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
 from datetime import datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 
@@ -65,6 +65,30 @@ def numbered(sql: str) -> str:
     return _PLACEHOLDER.sub(number, sql)
 
 
+class PoolObserver(Protocol):
+    """Told how the pool is used, for metrics and readiness (the store knows neither)."""
+
+    def sized(self, connections: int) -> None:
+        """The pool holds at most `connections` (AUTHZ_DB_POOL_SIZE)."""
+
+    def used(self, *, in_use: int, waiting: int) -> None:
+        """Connections lent out and acquires waiting for one, after each change."""
+
+    def waited(self, *, acquired: bool) -> None:
+        """An acquire found every connection lent out: it got one in time, or gave up."""
+
+
+class _Unobserved:
+    def sized(self, connections: int) -> None:
+        pass
+
+    def used(self, *, in_use: int, waiting: int) -> None:
+        pass
+
+    def waited(self, *, acquired: bool) -> None:
+        pass
+
+
 class _PgTx:
     def __init__(self, conn: Conn) -> None:
         self._conn = conn
@@ -101,6 +125,7 @@ class PostgresStore(SqlStore):
         pool_size: int = 2,
         listen_dsn: str | None = None,
         statement_cache: bool = True,
+        observer: PoolObserver | None = None,
     ) -> None:
         super().__init__(timeouts=timeouts)
         self._dsn = dsn
@@ -108,6 +133,9 @@ class PostgresStore(SqlStore):
         self._pool_size = pool_size
         self._statement_cache = statement_cache
         self._pool: asyncpg.Pool | None = None
+        self._observer = observer or _Unobserved()
+        self._in_use = 0
+        self._waiting = 0
 
     async def open(self) -> None:
         """Create the pool without connecting: readiness, not start-up, reports an outage."""
@@ -121,6 +149,7 @@ class PostgresStore(SqlStore):
             # a statement prepared on one is unknown on the next: no cache there.
             statement_cache_size=100 if self._statement_cache else 0,
         )
+        self._observer.sized(self._pool_size)
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -131,13 +160,47 @@ class PostgresStore(SqlStore):
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[Tx]:
-        async with opened(self._pool).acquire() as conn:
+        async with self._acquire() as conn:
             yield _PgTx(conn)
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[Tx]:
-        async with opened(self._pool).acquire() as conn, conn.transaction():
+        async with self._acquire() as conn, conn.transaction():
             yield _PgTx(conn)
+
+    @asynccontextmanager
+    async def _acquire(self) -> AsyncIterator[Conn]:
+        """A pooled connection, with the pool's use reported to the observer.
+
+        Counted here rather than read from asyncpg's internals: an acquire waits exactly when
+        every connection is lent out or already promised to an earlier waiter.
+        """
+        pool = opened(self._pool)
+        must_wait = self._in_use + self._waiting >= self._pool_size
+        self._waiting += 1
+        self._observer.used(in_use=self._in_use, waiting=self._waiting)
+        lent = False
+        try:
+            async with pool.acquire() as conn:
+                lent = True
+                self._waiting -= 1
+                self._in_use += 1
+                self._observer.used(in_use=self._in_use, waiting=self._waiting)
+                if must_wait:
+                    self._observer.waited(acquired=True)
+                try:
+                    yield conn
+                finally:
+                    self._in_use -= 1
+        except asyncio.CancelledError:
+            # The call's deadline ran out (see Dialect._run) while it waited for a connection.
+            if not lent and must_wait:
+                self._observer.waited(acquired=False)
+            raise
+        finally:
+            if not lent:
+                self._waiting -= 1
+            self._observer.used(in_use=self._in_use, waiting=self._waiting)
 
     def _classify(self, error: Exception) -> Failure | None:
         if isinstance(error, asyncpg.UndefinedTableError | asyncpg.UndefinedColumnError):

@@ -18,6 +18,8 @@
 local UNITS_PER_TOKEN = 60000
 local TTL_MARGIN_MS = 1000
 local MAX_COUNTER = 1000000000000000 -- 10^15
+local MAX_CHARGE = 10000000000 -- 10^10 tokens: the most one report charges (bucket.MAX_CHARGE)
+local MAX_DEBT = 100000000000 -- 10^11 tokens: the deepest a bucket's debt goes (bucket.MAX_DEBT)
 
 -- Integer floor division. For operands below 2^53, floor(a / b) on doubles is already exact; the
 -- correction (whose products are exact too) is defence in depth, so this never rests on how the
@@ -83,10 +85,12 @@ local function reset_ms(limit, level)
 end
 
 -- Charge or refund the token bucket (the caller checks tpm > 0); returns the new level.
+-- Overuse is carried whole as debt, down to MAX_DEBT (a bound for exactness, not policy).
 local function adjust(key, tpm, delta, now)
   local cap = capacity(tpm)
   local level, updated = level_at(key, tpm, now)
-  level = math.max(-cap, math.min(cap, level - delta * UNITS_PER_TOKEN))
+  delta = math.max(-MAX_CHARGE, math.min(delta, MAX_CHARGE))
+  level = math.max(-MAX_DEBT * UNITS_PER_TOKEN, math.min(cap, level - delta * UNITS_PER_TOKEN))
   store(key, tpm, level, updated)
   return level
 end

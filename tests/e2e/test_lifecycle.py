@@ -11,19 +11,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
-from envoy.service.auth.v3 import external_auth_pb2_grpc
-from google.rpc import code_pb2
 from grpc_health.v1 import health_pb2
 
-from tests.support.checks import bearer, check_request
 from tests.support.postgres_server import PostgresServer, start_postgres_server
 from tests.support.procs import free_port
 from tests.support.stack import (
     AUTHZ_SERVICE,
     FEED_LOGS,
-    Sidecar,
     authz_cli,
     change_applied_after,
     health_status,
@@ -36,16 +31,6 @@ from tests.support.stack import (
 pytestmark = pytest.mark.e2e
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def check_code(sidecar: Sidecar, secret: str) -> int:
-    """The HTTP status the sidecar decides for a request with `secret`, 200 on allow."""
-    with grpc.insecure_channel(sidecar.grpc_addr) as channel:
-        stub = external_auth_pb2_grpc.AuthorizationStub(channel)
-        response = stub.Check(check_request(headers=bearer(secret)), timeout=2)
-    if response.status.code == code_pb2.OK:
-        return 200
-    return int(response.denied_response.status.code)
 
 
 def workspace_and_key(database_url: str) -> tuple[str, dict[str, str]]:
@@ -191,12 +176,10 @@ def test_revocation_reaches_two_replicas_within_one_second(tmp_path: Path, pg_ds
         for i in range(2)
     ]
     try:
-        assert [check_code(r, key["secret"]) for r in replicas] == [200, 200]
+        assert [r.decide(key["secret"]) for r in replicas] == [200, 200]
         revoked = authz_cli(pg_dsn, "key", "revoke", key["id"])
         for replica in replicas:
-            wait_until(
-                lambda r=replica: check_code(r, key["secret"]) == 401, timeout=10, what="revoke"
-            )
+            wait_until(lambda r=replica: r.decide(key["secret"]) == 401, timeout=10, what="revoke")
         assert [change_applied_after(r, "key", revoked["revoked_at"]) < 1.0 for r in replicas] == [
             True,
             True,
@@ -283,7 +266,7 @@ def test_debug_logs_hold_no_per_call_library_lines(tmp_path: Path) -> None:
         env={"AUTHZ_LOG_FORMAT": "json", "AUTHZ_LOG_LEVEL": "debug"},
     )
     try:
-        assert [check_code(sidecar, "sk-oais_not-a-key") for _ in range(5)] == [401] * 5
+        assert [sidecar.decide("sk-oais_not-a-key") for _ in range(5)] == [401] * 5
         sidecar.process.send_signal(signal.SIGTERM)
         assert sidecar.process.wait(timeout=30) == 0
     finally:

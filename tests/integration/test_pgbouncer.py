@@ -7,7 +7,6 @@ change feed's LISTEN session connect to PostgreSQL directly.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -19,19 +18,14 @@ from authz.settings import Settings
 from authz.store import open_store
 from authz.store.base import Change, ChangeKind
 from tests.support.feeds import Recorder, wait_for
-from tests.support.pgbouncer import find_pgbouncer, pgbouncer_for, through
+from tests.support.pgbouncer import pgbouncer_for, through
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="session")
-def bouncer_port(pg_base_dsn: str) -> Iterator[int]:
-    binary = find_pgbouncer()
-    if binary is None:
-        if os.environ.get("CI"):
-            pytest.fail("pgbouncer is not installed: CI must run the PgBouncer tests")
-        pytest.skip("pgbouncer is not installed (Debian: apt-get install -y pgbouncer)")
-    with pgbouncer_for(pg_base_dsn, binary) as port:
+def bouncer_port(pg_base_dsn: str, pgbouncer_binary: str) -> Iterator[int]:
+    with pgbouncer_for(pg_base_dsn, pgbouncer_binary) as port:
         yield port
 
 

@@ -20,6 +20,8 @@ from tests.support.procs import ManagedProcess, free_port
 
 _BINARY_PATHS = ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer")
 _ROOT_RUNS_AS = "postgres"  # PgBouncer refuses to run as root
+SERVER_POOL_SIZE = 4
+"""Server connections PgBouncer opens per database and user, however many clients it has."""
 
 
 def find_pgbouncer() -> str | None:
@@ -49,7 +51,7 @@ def _config(server_dsn: str, port: int, folder: Path) -> str:
             "auth_type = trust",
             f"auth_file = {folder / 'users.txt'}",
             "pool_mode = transaction",
-            "default_pool_size = 4",
+            f"default_pool_size = {SERVER_POOL_SIZE}",
             "max_client_conn = 200",
             "ignore_startup_parameters = extra_float_digits",
             "",

@@ -20,9 +20,12 @@ from typing import Any
 
 import grpc
 import yaml
+from envoy.service.auth.v3 import external_auth_pb2_grpc
+from google.rpc import code_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.checks import bearer, check_request
 from tests.support.procs import ManagedProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -103,6 +106,15 @@ class Sidecar:
     def ready(self) -> bool:
         serving: int = health_pb2.HealthCheckResponse.SERVING
         return health_status(self.grpc_addr, AUTHZ_SERVICE) == serving
+
+    def decide(self, secret: str) -> int:
+        """The HTTP status this replica decides for `secret` in one Check (200 on allow)."""
+        with grpc.insecure_channel(self.grpc_addr) as channel:
+            stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+            response = stub.Check(check_request(headers=bearer(secret)), timeout=10)
+        if response.status.code == code_pb2.OK:
+            return 200
+        return int(response.denied_response.status.code)
 
     def metric(self, name: str, **labels: str) -> float:
         """One sample's value from /metrics (0 when the series does not exist yet)."""

@@ -2,7 +2,8 @@
 
 Random workloads run through `InMemoryRateLimiter` and `RedisRateLimiter` on one fake clock (the
 script's test-only "now" override): acquires with and without a quota (random token quotas and
-spend caps, None included, near and far from the boundary), TPM refunds and charges,
+spend caps, None included, near and far from the boundary), TPM refunds and charges (debts far
+past one bucket, up to the exactness bounds, included),
 `record_usage` (bucket delta plus counter increments, saturation included) and `seed_usage`, on
 two periods, with clock steps and limits from tiny to MAX_LIMIT. Every LimitResult and every
 QuotaState must be identical, and the raw state Redis stores (both buckets and all four usage
@@ -97,7 +98,13 @@ def scenarios(draw: st.DrawFn) -> Scenario:
         quota=quotas,
         spend=st.one_of(st.integers(0, scale), usage_amounts(scale)),
     )
-    delta = st.integers(-2 * tpm, 2 * tpm)
+    # Overuse far past a bucket is debt, carried whole (issue 17, finding 6); the largest
+    # charges reach MAX_CHARGE and, a dozen in a row, the MAX_DEBT floor.
+    delta = st.one_of(
+        st.integers(-2 * tpm, 2 * tpm),
+        st.integers(-3 * tpm, 1000 * tpm),
+        st.integers(bucket.MAX_CHARGE - 10, 3 * bucket.MAX_CHARGE),
+    )
     adjust = st.builds(Op, kind=st.just("adjust"), amount=delta, step_ms=step)
     record = st.builds(
         Op,

@@ -197,10 +197,12 @@ def test_charge_can_go_negative_and_is_paid_back_by_waiting() -> None:
     assert buckets.acquire(0, T0 + 30_000).allowed
 
 
-def test_debt_is_capped_at_one_capacity() -> None:
+def test_debt_is_carried_whole_past_one_capacity() -> None:
     buckets = Buckets(Limits(rpm=0, tpm=60))
     buckets.adjust(10**9, T0)
-    assert buckets.tokens == BucketLevel(-60 * UNITS_PER_TOKEN, T0)
+    assert buckets.tokens == BucketLevel((60 - 10**9) * UNITS_PER_TOKEN, T0)
+    denied = buckets.acquire(1, T0)
+    assert denied.retry_after_ms == (10**9 - 60 + 1) * 1000  # 1 token a second
 
 
 def test_adjust_of_an_unlimited_bucket_keeps_no_state() -> None:
@@ -230,7 +232,8 @@ def test_limits_are_clamped_to_the_exact_range() -> None:
     assert bucket.normalise_cost(10**30) == bucket.MAX_LIMIT + 1
     with pytest.raises(ValueError, match="token cost"):
         bucket.normalise_cost(-1)
-    assert bucket.normalise_delta(10**9, 10) == 20
+    assert bucket.normalise_delta(10**9, 10) == 10**9
+    assert bucket.normalise_delta(10**30, 10) == bucket.MAX_CHARGE
     assert bucket.normalise_delta(-(10**9), 10) == -20
 
 

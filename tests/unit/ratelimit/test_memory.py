@@ -60,7 +60,7 @@ async def test_adjust_charges_and_refunds() -> None:
     await limiter.adjust_tokens("ws", limits, 200)  # used far more
     denied = await limiter.acquire("ws", limits, 0)
     assert denied.denied_by is LimitKind.TOKENS
-    assert denied.retry_after_seconds == 60.0  # a full capacity of debt
+    assert denied.retry_after_seconds == 72.0  # 80 - 200: the whole 120 tokens of debt
 
 
 async def test_full_idle_buckets_are_forgotten() -> None:
@@ -165,7 +165,7 @@ async def test_record_usage_adjusts_tpm_and_counts_in_one_step() -> None:
     assert second == QuotaState(PERIOD, 25, 301, known=True)
     denied = await limiter.acquire("ws", limits, 0)
     assert denied.denied_by is LimitKind.TOKENS  # the charge went into debt
-    assert denied.retry_after_seconds == 60.0
+    assert denied.retry_after_seconds == 90.0  # 100 - 250: all 150 tokens of it
 
 
 async def test_record_usage_without_a_tpm_limit_still_counts() -> None:

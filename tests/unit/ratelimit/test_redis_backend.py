@@ -12,6 +12,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from ratelimit import bucket
 from ratelimit.breaker import BreakerState, CircuitBreaker
 from ratelimit.keys import bucket_keys, operation_key, usage_keys
 from ratelimit.limiter import (
@@ -148,13 +149,14 @@ async def test_decodes_a_denial(limiter: RedisRateLimiter, fake: FakeRedis) -> N
 async def test_adjust_sends_a_clamped_delta_and_skips_no_ops(
     limiter: RedisRateLimiter, fake: FakeRedis
 ) -> None:
-    await limiter.adjust_tokens("ws1", Limits(rpm=5, tpm=100), 10**9)
+    await limiter.adjust_tokens("ws1", Limits(rpm=5, tpm=100), 10**30)
     await limiter.adjust_tokens("ws1", Limits(rpm=5, tpm=0), 10)
     await limiter.adjust_tokens("ws1", Limits(rpm=5, tpm=100), 0)
     [(keys, args)] = fake.script.calls
     assert keys[0] == bucket_keys("ws1")[1]
     sent_operation_key(keys, "ws1")
-    assert args == [100, 200, OPERATION_TTL_SECONDS]
+    # Overuse is carried whole as debt; only the exactness bound cuts it (issue 17, finding 6).
+    assert args == [100, bucket.MAX_CHARGE, OPERATION_TTL_SECONDS]
     assert fake.script.operations == ["adjust"]
 
 
