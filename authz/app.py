@@ -34,7 +34,7 @@ from authz.logs import configure_logging
 from authz.metrics import Metrics
 from authz.resolver import KeyResolver
 from authz.responses import AllowRenderer
-from authz.server import StartupError, serve
+from authz.server import StartupError, grpc_server_options, serve
 from authz.settings import Settings, SettingsError
 from authz.store import open_store
 from authz.store.base import Store, StoreError
@@ -201,8 +201,7 @@ async def build(
     supervisor = Supervisor(
         readiness=readiness, metrics=metrics, sleep=restart_sleep or asyncio.sleep
     )
-    # Workers (authz.workers) share the port; a lone process must not share it by accident.
-    server = grpc.aio.server(options=[("grpc.so_reuseport", int(settings.workers > 1))])
+    server = grpc.aio.server(options=grpc_server_options(settings))
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(authorization, server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     streams = StreamStop()

@@ -1,9 +1,10 @@
 """The ext_authz v3 Authorization service: fetch what the decision needs, then render it.
 
-Denials are successful RPCs carrying a denied CheckResponse. Infrastructure failures (the
-database for an uncached key, the rate limiter in closed mode) are typed exceptions, counted,
-and answered with gRPC UNAVAILABLE so Envoy's `status_on_error` applies. Anything else is a
-bug and propagates.
+Denials are successful RPCs carrying a denied CheckResponse. A Check that queued in the sidecar
+past its budget (overload) is answered at once with a pre-rendered 429, before any lookup.
+Infrastructure failures (the database for an uncached key, the rate limiter in closed mode) are
+typed exceptions, counted, and answered with gRPC UNAVAILABLE so Envoy's `status_on_error`
+applies. Anything else is a bug and propagates.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from envoy.service.auth.v3.external_auth_pb2 import CheckRequest, CheckResponse
 from prometheus_client import Counter
 
 from authz.decision import (
+    OVERLOADED,
+    SHED_AFTER,
+    SHED_RETRY_AFTER_S,
     Allow,
     Deny,
     Outcome,
@@ -25,6 +29,7 @@ from authz.decision import (
     check_grant,
     decide,
     invalid_key,
+    overdue,
     reserve,
     screen_request,
     stream_without_usage,
@@ -35,7 +40,7 @@ from authz.logs import ThrottledLog
 from authz.metrics import Metrics
 from authz.request import summarize
 from authz.resolver import KeyResolver
-from authz.responses import AllowRenderer, render_deny
+from authz.responses import AllowRenderer, render_deny, render_shed
 from authz.store.base import StoreUnavailable
 from authz.tracing import CheckTracing, traced_call
 from authz.usage.pricing import PriceTable
@@ -53,6 +58,29 @@ from ratelimit.limiter import (
 log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[CheckRequest, CheckResponse]
+
+EXPECTED_TIMEOUT_HEADER = "x-envoy-expected-rq-timeout-ms"
+"""Envoy's ext_authz timeout, sent with every Check beside the gRPC deadline it sets from it."""
+_MAX_TIMEOUT_DIGITS = 9
+
+
+def queue_wait(context: Context) -> tuple[float, float] | None:
+    """(seconds this Check waited since it reached the sidecar, Envoy's timeout in seconds).
+
+    gRPC set the call's deadline from Envoy's timeout when the call arrived, so the timeout
+    minus what remains of it is the wait, on this host's monotonic clock (no skew with
+    Envoy's). None without a deadline or without Envoy's header: nothing is shed then.
+    """
+    remaining = context.time_remaining()
+    if remaining is None:
+        return None
+    for name, value in context.invocation_metadata() or ():
+        if name == EXPECTED_TIMEOUT_HEADER:
+            if not (value.isascii() and value.isdigit()) or len(value) > _MAX_TIMEOUT_DIGITS:
+                return None
+            timeout = int(value) / 1000
+            return timeout - remaining, timeout
+    return None
 
 
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
@@ -73,6 +101,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         max_request_bytes: int,
         wall_clock: Callable[[], float] = time.time,
         tracing: CheckTracing | None = None,
+        shed_after: float = SHED_AFTER,
     ) -> None:
         self._resolver = resolver
         self._limiter = limiter
@@ -93,8 +122,15 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         self._admitted = metrics.ratelimit_decisions.labels("admitted")
         self._near_requests = metrics.near_limit.labels(LimitKind.REQUESTS.value)
         self._near_tokens = metrics.near_limit.labels(LimitKind.TOKENS.value)
+        self._shed_after = shed_after
+        self._shed = metrics.checks.labels("shed", OVERLOADED.code)
+        self._shed_response = render_shed(OVERLOADED, retry_after_s=SHED_RETRY_AFTER_S)
 
     async def Check(self, request: CheckRequest, context: Context) -> CheckResponse:
+        if self._overdue(context):
+            # Overload, not failure: a prompt 429 the client may retry, never Envoy's 503.
+            self._shed.inc()
+            return self._shed_response
         if self._tracing is None:
             return await self._check(request, context)
         with self._tracing.check(request.attributes.request.http.headers):
@@ -131,6 +167,10 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         self._metrics.checks.labels("deny", outcome.code).inc()
         self._count_denial(self._metrics.workspace_denials, outcome)
         return render_deny(outcome)
+
+    def _overdue(self, context: Context) -> bool:
+        waited = queue_wait(context)
+        return waited is not None and overdue(*waited, shed_after=self._shed_after)
 
     def _count_denial(self, counter: Counter, denial: Deny) -> None:
         """One denial (real or shadow) of a known workspace, by `code:type`."""

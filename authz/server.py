@@ -39,6 +39,23 @@ class Running:
     health_port: int | None = None
 
 
+MAX_PENDING_CALLS = 16384
+"""Calls gRPC holds before the sidecar takes them (the `authz` cluster's `max_requests`).
+gRPC's defaults (1,000, rejecting at random up to a hard 3,000) cancelled Checks in a burst of
+2,000 through one Envoy: a 503 for a healthy sidecar. Past the budget a Check is shed instead
+(authz.check), and Envoy's deadline bounds the wait."""
+
+
+def grpc_server_options(settings: Settings) -> list[tuple[str, int]]:
+    """The ext_authz server's gRPC options. Compression stays off (gRPC's default)."""
+    return [
+        # Workers (authz.workers) share the port; a lone process must not share it by accident.
+        ("grpc.so_reuseport", int(settings.workers > 1)),
+        ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+        ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
+    ]
+
+
 def _split_addr(addr: str) -> tuple[str, int]:
     host, _, port = addr.rpartition(":")
     return host.strip("[]"), int(port)

@@ -1,7 +1,7 @@
 """One Envoy config with a listener per benchmark setup, derived from the shipped `envoy.yaml`.
 
 Every listener keeps the shipped HTTP connection manager as it is (ext_authz with the body
-forwarded and its 250 ms timeout, the access-log stream back to the sidecar, the usage filters)
+forwarded and its timeout, the access-log stream back to the sidecar, the usage filters)
 with two changes: its ext_authz and access-log calls go to that setup's own cluster (a copy of
 the shipped `authz` cluster, health checks included), and every route answers with a fixed
 `direct_response`, so no upstream sits in the measurement. The "no authz" listener drops the

@@ -343,6 +343,9 @@ class DemoUpstreamServer(ThreadingHTTPServer):
     """The HTTP server plus the state its handlers share (the request log, the clock)."""
 
     daemon_threads = True
+    # socketserver's default backlog of 5 refused connections in a burst through Envoy (a 503
+    # for the client); the kernel caps this at net.core.somaxconn.
+    request_queue_size = 4096
 
     def __init__(
         self,

@@ -37,9 +37,9 @@ from ratelimit.metrics import RateLimitMetrics, RedisErrorKind
 
 T = TypeVar("T")
 
-CEILING_SECONDS = 1.0
+CEILING_SECONDS = 2.5
 """Wall-clock bound on one call, queueing and loop lag included. Deliberately past Envoy's
-ext_authz timeout (250 ms in the shipped configs): Envoy's gRPC deadline cancels a Check it has
+ext_authz timeout (2 s in the shipped configs): Envoy's gRPC deadline cancels a Check it has
 given up on (and its limiter call with it), so failing sooner would only turn slow successes
 into 503s; this bounds callers without a deadline. A Redis that does not answer fails at
 `timeout_seconds` (net of lag)."""

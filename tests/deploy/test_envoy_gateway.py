@@ -115,8 +115,8 @@ def test_security_policy_is_envoy_yamls_ext_authz_to_the_authorizer(
     (target,) = policy["spec"]["targetRefs"]
     assert target == {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "eg"}
     source = ext_authz_source()
-    assert ext_auth["timeout"] == "250ms"
-    assert source["grpc_service"]["timeout"] == "0.25s"
+    assert ext_auth["timeout"] == "2s"
+    assert source["grpc_service"]["timeout"] == "2s"
     assert ext_auth["failOpen"] is source["failure_mode_allow"] is False
     assert ext_auth["statusOnError"] == source["status_on_error"]["code"] == 503
     body = source["with_request_body"]

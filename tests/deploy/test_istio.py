@@ -133,7 +133,7 @@ def test_provider_matches_the_envoy_ext_authz_settings(provider: dict[str, Any])
         if f["name"] == "envoy.filters.http.ext_authz"
     ]
     grpc = provider["envoyExtAuthzGrpc"]
-    assert grpc["timeout"] == ext_authz["grpc_service"]["timeout"] == "0.25s"
+    assert grpc["timeout"] == ext_authz["grpc_service"]["timeout"] == "2s"
     assert grpc["failOpen"] is ext_authz["failure_mode_allow"] is False
     assert grpc["statusOnError"] == str(ext_authz["status_on_error"]["code"]) == "503"
     body = ext_authz["with_request_body"]
