@@ -76,6 +76,8 @@ TTL_MARGIN_MS = 1_000
 
 MS_PER_SECOND = 1_000
 
+KEEP_MS = 40 * 24 * 3600 * MS_PER_SECOND  # ...and at least as long as the counters: redis_cluster
+
 _DENIED_NONE = 0
 _DENIED_REQUESTS = 1
 _DENIED_TOKENS = 2
@@ -303,8 +305,8 @@ def report(limit: int, level: int) -> BucketReport:
 
 
 def ttl_ms(limit: int, level: int) -> int:
-    """How long to keep a bucket's state: until it is full again, plus a margin."""
-    return ms_to_reach(limit, level, capacity(limit)) + TTL_MARGIN_MS
+    """How long to keep a bucket's state: until it is full again plus a margin, KEEP_MS at least."""
+    return max(ms_to_reach(limit, level, capacity(limit)) + TTL_MARGIN_MS, KEEP_MS)
 
 
 _UNLIMITED = BucketReport(limit=0, remaining=0, reset_ms=0)

@@ -42,6 +42,23 @@ def bucket_keys(workspace_id: str) -> tuple[str, str]:
     )
 
 
+def touched_bucket_keys(workspace_id: str, *, rpm: int, tpm: int) -> tuple[str, str]:
+    """`bucket_keys`, with the key of a bucket the script never touches (its limit is 0:
+    unlimited) replaced by the other one.
+
+    On Redis Cluster a script may only name keys it touches: while a slot migrates, Redis
+    answers TRYAGAIN to a script whose keys exist in part, and a bucket with no limit never
+    exists. Naming a key twice is not "several keys" to Redis, and the script reads each
+    position only when that bucket's limit is set.
+    """
+    requests, tokens = bucket_keys(workspace_id)
+    if not tpm:
+        return requests, requests
+    if not rpm:
+        return tokens, tokens
+    return requests, tokens
+
+
 def usage_keys(workspace_id: str, period: str) -> tuple[str, str]:
     """The (tokens used, spend used) counter keys of one workspace and period ("YYYY-MM")."""
     tag = workspace_hash_tag(workspace_id)

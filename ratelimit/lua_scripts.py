@@ -3,10 +3,14 @@
 A script's text is `clock.lua` (the `now_ms` function: Redis' TIME) + `prelude.lua` (the shared
 bucket and counter maths) + for the ledger-mark operations `ledger.lua` (see `ratelimit.marks`)
 + the operation's body, which documents its KEYS and ARGV.
+
+`one_key_form` puts `keys_from_argv.lua` in front of a script: the form a Redis Cluster call
+takes after an ASK redirect (see ratelimit/redis_cluster.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import StrEnum
 from importlib import resources
 
@@ -46,3 +50,15 @@ def script_text(operation: Operation, *, clock: str | None = None) -> str:
         read_lua(operation),
     )
     return "\n".join(parts)
+
+
+def one_key_form(text: str) -> str:
+    """`text` (a full script) taking only its first key in KEYS, the others first in ARGV after
+    their count: `EVALSHA sha 1 key1 n-1 key2..keyN args...`."""
+    return read_lua("keys_from_argv") + "\n" + text
+
+
+def one_key_args(keys: Sequence[str], args: Sequence[object]) -> list[object]:
+    """The EVALSHA arguments after `numkeys` for `one_key_form`: key1, the count of the other
+    keys, the other keys, then the script's own ARGV."""
+    return [keys[0], len(keys) - 1, *keys[1:], *args]

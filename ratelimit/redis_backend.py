@@ -51,7 +51,7 @@ from redis.backoff import NoBackoff
 from ratelimit import bucket
 from ratelimit import quota as quotas
 from ratelimit.breaker import CircuitBreaker
-from ratelimit.keys import bucket_keys, operation_key, usage_keys
+from ratelimit.keys import bucket_keys, operation_key, touched_bucket_keys, usage_keys
 from ratelimit.limiter import (
     LimitResult,
     Limits,
@@ -63,6 +63,7 @@ from ratelimit.limiter import (
 from ratelimit.lua_scripts import Operation, script_text
 from ratelimit.metrics import RateLimitMetrics
 from ratelimit.pipeline import ScriptPipeliner
+from ratelimit.redis_cluster import ClusterScript, ClusterScripts
 from ratelimit.redis_guard import CEILING_SECONDS, RedisGuard
 from ratelimit.redis_marks import OPERATION_TTL_SECONDS as OPERATION_TTL_SECONDS
 from ratelimit.redis_marks import LedgerMarkCalls
@@ -78,12 +79,6 @@ _STANDALONE_SCHEMES = ("redis", "rediss", "unix")
 _CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}
 
 RedisClient = Redis | RedisCluster
-
-
-def _retrieve(task: asyncio.Future[Any]) -> None:
-    """Mark a shared task's exception as seen: its waiters report it, if any are left."""
-    if not task.cancelled():
-        task.exception()
 
 
 def _cluster_ok(info: Any) -> bool:
@@ -191,7 +186,6 @@ class RedisRateLimiter(LedgerMarkCalls):
         self._metrics = metrics
         self._breaker = breaker or CircuitBreaker()
         self._nodes = NodeBreakers(client, self._breaker)
-        self._refresh: asyncio.Future[Any] | None = None
         self._guard = RedisGuard(
             timeout_seconds=timeout_seconds,
             max_in_flight=max_in_flight,
@@ -204,6 +198,14 @@ class RedisRateLimiter(LedgerMarkCalls):
         )
         # register_script gives EVALSHA with a SCRIPT LOAD fallback on NOSCRIPT.
         self._scripts = {op: client.register_script(self._script_text(op)) for op in Operation}
+        self._cluster: ClusterScripts | None = None
+        self._cluster_scripts: dict[Operation, ClusterScript] = {}
+        if isinstance(client, RedisCluster):
+            # TRYAGAIN (a slot migration in progress) is retried within the Redis budget.
+            self._cluster = ClusterScripts(client, tryagain_seconds=0.8 * timeout_seconds)
+            self._cluster_scripts = {
+                op: ClusterScript.of(self._script_text(op)) for op in Operation
+            }
 
     def _script_text(self, operation: Operation) -> str:
         """The script sent for `operation` (a test subclass swaps the clock)."""
@@ -237,7 +239,7 @@ class RedisRateLimiter(LedgerMarkCalls):
         limits = bucket.normalise_limits(limits)
         cost = bucket.normalise_cost(tokens)
         spend = quotas.normalise_amount(spend_micros, "spend")
-        buckets = bucket_keys(workspace_id)
+        buckets = touched_bucket_keys(workspace_id, rpm=limits.rpm, tpm=limits.tpm)
         if quota is None:
             reply = await self._run(Operation.ACQUIRE, buckets, [limits.rpm, limits.tpm, cost])
             return bucket.LimitDecision.from_wire(_ints(reply), limits).to_result()
@@ -297,17 +299,16 @@ class RedisRateLimiter(LedgerMarkCalls):
                 workspace_id, limits, period, amounts, operation_id, tag
             )
         limits = bucket.normalise_limits(limits)
+        delta = bucket.normalise_delta(tpm_delta, limits.tpm)
+        counters = usage_keys(workspace_id, period)
+        # The token bucket is named only when the script touches it (see touched_bucket_keys).
+        tokens_key = bucket_keys(workspace_id)[1] if limits.tpm and delta else counters[0]
         reply = await self._run(
             Operation.RECORD,
-            self._once(
-                workspace_id,
-                bucket_keys(workspace_id)[1],
-                *usage_keys(workspace_id, period),
-                operation_id=operation_id,
-            ),
+            self._once(workspace_id, tokens_key, *counters, operation_id=operation_id),
             [
                 limits.tpm,
-                bucket.normalise_delta(tpm_delta, limits.tpm),
+                delta,
                 quotas.normalise_amount(tokens, "tokens"),
                 quotas.normalise_amount(spend_micros, "spend"),
                 quotas.COUNTER_TTL_SECONDS,
@@ -339,7 +340,8 @@ class RedisRateLimiter(LedgerMarkCalls):
         if not isinstance(self._client, RedisCluster):
             return await self._answers(STANDALONE, self._client.ping)
         cluster = self._client
-        if not await self._answers(UNMAPPED, cluster.initialize):
+        assert self._cluster is not None
+        if not await self._answers(UNMAPPED, self._cluster.refresh):
             return False
         masters = cluster.get_primaries()
         checks = [
@@ -379,8 +381,14 @@ class RedisRateLimiter(LedgerMarkCalls):
         """One script call with the operation's fixed ARGV, on the node that owns its slot."""
         argv = [*args, *self._clock_args()]
         script = self._scripts[operation]
-        if isinstance(self._client, RedisCluster):
-            await self._read_slot_map(self._client)
+        if self._cluster is not None:
+            cluster, on_cluster = self._cluster, self._cluster_scripts[operation]
+            await self._guarded("topology", UNMAPPED, cluster.slot_map)
+            return await self._guarded(
+                operation,
+                self._nodes.node_for(keys[0]),
+                lambda: cluster.evalsha(on_cluster, keys, argv),
+            )
         node = self._nodes.node_for(keys[0])
         pipeliner = self._pipeliner
         if pipeliner is not None:
@@ -388,23 +396,6 @@ class RedisRateLimiter(LedgerMarkCalls):
                 operation, node, lambda: pipeliner.evalsha(script, keys, argv)
             )
         return await self._guarded(operation, node, lambda: script(keys=keys, args=argv))
-
-    async def _read_slot_map(self, cluster: RedisCluster) -> None:
-        """(Re)read the cluster's slot map when redis-py wants to, in one shared task that no
-        caller's timeout can cancel.
-
-        A workaround for redis-py (8.1): a command that finds the client needing a refresh (after
-        any connection error) runs `initialize()` itself, and a cancelled or failed
-        `initialize()` closes every node's connections, failing the calls in flight on healthy
-        masters too. Shielded, a refresh runs to its end whoever stops waiting for it.
-        """
-        if cluster.nodes_manager.slots_cache and not getattr(cluster, "_initialize", True):
-            return
-        if self._refresh is None or self._refresh.done():
-            self._refresh = asyncio.ensure_future(cluster.initialize())
-            self._refresh.add_done_callback(_retrieve)
-        refresh = self._refresh
-        await self._guarded("topology", UNMAPPED, lambda: asyncio.shield(refresh))
 
     async def _guarded(self, operation: str, node: str, call: Callable[[], Awaitable[Any]]) -> Any:
         try:

@@ -11,7 +11,8 @@
   cancellation passes through.
 * **Breakers.** A timeout, connection failure, error reply or client exception counts against
   the circuit breaker of the node the call went to; an overloaded process (the ceiling passed
-  while Redis' own budget had not) counts against none.
+  while Redis' own budget had not) counts against none, nor does a slot migration that a call
+  could not wait out (TRYAGAIN, redirects: the node answered).
 * **Retries.** One immediate retry after a connection error (a pooled connection to a Redis that
   restarted fails on first use), or after the AttributeError/RuntimeError of a connection that
   redis-py's cluster client closed under the call. Never after a timeout. The caller makes its
@@ -26,8 +27,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from redis.exceptions import AskError, RedisClusterException, RedisError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ratelimit.breaker import CircuitBreaker
@@ -107,6 +108,10 @@ class RedisGuard:
             raise self._failed(kind, operation, breaker, node, exc) from exc
         except (RedisConnectionError, ConnectionError) as exc:
             raise self._failed(RedisErrorKind.CONNECTION, operation, breaker, node, exc) from exc
+        except (TryAgainError, AskError) as exc:
+            # A slot migration still in progress (or redirects that ran out): the node answered,
+            # so its breaker is not charged; the call fails alone.
+            raise self._failed(RedisErrorKind.OTHER, operation, None, node, exc) from exc
         except (RedisError, RedisClusterException, OSError) as exc:
             raise self._failed(RedisErrorKind.OTHER, operation, breaker, node, exc) from exc
         except Exception as exc:
@@ -136,11 +141,11 @@ class RedisGuard:
         self,
         kind: RedisErrorKind,
         operation: str,
-        breaker: CircuitBreaker,
+        breaker: CircuitBreaker | None,
         node: str,
         exc: BaseException,
     ) -> RateLimitUnavailable:
-        if kind is not RedisErrorKind.OVERLOAD:
+        if breaker is not None and kind is not RedisErrorKind.OVERLOAD:
             breaker.record_failure()
         self._count(kind)
         message = f"Redis {operation} on {node} failed ({kind.value}): {exc!r}"

@@ -17,6 +17,7 @@
 
 local UNITS_PER_TOKEN = 60000
 local TTL_MARGIN_MS = 1000
+local KEEP_MS = 3456000000 -- bucket.py's KEEP_MS (40 days): a workspace's keys expire together
 local MAX_COUNTER = 1000000000000000 -- 10^15
 local MAX_CHARGE = 10000000000 -- 10^10 tokens: the most one report charges (bucket.MAX_CHARGE)
 local MAX_DEBT = 100000000000 -- 10^11 tokens: the deepest a bucket's debt goes (bucket.MAX_DEBT)
@@ -69,7 +70,7 @@ end
 
 local function store(key, limit, level, updated)
   redis.call('HSET', key, 'l', string.format('%d', level), 't', string.format('%d', updated))
-  local ttl = ms_to_reach(limit, level, capacity(limit)) + TTL_MARGIN_MS
+  local ttl = math.max(ms_to_reach(limit, level, capacity(limit)) + TTL_MARGIN_MS, KEEP_MS)
   redis.call('PEXPIRE', key, string.format('%d', ttl))
 end
 

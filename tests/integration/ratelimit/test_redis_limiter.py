@@ -7,7 +7,7 @@ import math
 import pytest
 from redis.asyncio import Redis
 
-from ratelimit import bucket
+from ratelimit import bucket, quota
 from ratelimit.keys import bucket_keys
 from ratelimit.limiter import LimitKind, Limits
 from ratelimit.redis_backend import RedisClient, RedisRateLimiter, connect_redis
@@ -90,12 +90,16 @@ async def test_adjust_refunds_up_to_capacity_and_charges_into_debt(
 async def test_keys_expire_once_the_bucket_would_be_full(
     limiter: RedisRateLimiter, redis_client: RedisClient, workspace_id: str
 ) -> None:
-    result = await limiter.acquire(workspace_id, Limits(rpm=6, tpm=60), 30)
+    """...and not before KEEP_MS, so a workspace's buckets and usage counters expire together."""
+    limits = Limits(rpm=6, tpm=60)
+    result = await limiter.acquire(workspace_id, limits, 30)
     requests_key, tokens_key = bucket_keys(workspace_id)
     for key, reset in ((requests_key, result.requests), (tokens_key, result.tokens)):
         ttl = await redis_client.pttl(key)
-        reset_ms = round(reset.reset_seconds * 1000)
-        assert reset_ms < ttl <= reset_ms + bucket.TTL_MARGIN_MS
+        assert bucket.KEEP_MS - 1000 < ttl <= bucket.KEEP_MS
+        assert round(reset.reset_seconds * 1000) + bucket.TTL_MARGIN_MS < bucket.KEEP_MS
+    assert bucket.KEEP_MS == quota.COUNTER_TTL_MS
+    assert bucket.ttl_ms(1, -(4 * 10**9)) == 4 * 10**9 + 60_000 + bucket.TTL_MARGIN_MS
 
 
 async def test_unlimited_buckets_store_nothing(

@@ -1,0 +1,216 @@
+"""Script calls on Redis Cluster: routed by the limiter, redirects and slot migration handled here.
+
+Each call is one EVALSHA on the pooled connections of the master that owns its slot in redis-py's
+slot map (`ClusterNode`), rather than through `RedisCluster.execute_command`, whose redirect
+handling (redis-py 8.1) fails under load: it sends ASKING and the command on two separately
+pooled connections, and it closes the whole client on every fifth MOVED. How each answer is met:
+
+* MOVED: the slot has a new owner (a migration finished, a replica took over). The slot map is
+  patched from the redirect (as redis-py does) and the call goes there.
+* ASK: the slot is migrating and the source holds none of the call's keys. ASKING and the
+  EVALSHA go in one write on one connection of the target (docs/redis-cluster.md has the
+  upstream reproduction). There the call takes its one-key form (`lua_scripts.one_key_form`):
+  after ASKING, a node runs a script naming several keys only when they all exist, and some
+  never do (a new operation key, a full bucket that expired). The outcome stays exact: the
+  source held none of the keys, and a migration only moves keys from the source to the target.
+* TRYAGAIN: the slot is migrating and the source holds some of the call's keys, not all. The
+  migration has moved the others already, or they must be created and a migrating source
+  creates none. It ends when the migration moves the rest, so the call is retried every
+  TRYAGAIN_PAUSE_SECONDS for up to `tryagain_seconds` (within the Redis budget), then fails.
+* NOSCRIPT: SCRIPT LOAD on that node, then the call again.
+* A connection error or timeout: the slot map is re-read in the background (the node may have
+  failed over); calls to the other masters never wait for that read.
+
+Scripts name only the keys they touch (`keys.touched_bucket_keys`), so a busy workspace, whose
+keys all exist, is served throughout a slot migration: by the source until the migration moves
+its keys, then by the target, with every bucket debited exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
+from redis.exceptions import (
+    AskError,
+    MovedError,
+    NoScriptError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ratelimit.lua_scripts import one_key_args, one_key_form
+
+TRYAGAIN_PAUSE_SECONDS = 0.005
+"""Between retries of a call that met TRYAGAIN: a MIGRATE step takes about a millisecond."""
+
+MAX_REDIRECTS = 5
+"""MOVED and ASK answers one call follows before it gives up (a settled slot needs at most 2)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterScript:
+    """One script in both forms: as called on the slot's owner, and in its one-key form, with
+    their SHA1s (a node loads each on its first NOSCRIPT)."""
+
+    text: str
+    sha: str
+    one_key_text: str
+    one_key_sha: str
+
+    @classmethod
+    def of(cls, text: str) -> ClusterScript:
+        one_key_text = one_key_form(text)
+        return cls(text, _sha1(text), one_key_text, _sha1(one_key_text))
+
+
+def _sha1(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8"), usedforsecurity=False).hexdigest()
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark a shared task's exception as seen: its waiters report it, if any are left."""
+    if not task.cancelled():
+        task.exception()
+
+
+class ClusterScripts:
+    """Runs script calls on the node that owns their slot, following redirects itself."""
+
+    def __init__(self, cluster: RedisCluster, *, tryagain_seconds: float) -> None:
+        self._cluster = cluster
+        self._tryagain = tryagain_seconds
+        self._refresh: asyncio.Future[None] | None = None
+
+    def owner(self, key: str) -> str | None:
+        """The name of the master that owns `key`'s slot in the current map, if any."""
+        node = self._owner(self._cluster.keyslot(key))
+        return node.name if node is not None else None
+
+    async def slot_map(self) -> None:
+        """Read the slot map if there is none yet. A stale one is refreshed on the errors it
+        causes, never before a call: calls to healthy masters must not wait on a re-read."""
+        if not self._cluster.nodes_manager.slots_cache:
+            await self.refresh()
+
+    async def refresh(self) -> None:
+        """(Re)read the slot map in one shared task that no caller's timeout can cancel.
+
+        redis-py's own `initialize()`, cancelled or failed, closes every node's connections and
+        fails the calls in flight on healthy masters too; shielded, a read runs to its end.
+        """
+        await asyncio.shield(self._start_refresh())
+
+    def refresh_soon(self) -> None:
+        """Re-read the slot map in the background."""
+        self._start_refresh()
+
+    def _start_refresh(self) -> asyncio.Future[None]:
+        if self._refresh is None or self._refresh.done():
+            self._refresh = asyncio.ensure_future(self._read_slot_map())
+            self._refresh.add_done_callback(_retrieve)
+        return self._refresh
+
+    async def _read_slot_map(self) -> None:
+        cluster = self._cluster
+        if getattr(cluster, "_initialize", True) or not cluster.nodes_manager.slots_cache:
+            await cluster.initialize()
+        else:
+            # Only the map: unlike `initialize()`, a failure here closes no connection.
+            await cluster.nodes_manager.initialize()
+
+    async def evalsha(self, script: ClusterScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """The script's reply from the node that owns the slot of `keys` (one slot)."""
+        await self.slot_map()
+        slot = self._cluster.keyslot(keys[0])
+        loop = asyncio.get_running_loop()
+        tryagain_until: float | None = None
+        redirects = 0
+        node = await self._owner_or_refresh(slot)
+        while True:
+            try:
+                return await self._call(node, script.sha, script.text, [len(keys), *keys, *args])
+            except MovedError as moved:
+                redirects = self._redirected(redirects, moved)
+                await self._cluster.nodes_manager.move_slot(moved)
+                node = await self._owner_or_refresh(slot)
+            except AskError as ask:
+                redirects = self._redirected(redirects, ask)
+                try:
+                    return await self._asking(await self._node(ask), script, keys, args)
+                except MovedError as moved:  # the migration finished meanwhile
+                    redirects = self._redirected(redirects, moved)
+                    await self._cluster.nodes_manager.move_slot(moved)
+                    node = await self._owner_or_refresh(slot)
+            except TryAgainError:
+                now = loop.time()
+                tryagain_until = tryagain_until or now + self._tryagain
+                if now >= tryagain_until:
+                    raise
+                await asyncio.sleep(TRYAGAIN_PAUSE_SECONDS)
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                self.refresh_soon()
+                raise
+
+    async def _call(self, node: ClusterNode, sha: str, text: str, argv: Sequence[Any]) -> Any:
+        """EVALSHA on `node`, loading the script there on NOSCRIPT."""
+        try:
+            return await node.execute_command("EVALSHA", sha, *argv)
+        except NoScriptError:
+            await node.execute_command("SCRIPT", "LOAD", text)
+            return await node.execute_command("EVALSHA", sha, *argv)
+
+    async def _asking(
+        self, node: ClusterNode, script: ClusterScript, keys: Sequence[str], args: Sequence[Any]
+    ) -> Any:
+        """ASKING and the one-key EVALSHA in one write on one connection of `node`."""
+        argv = one_key_args(keys, args)
+        for attempt in range(2):
+            commands = [
+                PipelineCommand(0, "ASKING"),
+                PipelineCommand(1, "EVALSHA", script.one_key_sha, 1, *argv),
+            ]
+            await node.execute_pipeline(commands)
+            reply = commands[1].result
+            if isinstance(reply, NoScriptError) and attempt == 0:
+                await node.execute_command("SCRIPT", "LOAD", script.one_key_text)
+                continue
+            if isinstance(reply, BaseException):
+                raise reply
+            return reply
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _owner(self, slot: int) -> ClusterNode | None:
+        owners = self._cluster.nodes_manager.slots_cache.get(slot)
+        return owners[0] if owners else None
+
+    async def _owner_or_refresh(self, slot: int) -> ClusterNode:
+        node = self._owner(slot)
+        if node is None:
+            await self.refresh()
+            node = self._owner(slot)
+        if node is None:
+            raise SlotNotCoveredError(f"slot {slot} has no master in the cluster's slot map")
+        return node
+
+    async def _node(self, redirect: AskError) -> ClusterNode:
+        """The node an ASK names (a node new to the slot map is added, as for MOVED)."""
+        manager = self._cluster.nodes_manager
+        node = manager.get_node(host=redirect.host, port=redirect.port)
+        if node is None:
+            node = ClusterNode(redirect.host, redirect.port, **manager.connection_kwargs)
+            manager.set_nodes(manager.nodes_cache, {node.name: node})
+        return node
+
+    @staticmethod
+    def _redirected(redirects: int, error: AskError) -> int:
+        """Count one more redirect; past MAX_REDIRECTS the last one is the call's error."""
+        if redirects >= MAX_REDIRECTS:
+            raise error
+        return redirects + 1

@@ -1,0 +1,291 @@
+"""Redis Cluster (3 masters + 3 replicas) while a slot migrates: the workspace is served throughout.
+
+A slot is moved by hand as an operator (or `redis-cli --cluster reshard`) does: SETSLOT
+IMPORTING on the target, MIGRATING on the source, MIGRATE of the slot's keys a few at a time,
+then SETSLOT NODE. Meanwhile a busy, rate-limited workspace in that slot keeps calling, with the
+production Redis timeout. Every answer is compared with the in-process twin on the same clock,
+so one lost or doubled debit (a bucket read as full on the wrong node, a script run twice)
+shows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import pytest
+import redis
+from redis.crc import key_slot
+
+from ratelimit.keys import workspace_hash_tag
+from ratelimit.limiter import (
+    LimitResult,
+    Limits,
+    Quota,
+    QuotaState,
+    RateLimiter,
+    RateLimitUnavailable,
+)
+from ratelimit.memory import InMemoryRateLimiter
+from ratelimit.redis_backend import connect_redis
+from tests.integration.ratelimit.conftest import FakeClockMs
+from tests.support.clocked_redis import ClockedRedisRateLimiter
+from tests.support.redis_servers import RedisClusterServers, RedisServer, redis_cluster
+
+pytestmark = pytest.mark.integration
+
+PRODUCTION_TIMEOUT_SECONDS = 0.05
+PERIOD = "2026-11"
+LIMITS = Limits(rpm=60, tpm=6_000)
+QUOTA = Quota(period=PERIOD, token_quota=10**9, spend_cap_micros=10**12)
+"""Never binding, but every Check reads the usage counters: the script names all four keys."""
+
+
+@pytest.fixture(scope="module")
+def cluster3() -> Iterator[RedisClusterServers]:
+    """A 3+3 cluster of this module's own: its tests move slots between masters."""
+    with redis_cluster(3, replicas=True) as servers:
+        yield servers
+
+
+@pytest.fixture
+async def limiter(
+    cluster3: RedisClusterServers, clock_ms: FakeClockMs
+) -> AsyncIterator[ClockedRedisRateLimiter]:
+    client = connect_redis(cluster3.url, timeout_seconds=PRODUCTION_TIMEOUT_SECONDS)
+    limiter = ClockedRedisRateLimiter(
+        client, timeout_seconds=PRODUCTION_TIMEOUT_SECONDS, clock_ms=clock_ms
+    )
+    yield limiter
+    await limiter.close()
+
+
+def slot_of(workspace: str) -> int:
+    return key_slot(workspace_hash_tag(workspace).encode())
+
+
+def workspaces_in_slot(slot: int, count: int, prefix: str) -> list[str]:
+    """`count` workspace ids whose keys all live in `slot`."""
+    found = (f"{prefix}-{i}" for i in itertools.count())
+    return list(itertools.islice((w for w in found if slot_of(w) == slot), count))
+
+
+def owner_index(cluster: RedisClusterServers, slot: int) -> int:
+    return next(i for i in range(len(cluster.nodes)) if slot in cluster.slot_range(i))
+
+
+def sync_client(node: RedisServer) -> redis.Redis:
+    return redis.Redis(host=node.host, port=node.port, decode_responses=True)
+
+
+class SlotMove:
+    """A slot moved by hand between two masters, step by step (blocking calls: run in a thread)."""
+
+    def __init__(self, cluster: RedisClusterServers, slot: int, source: int, target: int) -> None:
+        self.slot = slot
+        self.source, self.target = cluster.nodes[source], cluster.nodes[target]
+        self.masters = cluster.nodes
+        self.steps = 0
+
+    def open(self) -> None:
+        source, target = sync_client(self.source), sync_client(self.target)
+        target.cluster("SETSLOT", self.slot, "IMPORTING", source.cluster("MYID"))
+        source.cluster("SETSLOT", self.slot, "MIGRATING", target.cluster("MYID"))
+
+    def move_keys(self, *, batch: int, pause_seconds: float) -> None:
+        """MIGRATE the slot's keys `batch` at a time, pausing between steps."""
+        source = sync_client(self.source)
+        while keys := source.cluster("GETKEYSINSLOT", self.slot, batch):
+            source.migrate(self.target.host, self.target.port, keys, 0, 5000)
+            self.steps += 1
+            time.sleep(pause_seconds)
+
+    def close(self) -> None:
+        """Give the slot to the target: on the target first, then everywhere, as Redis advises."""
+        target_id = sync_client(self.target).cluster("MYID")
+        for node in sorted(self.masters, key=lambda n: n is not self.target):
+            sync_client(node).cluster("SETSLOT", self.slot, "NODE", target_id)
+
+    def target_stat(self, command: str) -> int:
+        """How many `command` calls the target has served."""
+        stats = sync_client(self.target).info("commandstats")
+        entry = stats.get(f"cmdstat_{command}")
+        return int(entry["calls"]) if entry else 0
+
+
+@dataclass
+class Tally:
+    """Per-round answers of Redis and of the twin, and Redis' failures."""
+
+    redis: list[object] = field(default_factory=list)
+    twin: list[object] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+
+async def checks(limiter: RateLimiter, workspace: str, count: int) -> list[tuple[bool, int, int]]:
+    """`count` identical concurrent Checks at one instant: which passed, and what they were told
+    (as a multiset: the order they reached Redis in does not matter)."""
+    results: list[LimitResult] = await asyncio.gather(
+        *(limiter.acquire(workspace, LIMITS, 7, quota=QUOTA) for _ in range(count))
+    )
+    return sorted((r.allowed, r.requests.remaining, r.tokens.remaining) for r in results)
+
+
+async def report(
+    limiter: RateLimiter, workspace: str, operation_id: str, *, refund: int = 3
+) -> QuotaState:
+    """One usage report (as the access-log path sends it): counters and a token refund."""
+    return await limiter.record_usage(
+        workspace,
+        LIMITS,
+        period=PERIOD,
+        tpm_delta=-refund,
+        tokens=4,
+        spend_micros=9,
+        operation_id=operation_id,
+    )
+
+
+async def one_round(
+    limiters: Sequence[RateLimiter], workspace: str, count: int, tally: Tally
+) -> None:
+    """`count` concurrent Checks, then one usage report, on Redis and on the twin."""
+    for limiter, answers in zip(limiters, (tally.redis, tally.twin), strict=True):
+        try:
+            answers.append(await checks(limiter, workspace, count))
+            answers.append(await report(limiter, workspace, uuid.uuid4().hex))
+        except RateLimitUnavailable as error:
+            tally.failures.append(str(error))
+
+
+@pytest.mark.parametrize("its_keys_move", ["first", "last"])
+async def test_a_slow_slot_migration_fails_no_check_and_keeps_the_limit_exact(
+    cluster3: RedisClusterServers,
+    limiter: ClockedRedisRateLimiter,
+    clock_ms: FakeClockMs,
+    its_keys_move: str,
+) -> None:
+    """A slot of 300 keys moves 4 keys a step with a 10 ms pause. GETKEYSINSLOT lists the newest
+    keys first: the workspace's keys move first when they are the newest, else last."""
+    twin = InMemoryRateLimiter(clock_ms=clock_ms)
+    workspace = f"busy-{uuid.uuid4().hex[:8]}"
+    slot = slot_of(workspace)
+    source = owner_index(cluster3, slot)
+    move = SlotMove(cluster3, slot, source, (source + 1) % 3)
+
+    def add_other_keys() -> None:
+        """Other workspaces' keys in the slot (as in production): the slot moves slowly."""
+        other = sync_client(cluster3.nodes[source])
+        for i in range(300):
+            other.set(f"other:{workspace_hash_tag(workspace)}:{i}", "x")
+
+    if its_keys_move == "first":
+        add_other_keys()
+    both: tuple[RateLimiter, RateLimiter] = (limiter, twin)
+    answers: tuple[list[object], list[object]] = ([], [])
+    for limiter_, answered in zip(both, answers, strict=True):
+        await limiter_.seed_usage(workspace, period=PERIOD, tokens=0, spend_micros=0)
+        answered.append(await checks(limiter_, workspace, 20))  # the buckets are partly used
+    if its_keys_move == "last":
+        add_other_keys()
+
+    # Usage reports queue behind a failed one and are retried with their operation id, as
+    # authz/usage/counters.py does; the twin applies each at once. They refund no tokens, so
+    # when they land does not change what the Checks are told.
+    pending: list[str] = []
+    delayed = 0
+
+    async def send_reports() -> None:
+        nonlocal delayed
+        while pending:
+            try:
+                await report(limiter, workspace, pending[0], refund=0)
+            except RateLimitUnavailable:
+                delayed += 1
+                return
+            pending.pop(0)
+
+    failed_checks: list[str] = []
+
+    async def one_round() -> None:
+        clock_ms.advance(250)  # the scripts and the twin share this clock
+        for limiter_, answered in zip(both, answers, strict=True):
+            try:
+                answered.append(await checks(limiter_, workspace, 8))
+            except RateLimitUnavailable as error:
+                failed_checks.append(str(error))
+        operation_id = uuid.uuid4().hex
+        pending.append(operation_id)
+        await report(twin, workspace, operation_id, refund=0)
+        await send_reports()
+
+    asking_before = move.target_stat("asking")
+    move.open()
+    moving = asyncio.create_task(asyncio.to_thread(move.move_keys, batch=4, pause_seconds=0.01))
+    rounds = 0
+    while not moving.done():
+        await one_round()
+        rounds += 1
+    await moving
+    for _ in range(3):  # the slot is empty on the source: every call is ASKed to the target
+        await one_round()
+    asked = move.target_stat("asking") - asking_before
+    await asyncio.to_thread(move.close)
+    for _ in range(3):  # settled: MOVED, then the target serves the slot
+        await one_round()
+    await send_reports()
+
+    assert move.steps >= 70  # a slow migration,
+    assert rounds >= 10  # with the load running throughout
+    assert asked > 0  # and the target served calls while it was importing
+    assert failed_checks == []
+    assert answers[0] == answers[1]  # every Check exact, on whichever node served it
+    passed = [c[0] for answer in answers[0] for c in answer]  # type: ignore[attr-defined]
+    assert 0 < passed.count(True) < len(passed) / 2  # the workspace was rate-limited throughout
+    # Every usage report counted exactly once, late or not.
+    assert pending == []
+    totals = [
+        await limiter_.record_usage(
+            workspace, LIMITS, period=PERIOD, tpm_delta=0, tokens=0, spend_micros=0
+        )
+        for limiter_ in (limiter, twin)
+    ]
+    assert totals[0] == totals[1]
+    print(f"migration: {move.steps} steps, {rounds} rounds, {asked} asked, {delayed} delayed")
+
+
+async def test_the_ask_window_under_concurrency_fails_nothing(
+    cluster3: RedisClusterServers, limiter: ClockedRedisRateLimiter, clock_ms: FakeClockMs
+) -> None:
+    """All of a slot's keys already moved, the slot not yet given: every call is ASKed.
+    redis-py sends ASKING and the command on two pooled connections (docs/redis-cluster.md);
+    under concurrency the command then arrives without it and is MOVED back."""
+    twin = InMemoryRateLimiter(clock_ms=clock_ms)
+    tag = uuid.uuid4().hex[:8]
+    slot = slot_of(f"ask-{tag}")
+    workspaces = workspaces_in_slot(slot, 4, f"ask-{tag}")
+    source = owner_index(cluster3, slot)
+    move = SlotMove(cluster3, slot, source, (source + 2) % 3)
+    tallies = {workspace: Tally() for workspace in workspaces}
+    for workspace, tally in tallies.items():
+        for limiter_ in (limiter, twin):
+            await limiter_.seed_usage(workspace, period=PERIOD, tokens=0, spend_micros=0)
+        await one_round((limiter, twin), workspace, 4, tally)
+
+    move.open()
+    await asyncio.to_thread(move.move_keys, batch=100, pause_seconds=0)
+    asking_before = move.target_stat("asking")
+    for _ in range(5):
+        clock_ms.advance(500)
+        await asyncio.gather(*(one_round((limiter, twin), w, 25, t) for w, t in tallies.items()))
+    asked = move.target_stat("asking") - asking_before
+    await asyncio.to_thread(move.close)
+
+    for tally in tallies.values():
+        assert tally.failures == []
+        assert tally.redis == tally.twin
+    assert asked >= 5 * 4 * 26  # every Check and report went through ASK
