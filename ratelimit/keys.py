@@ -8,8 +8,9 @@ Lua script may touch them together on Redis Cluster:
     authz:rl:v1:{ws:<id>}:qt:<YYYY-MM>   tokens used in the period (integer string)
     authz:rl:v1:{ws:<id>}:qs:<YYYY-MM>   micro-USD spent in the period (integer string)
     authz:rl:v1:{ws:<id>}:ql:<YYYY-MM>   the period's ledger marks (hash, see ratelimit.marks)
-    authz:rl:v1:{ws:<id>}:op:<id>        the reply of one adjust/record call, kept a minute so a
-                                         retry of that call is answered, not applied twice
+    authz:rl:v1:{ws:<id>}:ops            replies of recent adjust/record calls (hash: operation
+                                         id -> reply), each kept a minute so a retry of that
+                                         call is answered, not applied twice
     authz:rl:v1:{ws:<id>}:rsv:<id>       a signed reservation already reported (SET NX, an hour)
 """
 
@@ -24,7 +25,7 @@ TOKENS_SUFFIX = "tok"
 QUOTA_TOKENS_SUFFIX = "qt"
 QUOTA_SPEND_SUFFIX = "qs"
 QUOTA_LEDGER_SUFFIX = "ql"
-OPERATION_SUFFIX = "op"
+OPERATIONS_SUFFIX = "ops"
 RESERVATION_SUFFIX = "rsv"
 
 
@@ -80,11 +81,11 @@ def script_keys(workspace_id: str, period: str) -> tuple[str, str, str, str]:
     return (*bucket_keys(workspace_id), *usage_keys(workspace_id, period))
 
 
-def operation_key(workspace_id: str, operation_id: str) -> str:
-    """The key remembering one operation's reply, in the workspace's slot."""
-    return (
-        f"{REDIS_KEY_PREFIX}:{workspace_hash_tag(workspace_id)}:{OPERATION_SUFFIX}:{operation_id}"
-    )
+def operations_key(workspace_id: str) -> str:
+    """The hash remembering the replies of the workspace's recent operations, by operation id.
+    One key for all, not one per operation: a Redis Cluster slot that is migrating away takes
+    no new keys, and this one exists whenever the workspace's other keys do."""
+    return f"{REDIS_KEY_PREFIX}:{workspace_hash_tag(workspace_id)}:{OPERATIONS_SUFFIX}"
 
 
 def reservation_key(workspace_id: str, reservation_id: str) -> str:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any
@@ -51,7 +50,7 @@ from redis.backoff import NoBackoff
 from ratelimit import bucket
 from ratelimit import quota as quotas
 from ratelimit.breaker import CircuitBreaker
-from ratelimit.keys import bucket_keys, operation_key, touched_bucket_keys, usage_keys
+from ratelimit.keys import bucket_keys, operations_key, touched_bucket_keys, usage_keys
 from ratelimit.limiter import (
     LimitResult,
     Limits,
@@ -66,7 +65,7 @@ from ratelimit.pipeline import ScriptPipeliner
 from ratelimit.redis_cluster import ClusterScript, ClusterScripts
 from ratelimit.redis_guard import CEILING_SECONDS, RedisGuard
 from ratelimit.redis_marks import OPERATION_TTL_SECONDS as OPERATION_TTL_SECONDS
-from ratelimit.redis_marks import LedgerMarkCalls
+from ratelimit.redis_marks import LedgerMarkCalls, operation_arg
 from ratelimit.redis_nodes import STANDALONE, UNMAPPED, NodeBreakers
 
 _log = logging.getLogger(__name__)
@@ -268,8 +267,13 @@ class RedisRateLimiter(LedgerMarkCalls):
             return
         await self._run(
             Operation.ADJUST,
-            self._once(workspace_id, bucket_keys(workspace_id)[1]),
-            [limits.tpm, bucket.normalise_delta(delta, limits.tpm), OPERATION_TTL_SECONDS],
+            (bucket_keys(workspace_id)[1], operations_key(workspace_id)),
+            [
+                limits.tpm,
+                bucket.normalise_delta(delta, limits.tpm),
+                OPERATION_TTL_SECONDS,
+                operation_arg(None),
+            ],
         )
 
     async def record_usage(
@@ -305,7 +309,7 @@ class RedisRateLimiter(LedgerMarkCalls):
         tokens_key = bucket_keys(workspace_id)[1] if limits.tpm and delta else counters[0]
         reply = await self._run(
             Operation.RECORD,
-            self._once(workspace_id, tokens_key, *counters, operation_id=operation_id),
+            (tokens_key, *counters, operations_key(workspace_id)),
             [
                 limits.tpm,
                 delta,
@@ -313,6 +317,7 @@ class RedisRateLimiter(LedgerMarkCalls):
                 quotas.normalise_amount(spend_micros, "spend"),
                 quotas.COUNTER_TTL_SECONDS,
                 OPERATION_TTL_SECONDS,
+                operation_arg(operation_id),
             ],
         )
         return quotas.state_from_wire(period, *_ints(reply))
@@ -367,13 +372,6 @@ class RedisRateLimiter(LedgerMarkCalls):
         if self._pipeliner is not None:
             await self._pipeliner.close()
         await self._client.aclose()
-
-    @staticmethod
-    def _once(workspace_id: str, *keys: str, operation_id: str | None = None) -> tuple[str, ...]:
-        """`keys` plus an operation key (the caller's id, else a fresh one), which makes a
-        non-idempotent script safe to retry: the script stores its reply there and answers a
-        repeat from it."""
-        return (*keys, operation_key(workspace_id, operation_id or uuid.uuid4().hex))
 
     async def _run(
         self, operation: Operation, keys: Sequence[str], args: Sequence[int | str]

@@ -1,19 +1,20 @@
 """The Redis calls of the month counters' ledger marks (`ratelimit.marks`): one script each.
 
-A mixin of `RedisRateLimiter`, which supplies `_run` (one script call, guarded and retried)
-and `_once` (the operation key that makes a retried call apply once). Every script here is
-safe to repeat: `record_month` through its operation key, `fold` by position, `seed_begin` and
+A mixin of `RedisRateLimiter`, which supplies `_run` (one script call, guarded and retried).
+Every script here is safe to repeat: `record_month` through its operation id (remembered in the
+workspace's operations hash, `keys.operations_key`), `fold` by position, `seed_begin` and
 `seed_finish` by token.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ratelimit import bucket, marks
 from ratelimit import quota as quotas
-from ratelimit.keys import bucket_keys, month_keys
+from ratelimit.keys import bucket_keys, month_keys, operations_key
 from ratelimit.limiter import Limits, QuotaState, UsageTag
 from ratelimit.lua_scripts import Operation
 
@@ -22,16 +23,19 @@ OPERATION_TTL_SECONDS = 60
 of the call."""
 
 
+def operation_arg(operation_id: str | None) -> str:
+    """The id a non-idempotent script (adjust, record, record_month) remembers its reply under,
+    in the workspace's operations hash, so a retry is answered rather than applied again: the
+    caller's, else a fresh one (which still covers the guard's own retry)."""
+    return operation_id or uuid.uuid4().hex
+
+
 class LedgerMarkCalls:
     """`fold_ledger`, `begin_seed`, `finish_seed` and tagged `record_usage` on Redis."""
 
     async def _run(
         self, operation: Operation, keys: Sequence[str], args: Sequence[int | str]
     ) -> Any:
-        raise NotImplementedError
-
-    @staticmethod
-    def _once(workspace_id: str, *keys: str, operation_id: str | None = None) -> tuple[str, ...]:
         raise NotImplementedError
 
     async def _record_month(
@@ -46,25 +50,22 @@ class LedgerMarkCalls:
         tpm_delta, tokens, spend = amounts
         limits = bucket.normalise_limits(limits)
         tokens_key, spend_key, ledger_key = month_keys(workspace_id, period)
-        keys = self._once(
-            workspace_id,
-            bucket_keys(workspace_id)[1],
-            tokens_key,
-            spend_key,
-            operation_id=operation_id,
-        )
+        delta = bucket.normalise_delta(tpm_delta, limits.tpm)
+        # The token bucket is named only when the script touches it (keys.touched_bucket_keys).
+        bucket_key = bucket_keys(workspace_id)[1] if limits.tpm and delta else tokens_key
         reply = await self._run(
             Operation.RECORD_MONTH,
-            (*keys, ledger_key),
+            (bucket_key, tokens_key, spend_key, operations_key(workspace_id), ledger_key),
             [
                 limits.tpm,
-                bucket.normalise_delta(tpm_delta, limits.tpm),
+                delta,
                 quotas.normalise_amount(tokens, "tokens"),
                 quotas.normalise_amount(spend, "spend"),
                 quotas.COUNTER_TTL_SECONDS,
                 OPERATION_TTL_SECONDS,
                 marks.check_replica(tag.replica_id),
                 tag.generation,
+                operation_arg(operation_id),
             ],
         )
         tokens_used, spend_used, recorded = (int(value) for value in reply)

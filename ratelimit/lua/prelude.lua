@@ -200,9 +200,16 @@ local function seed(key, amount, ttl)
   return 0
 end
 
--- The stored reply of an operation that already ran (a retry of it), or nil.
-local function recall(key)
-  local stored = redis.call('GET', key)
+-- Operation replies (adjust, record) live in one hash per workspace, a field per operation id:
+-- "<forget at, ms>,<reply...>". A field past its time reads as absent, and each new one prunes
+-- a few old ones. One hash, not a key per operation: a slot migrating away creates no new keys
+-- (ratelimit/redis_cluster.py), and the hash lives as long as the workspace's other keys.
+local PRUNE_PER_CALL = 8
+local PRUNE_CURSOR = '' -- a field no operation id can be
+
+-- The stored reply of operation `id` if it already ran (this call is a retry of it), or nil.
+local function recall(key, id, now)
+  local stored = redis.call('HGET', key, id)
   if not stored then
     return nil
   end
@@ -210,15 +217,36 @@ local function recall(key)
   for value in string.gmatch(stored, '[^,]+') do
     reply[#reply + 1] = tonumber(value)
   end
+  if table.remove(reply, 1) <= now then
+    return nil
+  end
   return reply
 end
 
--- Remember an operation's reply for `ttl` seconds, so a retry of it is answered, not re-applied.
-local function remember(key, reply, ttl)
-  local parts = {}
-  for i, value in ipairs(reply) do
-    parts[i] = string.format('%d', value)
+-- Delete a few forgotten operations, resuming an HSCAN where the last call left it.
+local function prune(key, now)
+  local scan = redis.call('HSCAN', key, redis.call('HGET', key, PRUNE_CURSOR) or '0', 'COUNT',
+    PRUNE_PER_CALL)
+  local fields = scan[2]
+  for i = 1, #fields, 2 do
+    if fields[i] ~= PRUNE_CURSOR and tonumber(string.match(fields[i + 1], '^[^,]+')) <= now then
+      redis.call('HDEL', key, fields[i])
+    end
   end
-  redis.call('SET', key, table.concat(parts, ','), 'EX', ttl)
+  redis.call('HSET', key, PRUNE_CURSOR, scan[1])
+end
+
+-- Remember operation `id`'s reply for `ttl` seconds, so a retry of it is answered, not
+-- re-applied; the hash itself is kept at least `keep` seconds.
+local function remember(key, id, reply, ttl, keep, now)
+  prune(key, now)
+  local parts = {string.format('%d', now + tonumber(ttl) * 1000)}
+  for i, value in ipairs(reply) do
+    parts[i + 1] = string.format('%d', value)
+  end
+  redis.call('HSET', key, id, table.concat(parts, ','))
+  if redis.call('TTL', key) < tonumber(keep) then
+    redis.call('EXPIRE', key, keep)
+  end
   return reply
 end

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio.cluster import RedisCluster
 
-from ratelimit.keys import bucket_keys, operation_key, script_keys
+from ratelimit.keys import bucket_keys, operations_key, script_keys
 from ratelimit.limiter import LimitKind, Limits, Quota
 from ratelimit.memory import InMemoryRateLimiter
 from ratelimit.redis_backend import RedisRateLimiter, connect_redis
@@ -29,7 +29,7 @@ async def cluster_client(cluster: RedisClusterServers) -> AsyncIterator[RedisClu
 
 async def test_all_keys_of_a_workspace_share_a_slot(cluster_client: RedisCluster) -> None:
     for workspace in ("a", "ws_1", "x}y{z", "ünïcode"):
-        keys = (*script_keys(workspace, "2025-03"), operation_key(workspace, "op-1"))
+        keys = (*script_keys(workspace, "2025-03"), operations_key(workspace))
         assert keys[:2] == bucket_keys(workspace)
         assert len({cluster_client.keyslot(key) for key in keys}) == 1
 

@@ -14,7 +14,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ratelimit import bucket
 from ratelimit.breaker import BreakerState, CircuitBreaker
-from ratelimit.keys import bucket_keys, operation_key, usage_keys
+from ratelimit.keys import bucket_keys, operations_key, usage_keys
 from ratelimit.limiter import (
     LimitKind,
     Limits,
@@ -132,10 +132,11 @@ async def test_registers_the_packaged_scripts_and_sends_keys_and_args(
     assert fake.script.operations == ["acquire"]
 
 
-def sent_operation_key(keys: Sequence[str], workspace_id: str) -> None:
-    """The last key is a fresh operation key in the workspace's slot."""
-    assert keys[-1].startswith(operation_key(workspace_id, ""))
-    assert len(keys[-1]) > len(operation_key(workspace_id, ""))
+def sent_operation(keys: Sequence[str], args: Sequence[Any], workspace_id: str) -> None:
+    """The last key is the workspace's operations hash, the last argument a fresh id."""
+    assert keys[-1] == operations_key(workspace_id)
+    assert isinstance(args[-1], str)
+    assert len(args[-1]) == 32
 
 
 async def test_decodes_a_denial(limiter: RedisRateLimiter, fake: FakeRedis) -> None:
@@ -154,9 +155,9 @@ async def test_adjust_sends_a_clamped_delta_and_skips_no_ops(
     await limiter.adjust_tokens("ws1", Limits(rpm=5, tpm=100), 0)
     [(keys, args)] = fake.script.calls
     assert keys[0] == bucket_keys("ws1")[1]
-    sent_operation_key(keys, "ws1")
+    sent_operation(keys, args, "ws1")
     # Overuse is carried whole as debt; only the exactness bound cuts it (issue 17, finding 6).
-    assert args == [100, bucket.MAX_CHARGE, OPERATION_TTL_SECONDS]
+    assert args[:-1] == [100, bucket.MAX_CHARGE, OPERATION_TTL_SECONDS]
     assert fake.script.operations == ["adjust"]
 
 
@@ -322,8 +323,8 @@ async def test_record_usage_is_one_call_and_decodes_the_counters(
     assert state.missing == {QuotaKind.TOKENS, QuotaKind.SPEND}
     [(keys, args)] = fake.script.calls
     assert keys[:3] == (bucket_keys("ws1")[1], *usage_keys("ws1", PERIOD))
-    sent_operation_key(keys, "ws1")
-    assert args == [100, -200, 20, 3, COUNTER_TTL_SECONDS, OPERATION_TTL_SECONDS]
+    sent_operation(keys, args, "ws1")
+    assert args[:-1] == [100, -200, 20, 3, COUNTER_TTL_SECONDS, OPERATION_TTL_SECONDS]
     assert fake.script.operations == ["record"]
 
 
@@ -362,9 +363,15 @@ async def test_the_test_clock_comes_after_the_operation_arguments(
     limiter = ClockedRedisRateLimiter(cast(RedisClient, fake), clock_ms=lambda: 1234)
     fake.script.reply = [1, 1, 1]
     await limiter.record_usage(
-        "ws1", Limits(rpm=5, tpm=100), period=PERIOD, tpm_delta=1, tokens=1, spend_micros=1
+        "ws1",
+        Limits(rpm=5, tpm=100),
+        period=PERIOD,
+        tpm_delta=1,
+        tokens=1,
+        spend_micros=1,
+        operation_id="op-1",
     )
-    args = [100, 1, 1, 1, COUNTER_TTL_SECONDS, OPERATION_TTL_SECONDS, 1234]
+    args = [100, 1, 1, 1, COUNTER_TTL_SECONDS, OPERATION_TTL_SECONDS, "op-1", 1234]
     assert fake.script.calls[0][1] == args
 
 
