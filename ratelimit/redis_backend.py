@@ -4,7 +4,8 @@ Every operation is one EVALSHA of its own script (`ratelimit.lua_scripts`): `acq
 buckets), `acquire_quota` (the monthly quota read from the usage counters, then the buckets),
 `adjust` (`adjust_tokens`), `record` (`record_usage`: TPM delta and counter increments together)
 and `seed` (`seed_usage`: set-if-absent counters). On standalone Redis the calls made in one
-event-loop tick share one pipelined write (`ratelimit.pipeline`); on a cluster they go one by one.
+event-loop tick share one pipelined write (`ratelimit.pipeline`); on a cluster they go one by one
+to their slot's master, redirects and slot migrations handled by `ratelimit.redis_cluster`.
 
 Redis URL forms understood by `connect_redis`:
 
@@ -40,7 +41,6 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any
-from urllib.parse import unquote
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -62,7 +62,7 @@ from ratelimit.limiter import (
 from ratelimit.lua_scripts import Operation, script_text
 from ratelimit.metrics import RateLimitMetrics
 from ratelimit.pipeline import ScriptPipeliner
-from ratelimit.redis_cluster import ClusterScript, ClusterScripts
+from ratelimit.redis_cluster import ClusterScript, ClusterScripts, parse_cluster_url
 from ratelimit.redis_guard import CEILING_SECONDS, RedisGuard
 from ratelimit.redis_marks import OPERATION_TTL_SECONDS as OPERATION_TTL_SECONDS
 from ratelimit.redis_marks import LedgerMarkCalls, operation_arg
@@ -128,41 +128,6 @@ def connect_redis(
         f"unsupported Redis URL scheme {scheme!r}: "
         "use redis://, rediss://, unix://, redis+cluster:// or rediss+cluster://"
     )
-
-
-def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], str | None, str | None]:
-    """Split a `redis+cluster://` URL into seed (host, port) pairs, username and password."""
-    rest = url.partition("://")[2]
-    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
-    netloc, tail = rest[:cut], rest[cut:]
-    if tail not in ("", "/", "/0"):
-        raise ValueError(f"a Redis Cluster URL takes no path or options, got {tail!r}")
-    userinfo, at, hostlist = netloc.rpartition("@")
-    username: str | None = None
-    password: str | None = None
-    if at:
-        user, colon, secret = userinfo.partition(":")
-        username = unquote(user) or None
-        password = unquote(secret) if colon else None
-    seeds = [_parse_host_port(item) for item in hostlist.split(",") if item]
-    if not seeds:
-        raise ValueError("a Redis Cluster URL needs at least one host:port")
-    return seeds, username, password
-
-
-def _parse_host_port(item: str) -> tuple[str, int]:
-    if item.startswith("["):
-        host, bracket, port_text = item[1:].partition("]")
-        if not bracket or not port_text.startswith(":"):
-            raise ValueError(f"bad cluster node {item!r}: expected [ipv6]:port")
-        port_text = port_text[1:]
-    else:
-        host, colon, port_text = item.rpartition(":")
-        if not colon:
-            raise ValueError(f"bad cluster node {item!r}: expected host:port")
-    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"bad cluster node {item!r}: expected host:port")
-    return host, int(port_text)
 
 
 class RedisRateLimiter(LedgerMarkCalls):

@@ -10,8 +10,8 @@ pooled connections, and it closes the whole client on every fifth MOVED. How eac
 * ASK: the slot is migrating and the source holds none of the call's keys. ASKING and the
   EVALSHA go in one write on one connection of the target (docs/redis-cluster.md has the
   upstream reproduction). There the call takes its one-key form (`lua_scripts.one_key_form`):
-  after ASKING, a node runs a script naming several keys only when they all exist, and some
-  never do (a new operation key, a full bucket that expired). The outcome stays exact: the
+  after ASKING, a node runs a script naming several keys only when they all exist, and a call
+  may be the one that creates them (a workspace's first call). The outcome stays exact: the
   source held none of the keys, and a migration only moves keys from the source to the target.
 * TRYAGAIN: the slot is migrating and the source holds some of the call's keys, not all. The
   migration has moved the others already, or they must be created and a migrating source
@@ -21,9 +21,13 @@ pooled connections, and it closes the whole client on every fifth MOVED. How eac
 * A connection error or timeout: the slot map is re-read in the background (the node may have
   failed over); calls to the other masters never wait for that read.
 
-Scripts name only the keys they touch (`keys.touched_bucket_keys`), so a busy workspace, whose
-keys all exist, is served throughout a slot migration: by the source until the migration moves
-its keys, then by the target, with every bucket debited exactly once.
+Scripts name only the keys they touch (`keys.touched_bucket_keys`), and a workspace's keys are
+kept as long as each other (`bucket.KEEP_MS`, the operations hash of `keys.operations_key`), so
+an active workspace, whose keys all exist, is served throughout a slot migration: by the source
+until the migration moves its keys, then by the target, every bucket debited exactly once.
+
+Also here: `parse_cluster_url`, the seeds and credentials of a `redis+cluster://` URL (the URL
+forms are described in ratelimit/redis_backend.py).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
 from redis.exceptions import (
@@ -214,3 +219,38 @@ class ClusterScripts:
         if redirects >= MAX_REDIRECTS:
             raise error
         return redirects + 1
+
+
+def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], str | None, str | None]:
+    """Split a `redis+cluster://` URL into seed (host, port) pairs, username and password."""
+    rest = url.partition("://")[2]
+    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    netloc, tail = rest[:cut], rest[cut:]
+    if tail not in ("", "/", "/0"):
+        raise ValueError(f"a Redis Cluster URL takes no path or options, got {tail!r}")
+    userinfo, at, hostlist = netloc.rpartition("@")
+    username: str | None = None
+    password: str | None = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+    seeds = [_parse_host_port(item) for item in hostlist.split(",") if item]
+    if not seeds:
+        raise ValueError("a Redis Cluster URL needs at least one host:port")
+    return seeds, username, password
+
+
+def _parse_host_port(item: str) -> tuple[str, int]:
+    if item.startswith("["):
+        host, bracket, port_text = item[1:].partition("]")
+        if not bracket or not port_text.startswith(":"):
+            raise ValueError(f"bad cluster node {item!r}: expected [ipv6]:port")
+        port_text = port_text[1:]
+    else:
+        host, colon, port_text = item.rpartition(":")
+        if not colon:
+            raise ValueError(f"bad cluster node {item!r}: expected host:port")
+    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"bad cluster node {item!r}: expected host:port")
+    return host, int(port_text)

@@ -118,12 +118,13 @@ async def test_a_dead_master_fails_only_its_own_shard(
     stop.set()
     await load
 
-    # Healthy shards: the target is 0, and most runs get 0 (the breaker of the dead master
-    # never touches them). What remains are calls that waited for redis-py's topology refresh
-    # (one per breaker probe of the dead master) when it ran slow; bounded here at 5%, against
-    # 44-75% with one breaker for the whole cluster.
-    for healthy in (1, 2):
-        assert failures[healthy] <= 0.05 * (failures[healthy] + successes[healthy])
+    # Healthy shards: none failed (44-75% did with one breaker for the whole cluster). Their
+    # calls never wait for the slot-map reads the dead master's errors start (ratelimit/
+    # redis_cluster.py); when they did, up to 3.4% timed out.
+    assert failures[1] == 0
+    assert failures[2] == 0
+    assert successes[1] > 0
+    assert successes[2] > 0
     assert failures[0] > 0  # the dead shard did fail (the failure mode applied to it)
     assert successes[0] > before  # and recovered after the promotion...
     assert last_failure - promoted < 1.0  # ...within a second

@@ -21,7 +21,7 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-from ratelimit.keys import workspace_hash_tag
+from ratelimit.keys import bucket_keys, workspace_hash_tag
 from ratelimit.limiter import (
     LimitResult,
     Limits,
@@ -32,7 +32,7 @@ from ratelimit.limiter import (
 )
 from ratelimit.memory import InMemoryRateLimiter
 from ratelimit.redis_backend import connect_redis
-from tests.integration.ratelimit.conftest import FakeClockMs
+from tests.integration.ratelimit.conftest import GENEROUS_TIMEOUT_SECONDS, FakeClockMs
 from tests.support.clocked_redis import ClockedRedisRateLimiter
 from tests.support.redis_servers import RedisClusterServers, RedisServer, redis_cluster
 
@@ -115,6 +115,11 @@ class SlotMove:
         stats = sync_client(self.target).info("commandstats")
         entry = stats.get(f"cmdstat_{command}")
         return int(entry["calls"]) if entry else 0
+
+    def source_rejected_evalsha(self) -> int:
+        """EVALSHA calls the source refused before running them (ASK, TRYAGAIN)."""
+        entry = sync_client(self.source).info("commandstats").get("cmdstat_evalsha")
+        return int(entry["rejected_calls"]) if entry else 0
 
 
 @dataclass
@@ -252,3 +257,43 @@ async def test_the_ask_window_under_concurrency_fails_nothing(
         assert tally.failures == []
         assert tally.redis == tally.twin
     assert asked >= 5 * 4 * 26  # every Check and report went through ASK
+
+
+async def test_a_call_waits_while_its_keys_are_split_between_the_nodes(
+    cluster3: RedisClusterServers, clock_ms: FakeClockMs
+) -> None:
+    """The migration moved one of the workspace's keys, not yet the others: the source answers
+    TRYAGAIN until the next step moves them, and the call waits for that, within its budget."""
+    client = connect_redis(cluster3.url, timeout_seconds=GENEROUS_TIMEOUT_SECONDS)
+    limiter = ClockedRedisRateLimiter(
+        client, timeout_seconds=GENEROUS_TIMEOUT_SECONDS, clock_ms=clock_ms
+    )
+    twin = InMemoryRateLimiter(clock_ms=clock_ms)
+    workspace = f"split-{uuid.uuid4().hex[:8]}"
+    slot = slot_of(workspace)
+    source = owner_index(cluster3, slot)
+    move = SlotMove(cluster3, slot, source, (source + 1) % 3)
+    tally = Tally()
+    try:
+        for limiter_ in (limiter, twin):
+            await limiter_.seed_usage(workspace, period=PERIOD, tokens=0, spend_micros=0)
+        await one_round((limiter, twin), workspace, 3, tally)
+        move.open()
+        requests_key = bucket_keys(workspace)[0]
+        moved = sync_client(move.source).migrate(
+            move.target.host, move.target.port, [requests_key], 0, 5000
+        )
+        assert moved == "OK"  # the request bucket existed (else NOKEY), and moved alone
+        refused = move.source_rejected_evalsha()
+        waiting = asyncio.create_task(checks(limiter, workspace, 1))
+        while move.source_rejected_evalsha() < refused + 2:  # it met TRYAGAIN, and tries again
+            await asyncio.sleep(0.001)
+        assert not waiting.done()
+        await asyncio.to_thread(move.move_keys, batch=100, pause_seconds=0)
+        assert await waiting == await checks(twin, workspace, 1)
+        await asyncio.to_thread(move.close)
+        await one_round((limiter, twin), workspace, 3, tally)
+    finally:
+        await limiter.close()
+    assert tally.failures == []
+    assert tally.redis == tally.twin

@@ -8,7 +8,8 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import SSLConnection
 
 from ratelimit.keys import bucket_keys
-from ratelimit.redis_backend import connect_redis, parse_cluster_url
+from ratelimit.redis_backend import connect_redis
+from ratelimit.redis_cluster import parse_cluster_url
 from ratelimit.redis_guard import CEILING_SECONDS
 
 
