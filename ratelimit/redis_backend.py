@@ -346,7 +346,8 @@ class RedisRateLimiter(LedgerMarkCalls):
         script = self._scripts[operation]
         if self._cluster is not None:
             cluster, on_cluster = self._cluster, self._cluster_scripts[operation]
-            await self._guarded("topology", UNMAPPED, cluster.slot_map)
+            if not cluster.has_slot_map:
+                await self._guarded("topology", UNMAPPED, cluster.refresh)
             return await self._guarded(
                 operation,
                 self._nodes.node_for(keys[0]),

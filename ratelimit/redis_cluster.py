@@ -98,11 +98,11 @@ class ClusterScripts:
         node = self._owner(self._cluster.keyslot(key))
         return node.name if node is not None else None
 
-    async def slot_map(self) -> None:
-        """Read the slot map if there is none yet. A stale one is refreshed on the errors it
-        causes, never before a call: calls to healthy masters must not wait on a re-read."""
-        if not self._cluster.nodes_manager.slots_cache:
-            await self.refresh()
+    @property
+    def has_slot_map(self) -> bool:
+        """Whether a slot map was read. A stale one is refreshed on the errors it causes, never
+        before a call: calls to healthy masters must not wait on a re-read."""
+        return bool(self._cluster.nodes_manager.slots_cache)
 
     async def refresh(self) -> None:
         """(Re)read the slot map in one shared task that no caller's timeout can cancel.
@@ -132,7 +132,6 @@ class ClusterScripts:
 
     async def evalsha(self, script: ClusterScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """The script's reply from the node that owns the slot of `keys` (one slot)."""
-        await self.slot_map()
         slot = self._cluster.keyslot(keys[0])
         loop = asyncio.get_running_loop()
         tryagain_until: float | None = None
