@@ -75,7 +75,6 @@ TTL_MARGIN_MS = 1_000
 """Idle state is kept this long past the moment its bucket is full again."""
 
 MS_PER_SECOND = 1_000
-
 KEEP_MS = 40 * 24 * 3600 * MS_PER_SECOND  # ...and at least as long as the counters: redis_cluster
 
 _DENIED_NONE = 0
