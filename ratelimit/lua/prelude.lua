@@ -201,11 +201,14 @@ local function seed(key, amount, ttl)
 end
 
 -- Operation replies (adjust, record) live in one hash per workspace, a field per operation id:
--- "<forget at, ms>,<reply...>". A field past its time reads as absent, and each new one prunes
--- a few old ones. One hash, not a key per operation: a slot migrating away creates no new keys
--- (ratelimit/redis_cluster.py), and the hash lives as long as the workspace's other keys.
-local PRUNE_PER_CALL = 8
-local PRUNE_CURSOR = '' -- a field no operation id can be
+-- "<forget at, ms>,<reply...>", and a field past its time reads as absent. One hash, not a key
+-- per operation: a slot migrating away creates no new keys (ratelimit/redis_cluster.py), and
+-- the hash lives as long as the workspace's other keys. Forgotten fields are deleted in passes:
+-- one starts once the hash has doubled since the last one ended, and scans PRUNE_PER_CALL fields
+-- per call until it is done, so a call's share of the work is bounded, and small on average.
+local PRUNE_PER_CALL = 64
+local PRUNE_FROM = 64
+local PRUNE_STATE = '' -- a field no operation id can be: "<HSCAN cursor>,<size to start at>"
 
 -- The stored reply of operation `id` if it already ran (this call is a retry of it), or nil.
 local function recall(key, id, now)
@@ -223,17 +226,24 @@ local function recall(key, id, now)
   return reply
 end
 
--- Delete a few forgotten operations, resuming an HSCAN where the last call left it.
+-- Delete forgotten operations: the next step of a pass, or none while the hash is small.
 local function prune(key, now)
-  local scan = redis.call('HSCAN', key, redis.call('HGET', key, PRUNE_CURSOR) or '0', 'COUNT',
-    PRUNE_PER_CALL)
+  local state = redis.call('HGET', key, PRUNE_STATE) or ('0,' .. PRUNE_FROM)
+  local cursor, start_at = string.match(state, '^([^,]+),(%d+)$')
+  if cursor == '0' and redis.call('HLEN', key) < tonumber(start_at) then
+    return
+  end
+  local scan = redis.call('HSCAN', key, cursor, 'COUNT', PRUNE_PER_CALL)
   local fields = scan[2]
   for i = 1, #fields, 2 do
-    if fields[i] ~= PRUNE_CURSOR and tonumber(string.match(fields[i + 1], '^[^,]+')) <= now then
+    if fields[i] ~= PRUNE_STATE and tonumber(string.match(fields[i + 1], '^[^,]+')) <= now then
       redis.call('HDEL', key, fields[i])
     end
   end
-  redis.call('HSET', key, PRUNE_CURSOR, scan[1])
+  if scan[1] == '0' then
+    start_at = string.format('%d', math.max(PRUNE_FROM, 2 * redis.call('HLEN', key)))
+  end
+  redis.call('HSET', key, PRUNE_STATE, scan[1] .. ',' .. start_at)
 end
 
 -- Remember operation `id`'s reply for `ttl` seconds, so a retry of it is answered, not
