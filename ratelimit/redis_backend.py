@@ -62,7 +62,12 @@ from ratelimit.limiter import (
 from ratelimit.lua_scripts import Operation, script_text
 from ratelimit.metrics import RateLimitMetrics
 from ratelimit.pipeline import ScriptPipeliner
-from ratelimit.redis_cluster import ClusterScript, ClusterScripts, parse_cluster_url
+from ratelimit.redis_cluster import (
+    TRYAGAIN_SHARE,
+    ClusterScript,
+    ClusterScripts,
+    parse_cluster_url,
+)
 from ratelimit.redis_guard import CEILING_SECONDS, RedisGuard
 from ratelimit.redis_marks import OPERATION_TTL_SECONDS as OPERATION_TTL_SECONDS
 from ratelimit.redis_marks import LedgerMarkCalls, operation_arg
@@ -165,8 +170,9 @@ class RedisRateLimiter(LedgerMarkCalls):
         self._cluster: ClusterScripts | None = None
         self._cluster_scripts: dict[Operation, ClusterScript] = {}
         if isinstance(client, RedisCluster):
-            # TRYAGAIN (a slot migration in progress) is retried within the Redis budget.
-            self._cluster = ClusterScripts(client, tryagain_seconds=0.8 * timeout_seconds)
+            self._cluster = ClusterScripts(
+                client, tryagain_seconds=TRYAGAIN_SHARE * timeout_seconds
+            )
             self._cluster_scripts = {
                 op: ClusterScript.of(self._script_text(op)) for op in Operation
             }

@@ -55,6 +55,10 @@ from ratelimit.lua_scripts import one_key_args, one_key_form
 TRYAGAIN_PAUSE_SECONDS = 0.005
 """Between retries of a call that met TRYAGAIN: a MIGRATE step takes about a millisecond."""
 
+TRYAGAIN_SHARE = 0.8
+"""Of the Redis budget, the share a call may spend waiting out TRYAGAIN: it then fails on its
+own (a migration, which charges no breaker) before the guard's deadline (a timeout, which does)."""
+
 MAX_REDIRECTS = 5
 """MOVED and ASK answers one call follows before it gives up (a settled slot needs at most 2)."""
 

@@ -10,4 +10,5 @@ if done then
 end
 local tpm = tonumber(ARGV[1])
 local level = adjust(KEYS[1], tpm, tonumber(ARGV[2]), now)
+-- The hash is kept at least the operation's minute (record keeps it as long as the counters).
 return remember(KEYS[2], ARGV[4], {remaining(level), reset_ms(tpm, level)}, ARGV[3], ARGV[3], now)
