@@ -52,6 +52,7 @@ from ratelimit.breaker import CircuitBreaker
 from ratelimit.limiter import RateLimiter
 from ratelimit.memory import InMemoryRateLimiter
 from ratelimit.redis_backend import RedisClient, RedisRateLimiter, connect_redis
+from ratelimit.redis_cluster import shared_commands
 
 log = logging.getLogger("authz")
 
@@ -171,7 +172,9 @@ async def build(
     keyring = Keyring(store, clock=wall_clock)
     await keyring.load()
     replay: ReplayGuard = (
-        MemoryReplayGuard(clock=wall_clock) if redis is None else RedisReplayGuard(redis)
+        MemoryReplayGuard(clock=wall_clock)
+        if redis is None
+        else RedisReplayGuard(shared_commands(redis))
     )
     gate = ReservationGate(keyring=keyring, replay=replay, metrics=metrics, clock=wall_clock)
     authorization = AuthorizationServicer(

@@ -128,6 +128,9 @@ def connect_redis(
             socket_timeout=backstop,
             socket_connect_timeout=backstop,
             retry=no_retry,
+            # A MOVED only patches the slot map: by default every fifth one closes the whole
+            # client, failing every call in flight on every master.
+            reinitialize_steps=0,
         )
     raise ValueError(
         f"unsupported Redis URL scheme {scheme!r}: "

@@ -34,11 +34,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
+from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
 from redis.exceptions import (
     AskError,
@@ -89,6 +90,17 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
         task.exception()
 
 
+async def _asking(node: ClusterNode, args: Sequence[Any]) -> Any:
+    """ASKING and the command in one write on one connection of `node` (redis-py 8.1 sends them
+    on two pooled connections: docs/redis-cluster.md); the command's reply, or its error."""
+    commands = [PipelineCommand(0, "ASKING"), PipelineCommand(1, *args)]
+    await node.execute_pipeline(commands)
+    reply = commands[1].result
+    if isinstance(reply, BaseException):
+        raise reply
+    return reply
+
+
 class ClusterScripts:
     """Runs script calls on the node that owns their slot, following redirects itself."""
 
@@ -136,14 +148,52 @@ class ClusterScripts:
 
     async def evalsha(self, script: ClusterScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """The script's reply from the node that owns the slot of `keys` (one slot)."""
-        slot = self._cluster.keyslot(keys[0])
+
+        async def on_owner(node: ClusterNode) -> Any:
+            argv = [len(keys), *keys, *args]
+            try:
+                return await node.execute_command("EVALSHA", script.sha, *argv)
+            except NoScriptError:
+                await node.execute_command("SCRIPT", "LOAD", script.text)
+                return await node.execute_command("EVALSHA", script.sha, *argv)
+
+        async def asked(node: ClusterNode) -> Any:
+            argv = ["EVALSHA", script.one_key_sha, 1, *one_key_args(keys, args)]
+            try:
+                return await _asking(node, argv)
+            except NoScriptError:
+                await node.execute_command("SCRIPT", "LOAD", script.one_key_text)
+                return await _asking(node, argv)
+
+        return await self._routed(keys[0], on_owner, asked)
+
+    async def command(self, key: str, *args: Any) -> Any:
+        """A single-key command (`args` in full), routed like the scripts."""
+
+        async def on_owner(node: ClusterNode) -> Any:
+            return await node.execute_command(*args)
+
+        async def asked(node: ClusterNode) -> Any:
+            return await _asking(node, args)
+
+        return await self._routed(key, on_owner, asked)
+
+    async def _routed(
+        self,
+        key: str,
+        on_owner: Callable[[ClusterNode], Awaitable[Any]],
+        asked: Callable[[ClusterNode], Awaitable[Any]],
+    ) -> Any:
+        """`on_owner(node)` on the owner of `key`'s slot, following MOVED, ASK (`asked(node)`)
+        and TRYAGAIN as the module docstring says."""
+        slot = self._cluster.keyslot(key)
         loop = asyncio.get_running_loop()
         tryagain_until: float | None = None
         redirects = 0
         node = await self._owner_or_refresh(slot)
         while True:
             try:
-                return await self._call(node, script.sha, script.text, [len(keys), *keys, *args])
+                return await on_owner(node)
             except MovedError as moved:
                 redirects = self._redirected(redirects, moved)
                 await self._cluster.nodes_manager.move_slot(moved)
@@ -151,7 +201,7 @@ class ClusterScripts:
             except AskError as ask:
                 redirects = self._redirected(redirects, ask)
                 try:
-                    return await self._asking(await self._node(ask), script, keys, args)
+                    return await asked(await self._node(ask))
                 except MovedError as moved:  # the migration finished meanwhile
                     redirects = self._redirected(redirects, moved)
                     await self._cluster.nodes_manager.move_slot(moved)
@@ -165,34 +215,6 @@ class ClusterScripts:
             except (RedisConnectionError, RedisTimeoutError, OSError):
                 self.refresh_soon()
                 raise
-
-    async def _call(self, node: ClusterNode, sha: str, text: str, argv: Sequence[Any]) -> Any:
-        """EVALSHA on `node`, loading the script there on NOSCRIPT."""
-        try:
-            return await node.execute_command("EVALSHA", sha, *argv)
-        except NoScriptError:
-            await node.execute_command("SCRIPT", "LOAD", text)
-            return await node.execute_command("EVALSHA", sha, *argv)
-
-    async def _asking(
-        self, node: ClusterNode, script: ClusterScript, keys: Sequence[str], args: Sequence[Any]
-    ) -> Any:
-        """ASKING and the one-key EVALSHA in one write on one connection of `node`."""
-        argv = one_key_args(keys, args)
-        for attempt in range(2):
-            commands = [
-                PipelineCommand(0, "ASKING"),
-                PipelineCommand(1, "EVALSHA", script.one_key_sha, 1, *argv),
-            ]
-            await node.execute_pipeline(commands)
-            reply = commands[1].result
-            if isinstance(reply, NoScriptError) and attempt == 0:
-                await node.execute_command("SCRIPT", "LOAD", script.one_key_text)
-                continue
-            if isinstance(reply, BaseException):
-                raise reply
-            return reply
-        raise AssertionError("unreachable")  # pragma: no cover
 
     def _owner(self, slot: int) -> ClusterNode | None:
         owners = self._cluster.nodes_manager.slots_cache.get(slot)
@@ -257,3 +279,26 @@ def _parse_host_port(item: str) -> tuple[str, int]:
     if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ValueError(f"bad cluster node {item!r}: expected host:port")
     return host, int(port_text)
+
+
+class ClusterCommands:
+    """The plain commands sent beside the limiter on its cluster client, routed like its scripts
+    (redis-py's own routing fails under a slot migration): the access-log replay check's SET."""
+
+    def __init__(self, cluster: RedisCluster) -> None:
+        self._routes = ClusterScripts(cluster, tryagain_seconds=0.0)
+
+    async def set(
+        self, name: str, value: bytes, *, nx: bool = False, ex: int | None = None
+    ) -> bool:
+        """SET `name` (NX: only if absent; EX: with a TTL); whether it was set."""
+        args: list[Any] = ["SET", name, value, *(["NX"] if nx else [])]
+        if ex is not None:
+            args += ["EX", ex]
+        return bool(await self._routes.command(name, *args))
+
+
+def shared_commands(client: Redis | RedisCluster) -> Redis | ClusterCommands:
+    """What other parts should send plain commands through: the client itself on a standalone
+    Redis, `ClusterCommands` on a cluster."""
+    return ClusterCommands(client) if isinstance(client, RedisCluster) else client

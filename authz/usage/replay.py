@@ -11,10 +11,11 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from ratelimit.keys import reservation_key
-from ratelimit.redis_backend import RedisClient
+from ratelimit.redis_cluster import ClusterCommands
 
 
 class ReplayCheckUnavailable(Exception):
@@ -56,7 +57,10 @@ Check's Redis call, still below Envoy's ext_authz timeout."""
 class RedisReplayGuard:
     """`SET NX EX` on a key in the workspace's slot: one round trip, atomic across replicas."""
 
-    def __init__(self, client: RedisClient, *, timeout_s: float = REPLAY_TIMEOUT_S) -> None:
+    def __init__(
+        self, client: Redis | ClusterCommands, *, timeout_s: float = REPLAY_TIMEOUT_S
+    ) -> None:
+        """`client`: `ratelimit.redis_cluster.shared_commands` of the limiter's client."""
         self._client = client
         self._timeout_s = timeout_s
         self._late: set[asyncio.Task[Any]] = set()
