@@ -16,8 +16,9 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import pytest
+from redis.asyncio.cluster import RedisCluster
 
-from ratelimit.keys import bucket_keys, workspace_hash_tag
+from ratelimit.keys import bucket_keys, reservation_key, workspace_hash_tag
 from ratelimit.limiter import (
     LimitResult,
     Limits,
@@ -28,6 +29,7 @@ from ratelimit.limiter import (
 )
 from ratelimit.memory import InMemoryRateLimiter
 from ratelimit.redis_backend import connect_redis
+from ratelimit.redis_cluster import ClusterCommands
 from tests.integration.ratelimit.conftest import GENEROUS_TIMEOUT_SECONDS, FakeClockMs
 from tests.support.clocked_redis import ClockedRedisRateLimiter
 from tests.support.redis_servers import RedisClusterServers, redis_cluster
@@ -53,6 +55,14 @@ def cluster3() -> Iterator[RedisClusterServers]:
     """A 3+3 cluster of this module's own: its tests move slots between masters."""
     with redis_cluster(3, replicas=True) as servers:
         yield servers
+
+
+@pytest.fixture
+async def cluster_client(cluster3: RedisClusterServers) -> AsyncIterator[RedisCluster]:
+    client = connect_redis(cluster3.url, timeout_seconds=PRODUCTION_TIMEOUT_SECONDS)
+    assert isinstance(client, RedisCluster)
+    yield client
+    await client.aclose()
 
 
 @pytest.fixture
@@ -172,7 +182,10 @@ async def test_a_slow_slot_migration_fails_nothing_and_keeps_the_limit_exact(
 
 
 async def test_the_ask_window_under_concurrency_fails_nothing(
-    cluster3: RedisClusterServers, limiter: ClockedRedisRateLimiter, clock_ms: FakeClockMs
+    cluster3: RedisClusterServers,
+    limiter: ClockedRedisRateLimiter,
+    cluster_client: RedisCluster,
+    clock_ms: FakeClockMs,
 ) -> None:
     """All of a slot's keys already moved, the slot not yet given: every call is ASKed.
     redis-py sends ASKING and the command on two pooled connections (docs/redis-cluster.md);
@@ -195,6 +208,12 @@ async def test_the_ask_window_under_concurrency_fails_nothing(
     for _ in range(5):
         clock_ms.advance(500)
         await asyncio.gather(*(one_round((limiter, twin), w, 25, t) for w, t in tallies.items()))
+    # The access-log replay check's SET NX, on the same client, through the same window.
+    marks = [reservation_key(w, f"rsv-{i}") for w in workspaces for i in range(5)]
+    commands = ClusterCommands(cluster_client)
+    for first in (True, False):  # set once, then refused: NX holds on the importing node
+        done = await asyncio.gather(*(commands.set(m, b"1", nx=True, ex=60) for m in marks))
+        assert done == [first] * len(marks)
     asked = move.target_stat("asking") - asking_before
     await asyncio.to_thread(move.close)
 
