@@ -5,7 +5,6 @@ Envoy returned 200 for."""
 from __future__ import annotations
 
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -16,10 +15,10 @@ import redis
 
 from ratelimit.keys import usage_keys, workspace_hash_tag
 from tests.e2e.conftest import build_stack
-from tests.e2e.test_usage import chat, ledger, reconciled
+from tests.e2e.test_usage import chat, ledger, reconciled, workspace_key
 from tests.support.redis_servers import RedisClusterServers, redis_cluster
 from tests.support.slot_moves import SlotMove, owner_index, slot_of, sync_client
-from tests.support.stack import Stack, authz_cli, wait_until
+from tests.support.stack import Stack, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -39,20 +38,8 @@ def stack(tmp_path: Path, cluster: RedisClusterServers) -> Iterator[Stack]:
 def test_a_slow_slot_migration_fails_no_request_and_loses_no_usage(
     stack: Stack, cluster: RedisClusterServers
 ) -> None:
-    workspace = authz_cli(
-        stack.database_url,
-        "workspace",
-        "create",
-        f"ws-{time.monotonic_ns()}",
-        "--rpm",
-        "30",
-        "--monthly-token-quota",
-        "1000000000",
-    )
-    key = authz_cli(
-        stack.database_url, "key", "create", "--workspace", workspace["id"], "--label", "t"
-    )
-    slot = slot_of(workspace["id"])
+    workspace_id, key = workspace_key(stack, "--rpm", "30", "--monthly-token-quota", "1000000000")
+    slot = slot_of(workspace_id)
     source = owner_index(cluster, slot)
     move = SlotMove(cluster, slot, source, (source + 1) % 3)
     statuses: Counter[int] = Counter()
@@ -73,7 +60,7 @@ def test_a_slow_slot_migration_fails_no_request_and_loses_no_usage(
     # Other workspaces' keys in the slot, newer than this one's: they move first, slowly.
     other = sync_client(cluster.nodes[source])
     for i in range(300):
-        other.set(f"other:{workspace_hash_tag(workspace['id'])}:{i}", "x")
+        other.set(f"other:{workspace_hash_tag(workspace_id)}:{i}", "x")
 
     move.open()
     moving = threading.Thread(target=move.move_keys, kwargs={"batch": 4, "pause_seconds": 0.01})
@@ -94,14 +81,12 @@ def test_a_slow_slot_migration_fails_no_request_and_loses_no_usage(
         assert sidecar.metric("authz_ratelimit_redis_errors_total", kind=kind) == 0, kind
     served = statuses[200]
     reconciled(stack, served)  # a 429 reserves nothing: Envoy logs it, nothing to reconcile
-    wait_until(
-        lambda: ledger(stack, workspace["id"])["requests"] == served, timeout=10, what="ledger"
-    )
-    report = ledger(stack, workspace["id"])
+    wait_until(lambda: ledger(stack, workspace_id)["requests"] == served, timeout=10, what="ledger")
+    report = ledger(stack, workspace_id)
     period = datetime.now(UTC).strftime("%Y-%m")
     counter = redis.RedisCluster(
         host=cluster.nodes[0].host, port=cluster.nodes[0].port, decode_responses=True
-    ).get(usage_keys(workspace["id"], period)[0])
+    ).get(usage_keys(workspace_id, period)[0])
     assert counter is not None
     assert int(counter) == report["total_tokens"]
     # The access-log path's replay check (SET NX, on the same client) answered every time.
