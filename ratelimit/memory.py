@@ -71,7 +71,7 @@ class InMemoryRateLimiter:
         self._last_sweep_ms: int | None = None
         self._last_counter_sweep_ms: int | None = None
         # (workspace, operation id) → the first reply and when it is forgotten, as record.lua
-        # keeps it in an operation key.
+        # keeps it in the workspace's operations hash.
         self._operations: dict[tuple[str, str], tuple[QuotaState, int]] = {}
         self._operations_swept_ms = 0
         # (workspace, period) → the month's ledger-mark hash (ratelimit.marks), with its expiry.
