@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -11,6 +12,15 @@ from authz.store import open_store
 from authz.store.base import Store
 from tests.support.fakes import FakeStore
 from tests.support.postgres_server import create_database, drop_database, postgres_dsn_for_tests
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Sidecars start in their own log directories and inherit PYTHONPATH: a relative entry
+    (a worktree's `PYTHONPATH=.`) would there import the editable install's code instead."""
+    entries = os.environ.get("PYTHONPATH")
+    if entries:
+        absolute = (str(Path(entry).resolve()) for entry in entries.split(os.pathsep) if entry)
+        os.environ["PYTHONPATH"] = os.pathsep.join(absolute)
 
 
 @pytest.fixture(scope="session")
