@@ -22,12 +22,10 @@ pytestmark = pytest.mark.integration
 
 LIMITS = Limits(rpm=100_000, tpm=10_000_000)
 PRODUCTION_TIMEOUT_SECONDS = 0.05
-
-
 COOLDOWN_SECONDS = 0.25
 """The breaker's production cool-down; tests move an injected clock by it, never sleep it."""
 RECOVERY_PROBES = 4
-"""Recovery within a second of Redis returning (README): one probe per cool-down, so 4."""
+"""Recovery "within a second" (README, AUTHZ_REDIS_BREAKER_COOLDOWN_MS): one probe per cool-down."""
 
 
 def production_breaker(clock: FakeClock[float]) -> CircuitBreaker:
