@@ -47,16 +47,39 @@ class ThrottledLog:
             self._log.warning(message, *args)
 
 
+WORKER_PROCESS_PREFIX = "authz-worker-"
+"""AUTHZ_WORKERS > 1: worker i runs in the process named this + i (authz.workers)."""
+
+
+def worker_process_name(index: int) -> str:
+    return f"{WORKER_PROCESS_PREFIX}{index}"
+
+
+def worker_index(process_name: str | None) -> int | None:
+    """The worker index of a process named by `worker_process_name`, else None."""
+    if process_name is None or not process_name.startswith(WORKER_PROCESS_PREFIX):
+        return None
+    suffix = process_name.removeprefix(WORKER_PROCESS_PREFIX)
+    return int(suffix) if suffix.isdigit() else None
+
+
 class JsonFormatter(logging.Formatter):
-    """`{"ts", "level", "logger", "message"[, "exc"]}`; messages already hold masks only."""
+    """`{"ts", "level", "logger", "message", "pid"[, "worker"][, "exc"]}`; messages already
+    hold masks only. With AUTHZ_WORKERS > 1 every worker writes to the same stream: `pid` and
+    `worker` (its index, absent in a single process and in the workers' supervisor) tell
+    their lines apart."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
+        entry: dict[str, object] = {
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat().replace("+00:00", "Z"),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
+            "pid": record.process,
         }
+        worker = worker_index(record.processName)
+        if worker is not None:
+            entry["worker"] = worker
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry)

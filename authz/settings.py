@@ -120,7 +120,7 @@ _HELP: dict[str, str] = {
     "ledger_flush_s": "seconds between billing-ledger flushes (also flushed on shutdown)",
     "health_interval_s": "seconds between readiness probes of the database and Redis",
     "drain_delay_s": "on SIGTERM: seconds NOT_SERVING before the gRPC server stops accepting;"
-    " 2x the time Envoy's health checks take to notice (docs/deploy.md)",
+    " Envoy's health checks' worst-case notice plus one interval (docs/deploy.md)",
     "shutdown_grace_s": "on SIGTERM: seconds in-flight RPCs get to finish",
     "log_level": "debug, info, warning or error",
     "log_format": "text, or json (one object per line)",

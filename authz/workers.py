@@ -28,7 +28,7 @@ from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
-from authz.logs import configure_logging
+from authz.logs import configure_logging, worker_process_name
 from authz.settings import Settings
 
 log = logging.getLogger("authz")
@@ -53,7 +53,7 @@ def run_workers(settings: Settings, serve: Serve) -> int:
     context = multiprocessing.get_context("spawn")
     workers = [
         context.Process(
-            target=_worker, args=(serve, worker_settings(settings, i)), name=f"authz-worker-{i}"
+            target=_worker, args=(serve, worker_settings(settings, i)), name=worker_process_name(i)
         )
         for i in range(settings.workers)
     ]

@@ -15,6 +15,15 @@ from tests.support.pgbouncer import find_pgbouncer
 from tests.support.postgres_server import create_database, drop_database, postgres_dsn_for_tests
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Sidecars start in their own log directories and inherit PYTHONPATH: a relative entry
+    (a worktree's `PYTHONPATH=.`) would there import the editable install's code instead."""
+    entries = os.environ.get("PYTHONPATH")
+    if entries:
+        absolute = (str(Path(entry).resolve()) for entry in entries.split(os.pathsep) if entry)
+        os.environ["PYTHONPATH"] = os.pathsep.join(absolute)
+
+
 @pytest.fixture(scope="session")
 def pg_base_dsn() -> Iterator[str]:
     """AUTHZ_TEST_DATABASE_URL when set, else a throwaway server for the whole session."""

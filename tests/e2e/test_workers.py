@@ -17,7 +17,14 @@ from google.rpc import code_pb2
 from tests.support.checks import bearer, check_request
 from tests.support.procs import free_ports_in_a_row
 from tests.support.redis_servers import redis_url_for_tests
-from tests.support.stack import Sidecar, authz_cli, start_sidecar, wait_until
+from tests.support.stack import (
+    FEED_LOGS,
+    Sidecar,
+    authz_cli,
+    change_applied_after,
+    start_sidecar,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -54,7 +61,7 @@ def workers(pg_dsn: str, tmp_path: Path) -> Iterator[Workers]:
             tmp_path,
             database_url=pg_dsn,
             metrics_addr=f"127.0.0.1:{metrics_port}",
-            env={"AUTHZ_REDIS_URL": redis, "AUTHZ_WORKERS": str(WORKERS)},
+            env={"AUTHZ_REDIS_URL": redis, "AUTHZ_WORKERS": str(WORKERS), **FEED_LOGS},
         )
         try:
             each = Workers(sidecar, metrics_port, pg_dsn)
@@ -107,8 +114,7 @@ def test_revocation_reaches_both_workers_within_one_second(workers: Workers) -> 
         what="the key cached by both workers",
     )
     before = [w.metric("authz_cache_invalidations_total", kind="key") for w in workers.each]
-    revoked_at = time.monotonic()
-    authz_cli(workers.dsn, "key", "revoke", key["id"])
+    done = authz_cli(workers.dsn, "key", "revoke", key["id"])
     wait_until(
         lambda: all(
             w.metric("authz_cache_invalidations_total", kind="key") > b
@@ -117,8 +123,15 @@ def test_revocation_reaches_both_workers_within_one_second(workers: Workers) -> 
         timeout=10,
         what="the revocation at both workers",
     )
-    elapsed = time.monotonic() - revoked_at
-    assert elapsed < 1.0 + 0.5, f"revocation took {elapsed:.2f}s"  # as the one-process test
+    # From the commit to each worker applying it, by that worker's own log line (its pid):
+    # within 1 s, as for one process, whatever the scheduling of the test's processes.
+    pids = _workers_of(workers.sidecar.process.pid)
+    assert len(pids) == WORKERS
+    took = {
+        pid: change_applied_after(workers.sidecar, "key", done["revoked_at"], pid=pid)
+        for pid in pids
+    }
+    assert all(seconds < 1.0 for seconds in took.values()), took
     denied_before = workers.checks_by_worker("deny")
     codes = {workers.check(key["secret"]) for _ in range(20)}
     assert codes == {code_pb2.UNAUTHENTICATED}

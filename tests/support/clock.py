@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Generic, TypeVar
 
 N = TypeVar("N", int, float)
@@ -12,7 +13,8 @@ class FakeClock(Generic[N]):
 
     The unit is the caller's: seconds (`FakeClock(0.0)`, for caches, deadlines and the wall
     clock) or whole milliseconds (`FakeClock(5_000_000)`, for the in-process limiter). A seconds
-    clock also drives a millisecond consumer through `ms`, so one clock can move them all.
+    clock also drives a millisecond consumer through `ms`, and a consumer of aware UTC datetimes
+    (the console's sessions) through `utc`, so one clock can move them all.
     """
 
     def __init__(self, now: N) -> None:
@@ -24,3 +26,7 @@ class FakeClock(Generic[N]):
     def ms(self) -> int:
         """`now` (in seconds) as whole milliseconds."""
         return round(self.now * 1000)
+
+    def utc(self) -> datetime:
+        """`now` (seconds since the epoch) as an aware UTC datetime."""
+        return datetime.fromtimestamp(self.now, UTC)

@@ -153,10 +153,17 @@ class EdgeEnvoy:
 
 
 def start_edge_envoy(
-    log_dir: Path, *, authz_ports: Sequence[int], upstream_port: int, name: str = "envoy"
+    log_dir: Path,
+    *,
+    authz_ports: Sequence[int],
+    upstream_port: int,
+    name: str = "envoy",
+    access_log: Path | None = None,
 ) -> EdgeEnvoy:
     """The shipped envoy.yaml (ports rewritten) with one `authz` endpoint per port given, so
-    several replicas sit behind it with the shipped health checks and circuit breakers."""
+    several replicas sit behind it with the shipped health checks and circuit breakers. With
+    `access_log`, Envoy also writes one line per request there: status, response flags and
+    details (why Envoy answered as it did), for a test to explain a failure."""
     listen, admin = free_port(), free_port()
     path = render_envoy_config(
         log_dir / f"{name}.yaml",
@@ -175,6 +182,10 @@ def start_edge_envoy(
         }}}}
         for port in authz_ports
     ]  # fmt: skip
+    if access_log is not None:
+        (listener,) = config["static_resources"]["listeners"]
+        manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        manager["access_log"].append(_file_access_log(access_log))
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     process = ManagedProcess(
         [envoy_binary(), "-c", str(path), "--use-dynamic-base-id", "--log-level", "warn"],
@@ -183,3 +194,15 @@ def start_edge_envoy(
     )
     process.wait_for_port(listen, timeout=20)
     return EdgeEnvoy(process, listen, admin)
+
+
+def _file_access_log(path: Path) -> dict[str, object]:
+    line = "%START_TIME% %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %DURATION%ms\n"
+    return {
+        "name": "envoy.access_loggers.file",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": str(path),
+            "log_format": {"text_format_source": {"inline_string": line}},
+        },
+    }

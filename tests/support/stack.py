@@ -279,18 +279,21 @@ def start_envoy(
 FEED_LOGS = {"AUTHZ_LOG_FORMAT": "json", "AUTHZ_LOG_LEVEL": "debug"}
 
 
-def change_applied_after(sidecar: Sidecar, kind: str, committed_at: str) -> float:
+def change_applied_after(
+    sidecar: Sidecar, kind: str, committed_at: str, *, pid: int | None = None
+) -> float:
     """Seconds from a change's commit time (`revoked_at`, `updated_at`: the store's clock) to
     `sidecar` applying it (its log line, FEED_LOGS): the sidecar's own latency, whatever the
     scheduling of the test's processes. Call it once the effect was seen. A feed that missed
-    a poll drops the whole cache on its next one ("reset"), which applies the change too."""
+    a poll drops the whole cache on its next one ("reset"), which applies the change too.
+    With AUTHZ_WORKERS, `pid` picks one worker's line out of the shared log."""
     committed = datetime.fromisoformat(committed_at.replace("Z", "+00:00"))
     applying = {f"change feed: {kind} change applied", "change feed: reset applied"}
 
     def applied_after() -> float | None:
         for line in sidecar.process.read_log().splitlines():
             entry = json.loads(line) if line.startswith("{") else {}
-            if entry.get("message") in applying:
+            if entry.get("message") in applying and pid in (None, entry.get("pid")):
                 applied = datetime.fromisoformat(entry["ts"].replace("Z", "+00:00"))
                 if applied >= committed:
                     return (applied - committed).total_seconds()
@@ -301,6 +304,7 @@ def change_applied_after(sidecar: Sidecar, kind: str, committed_at: str) -> floa
     deadline = time.monotonic() + 10
     while (seconds := applied_after()) is None:
         if time.monotonic() > deadline:
-            raise AssertionError(f"{sidecar.grpc_addr} never logged applying the {kind} change")
+            who = sidecar.grpc_addr if pid is None else f"{sidecar.grpc_addr} (pid {pid})"
+            raise AssertionError(f"{who} never logged applying the {kind} change")
         time.sleep(0.02)
     return seconds

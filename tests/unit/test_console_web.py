@@ -22,6 +22,7 @@ from authz.console.sessions import SessionStore
 from authz.console.settings import load_console_settings
 from authz.console.web import Console, build_app
 from authz.identity import Identity, IdentityVerifier
+from tests.support.clock import FakeClock
 from tests.support.idp import jwks_issuer
 from tests.support.procs import free_port
 
@@ -33,19 +34,11 @@ MEMBER = Identity(
 )
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
 @dataclass
 class App:
     client: TestClient[aiohttp.web.Request, aiohttp.web.Application]
     sessions: SessionStore
-    clock: Clock
+    clock: FakeClock[float]
 
     def sign_in(self, identity: Identity = MEMBER) -> str:
         session = self.sessions.create(
@@ -66,8 +59,8 @@ async def app() -> AsyncIterator[App]:
             "AUTHZ_CONSOLE_COOKIE_SECURE": "false",
         }
     )
-    clock = Clock()
-    sessions = SessionStore(clock=clock, max_age=timedelta(hours=8))
+    clock = FakeClock(T0.timestamp())
+    sessions = SessionStore(clock=clock.utc, max_age=timedelta(hours=8))
     async with (
         aiohttp.ClientSession() as http,
         grpc.aio.insecure_channel(f"127.0.0.1:{free_port()}") as channel,
@@ -78,7 +71,7 @@ async def app() -> AsyncIterator[App]:
             flow=OidcFlow(http=http, clients={}, redirect_uri="unused", timeout_s=1),
             keys=KeyApi(channel, timeout_s=1),
             verifier=IdentityVerifier(settings.jwt_issuers, jwks_timeout_s=1),
-            clock=clock,
+            clock=clock.utc,
         )
         async with TestClient(TestServer(build_app(console))) as client:
             yield App(client, sessions, clock)
@@ -120,7 +113,7 @@ async def test_signed_out_and_expired_sessions_are_told_apart(app: App) -> None:
     assert (await answer.json())["workspaces"] == ["ws"]
     assert "access_token" not in await answer.text()
     assert "jwt" not in await answer.text()
-    app.clock.now = T0 + timedelta(minutes=30)
+    app.clock.now = (T0 + timedelta(minutes=30)).timestamp()
     answer = await app.client.get("/console/api/session")
     assert (answer.status, (await answer.json())["error"]) == (401, "session_expired")
 

@@ -111,14 +111,17 @@ async def test_a_hung_redis_on_a_busy_loop_still_fails_and_opens_the_breaker(
             # Busy, but not saturated: 5 ms slices.
             hog = asyncio.create_task(hog_cpu(stop, 0.005))
             for _ in range(3):
-                started = time.perf_counter()
-                with pytest.raises(RateLimitUnavailable, match="timeout"):
+                with pytest.raises(RateLimitUnavailable, match=r"\(timeout\)"):
                     await limiter.acquire("ws", LIMITS, 1)
-                assert time.perf_counter() - started < 0.5
             stop.set()
             await hog
             assert limiter.breaker.state is BreakerState.OPEN
-            assert error_counts(registry)["timeout"] == 3
+            # Each ended at its Redis budget, net of the hog's lag: the 1 s wall-clock backstop
+            # would have counted `overload` (and spared the breaker).
+            assert error_counts(registry) == {
+                **{kind.value: 0.0 for kind in RedisErrorKind},
+                RedisErrorKind.TIMEOUT.value: 3.0,
+            }
         finally:
             own_redis.resume()
     finally:
