@@ -20,6 +20,9 @@ import yaml
 from tests.support.procs import ManagedProcess, free_port
 from tests.support.stack import envoy_binary, render_envoy_config
 
+# The clusters whose endpoint is the sidecar (envoy.yaml).
+SIDECAR_CLUSTERS = ("authz", "authz_access_log")
+
 
 @dataclass(frozen=True)
 class RawAnswer:
@@ -155,7 +158,7 @@ class EdgeEnvoy:
 def start_edge_envoy(
     log_dir: Path, *, authz_ports: Sequence[int], upstream_port: int, name: str = "envoy"
 ) -> EdgeEnvoy:
-    """The shipped envoy.yaml (ports rewritten) with one `authz` endpoint per port given, so
+    """The shipped envoy.yaml (ports rewritten) with one sidecar endpoint per port given, so
     several replicas sit behind it with the shipped health checks and circuit breakers."""
     listen, admin = free_port(), free_port()
     path = render_envoy_config(
@@ -166,15 +169,18 @@ def start_edge_envoy(
         upstream=upstream_port,
     )
     config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    authz = next(c for c in config["static_resources"]["clusters"] if c["name"] == "authz")
-    (group,) = authz["load_assignment"]["endpoints"]
-    (template,) = group["lb_endpoints"]
-    group["lb_endpoints"] = [
-        {"endpoint": {"address": {"socket_address": {
-            **template["endpoint"]["address"]["socket_address"], "port_value": port,
-        }}}}
-        for port in authz_ports
-    ]  # fmt: skip
+    # Checks and the access-log stream reach the same replicas, each on its own cluster.
+    for cluster in config["static_resources"]["clusters"]:
+        if cluster["name"] not in SIDECAR_CLUSTERS:
+            continue
+        (group,) = cluster["load_assignment"]["endpoints"]
+        (template,) = group["lb_endpoints"]
+        group["lb_endpoints"] = [
+            {"endpoint": {"address": {"socket_address": {
+                **template["endpoint"]["address"]["socket_address"], "port_value": port,
+            }}}}
+            for port in authz_ports
+        ]  # fmt: skip
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     process = ManagedProcess(
         [envoy_binary(), "-c", str(path), "--use-dynamic-base-id", "--log-level", "warn"],
