@@ -148,8 +148,18 @@ def test_envoy_proxy_sends_http_access_logs_to_the_authorizer(kustomize: Kustomi
     assert "backendRef" not in sink["als"]
     cel_backend_refs(sink["als"]["backendRefs"])
     assert_is_the_authorizer(kustomize, sink["als"]["backendRefs"])
-    (access_log,) = public_hcm(load_yaml(REPO / "envoy.yaml"))["access_log"]
-    assert sink["als"]["logName"] == access_log["typed_config"]["common_config"]["log_name"]
+    source = load_yaml(REPO / "envoy.yaml")
+    (access_log,) = public_hcm(source)["access_log"]
+    common = access_log["typed_config"]["common_config"]
+    assert sink["als"]["logName"] == common["log_name"]
+    # Room for a burst, as envoy.yaml's access-log cluster (Envoy Gateway's default: 32 KiB).
+    (cluster,) = [
+        c
+        for c in source["static_resources"]["clusters"]
+        if c["name"] == common["grpc_service"]["envoy_grpc"]["cluster_name"]
+    ]
+    limit = sink["als"]["backendSettings"]["connection"]["bufferLimit"]
+    assert limit == "1Mi" and cluster["per_connection_buffer_limit_bytes"] == 1024 * 1024
     # The Gateway uses this EnvoyProxy.
     gateway = found["Gateway"]
     ref = gateway["spec"]["infrastructure"]["parametersRef"]
