@@ -127,7 +127,11 @@ def test_security_policy_is_envoy_yamls_ext_authz_to_the_authorizer(
 def assert_is_the_authorizer(kustomize: Kustomize, refs: list[dict[str, Any]]) -> None:
     """The central authorizer deploy/istio renders: its Service, namespace and gRPC port."""
     manifests = kustomize("deploy/istio")
-    (service,) = [m for m in manifests if m["kind"] == "Service"]
+    # `authz` (Envoy Gateway gives the ALS sink a cluster of its own already; Istio's provider
+    # uses `authz-usage` for that).
+    (service,) = [
+        m for m in manifests if m["kind"] == "Service" and m["metadata"]["name"] == "authz"
+    ]
     (grpc_port,) = [p["port"] for p in service["spec"]["ports"] if p["appProtocol"] == "grpc"]
     for ref in refs:
         assert (ref["name"], ref["namespace"], ref["port"]) == (
