@@ -163,7 +163,11 @@ def test_envoy_proxy_sends_http_access_logs_to_the_authorizer(kustomize: Kustomi
         if c["name"] == common["grpc_service"]["envoy_grpc"]["cluster_name"]
     ]
     limit = sink["als"]["backendSettings"]["connection"]["bufferLimit"]
-    assert limit == "1Mi" and cluster["per_connection_buffer_limit_bytes"] == 1024 * 1024
+    number, unit = limit[:-2], limit[-2:]
+    assert (
+        int(number) * {"Ki": 1024, "Mi": 1024**2}[unit]
+        == cluster["per_connection_buffer_limit_bytes"]
+    )
     # The Gateway uses this EnvoyProxy.
     gateway = found["Gateway"]
     ref = gateway["spec"]["infrastructure"]["parametersRef"]
