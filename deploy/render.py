@@ -38,7 +38,8 @@ TRANSCODER = "envoy.filters.http.grpc_json_transcoder"
 
 
 # TLS to the sidecar where there is no mesh (AUTHZ_TLS_CERT, AUTHZ_TLS_KEY, AUTHZ_TLS_CLIENT_CA):
-# Envoy presents a client certificate the sidecar's CA signed and verifies the sidecar's. Shipped
+# Envoy presents a client certificate the sidecar's CA signed and verifies the sidecar's, on both
+# clusters that reach the sidecar (`authz`, `authz_access_log`). Shipped
 # commented out, in envoy.yaml's `authz` cluster and in the header of every derived config
 # (YAML comments do not survive rendering); tests/deploy/test_render.py keeps them identical.
 AUTHZ_TLS_SOCKET = """\
@@ -93,6 +94,8 @@ COMPOSE = Target(
     admin_address="0.0.0.0",  # noqa: S104
     clusters={
         "authz": Endpoint("authz", 9191),
+        # The access-log stream: the same sidecar, on connections of its own (envoy.yaml).
+        "authz_access_log": Endpoint("authz", 9191),
         "upstream": Endpoint("upstream", 8000),
         "console": Endpoint("console", 8090),
     },
@@ -104,7 +107,8 @@ KUBERNETES = Target(
     listener_address="0.0.0.0",  # noqa: S104 - the Service sends traffic to the pod IP
     # The admin interface stays on 127.0.0.1: nothing outside the pod may reach it.
     clusters={"upstream": Endpoint("upstream", 8000), "console": Endpoint("console", 8090)},
-    loopback_clusters=frozenset({"authz"}),  # the sidecar container, same pod
+    # The sidecar container, same pod (Checks, and the access-log stream on its own cluster).
+    loopback_clusters=frozenset({"authz", "authz_access_log"}),
 )
 
 TARGETS: tuple[Target, ...] = (COMPOSE, KUBERNETES)
@@ -260,7 +264,7 @@ def render_text(
         *(f"#   - {line}" for line in changes),
         "# Everything else (filters, timeouts, ext_authz settings, health checks) is the source's.",
         "# To require TLS with client certificates to the sidecar (AUTHZ_TLS_*), add this to the",
-        "# `authz` cluster, with the files mounted:",
+        "# `authz` and `authz_access_log` clusters, with the files mounted:",
         *(f"#   {line}" for line in AUTHZ_TLS_SOCKET.splitlines()),
     ]
     body = yaml.safe_dump(config, sort_keys=False, default_flow_style=False, width=100)

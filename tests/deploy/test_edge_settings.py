@@ -17,6 +17,7 @@ from tests.deploy.conftest import REPO, load_yaml
 from tests.deploy.test_envoy_configs import ENVOY_CONFIGS
 
 HCM = "envoy.filters.network.http_connection_manager"
+EXT_AUTHZ = "envoy.filters.http.ext_authz"
 
 
 def listeners(config: dict[str, Any]) -> list[dict[str, Any]]:
@@ -141,6 +142,32 @@ def authz_sized_for_bursts(config: dict[str, Any]) -> None:
     assert http2["max_concurrent_streams"] > 0
 
 
+# A burst the e2e test sends (tests/e2e/test_edge_burst.py) and a generous size for one
+# access-log entry (~870 bytes measured with the shipped metadata), and gRPC's default largest
+# message, which the sidecar keeps.
+BURST_ENTRIES = 2000
+ENTRY_BYTES = 1000
+GRPC_MAX_MESSAGE = 4 * 1024 * 1024
+
+
+def access_log_sized_for_bursts(config: dict[str, Any]) -> None:
+    """Usage is never dropped in a burst: the access-log stream has its own connections to the
+    sidecar (never queued behind Checks), and Envoy can hold a whole burst of entries."""
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+    for manager in managers(config):
+        (authz,) = [f for f in manager["http_filters"] if f["name"] == EXT_AUTHZ]
+        check_cluster = authz["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"]
+        for access_log in manager["access_log"]:
+            common = access_log["typed_config"]["common_config"]
+            cluster = clusters[common["grpc_service"]["envoy_grpc"]["cluster_name"]]
+            assert cluster["name"] != check_cluster
+            endpoints = clusters[check_cluster]["load_assignment"]["endpoints"]
+            assert cluster["load_assignment"]["endpoints"] == endpoints, "the Checks' sidecar"
+            held = common["buffer_size_bytes"] + cluster["per_connection_buffer_limit_bytes"]
+            assert held >= BURST_ENTRIES * ENTRY_BYTES
+            assert common["buffer_size_bytes"] < GRPC_MAX_MESSAGE  # one batch is one message
+
+
 EDGE_ITEMS: dict[str, Callable[[dict[str, Any]], None]] = {
     "overload manager": overload_manager,
     "global downstream connection limit": global_connection_limit,
@@ -153,6 +180,7 @@ EDGE_ITEMS: dict[str, Callable[[dict[str, Any]], None]] = {
     "headers_with_underscores_action": underscores_rejected,
     "path normalization": path_normalization,
     "authz cluster sized for bursts": authz_sized_for_bursts,
+    "access log on its own cluster, sized for bursts": access_log_sized_for_bursts,
 }
 
 
@@ -185,7 +213,7 @@ EXPLAINED = (
     "overload_manager", "max_active_downstream_connections", "layered_runtime",
     "per_connection_buffer_limit_bytes", "normalize_path", "path_with_escaped_slashes_action",
     "idle_timeout", "headers_with_underscores_action", "request_headers_timeout",
-    "stream_idle_timeout", "http2_protocol_options", "circuit_breakers",
+    "stream_idle_timeout", "http2_protocol_options", "circuit_breakers", "buffer_size_bytes",
 )  # fmt: skip
 
 

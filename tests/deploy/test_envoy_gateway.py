@@ -127,7 +127,11 @@ def test_security_policy_is_envoy_yamls_ext_authz_to_the_authorizer(
 def assert_is_the_authorizer(kustomize: Kustomize, refs: list[dict[str, Any]]) -> None:
     """The central authorizer deploy/istio renders: its Service, namespace and gRPC port."""
     manifests = kustomize("deploy/istio")
-    (service,) = [m for m in manifests if m["kind"] == "Service"]
+    # `authz` (Envoy Gateway gives the ALS sink a cluster of its own already; Istio's provider
+    # uses `authz-usage` for that).
+    (service,) = [
+        m for m in manifests if m["kind"] == "Service" and m["metadata"]["name"] == "authz"
+    ]
     (grpc_port,) = [p["port"] for p in service["spec"]["ports"] if p["appProtocol"] == "grpc"]
     for ref in refs:
         assert (ref["name"], ref["namespace"], ref["port"]) == (
@@ -148,8 +152,22 @@ def test_envoy_proxy_sends_http_access_logs_to_the_authorizer(kustomize: Kustomi
     assert "backendRef" not in sink["als"]
     cel_backend_refs(sink["als"]["backendRefs"])
     assert_is_the_authorizer(kustomize, sink["als"]["backendRefs"])
-    (access_log,) = public_hcm(load_yaml(REPO / "envoy.yaml"))["access_log"]
-    assert sink["als"]["logName"] == access_log["typed_config"]["common_config"]["log_name"]
+    source = load_yaml(REPO / "envoy.yaml")
+    (access_log,) = public_hcm(source)["access_log"]
+    common = access_log["typed_config"]["common_config"]
+    assert sink["als"]["logName"] == common["log_name"]
+    # Room for a burst, as envoy.yaml's access-log cluster (Envoy Gateway's default: 32 KiB).
+    (cluster,) = [
+        c
+        for c in source["static_resources"]["clusters"]
+        if c["name"] == common["grpc_service"]["envoy_grpc"]["cluster_name"]
+    ]
+    limit = sink["als"]["backendSettings"]["connection"]["bufferLimit"]
+    number, unit = limit[:-2], limit[-2:]
+    assert (
+        int(number) * {"Ki": 1024, "Mi": 1024**2}[unit]
+        == cluster["per_connection_buffer_limit_bytes"]
+    )
     # The Gateway uses this EnvoyProxy.
     gateway = found["Gateway"]
     ref = gateway["spec"]["infrastructure"]["parametersRef"]

@@ -103,7 +103,21 @@ def test_als_provider_reaches_the_authorizer_with_envoys_log_name() -> None:
     found = providers()
     authz = found["oais-authz"]["envoyExtAuthzGrpc"]
     als = found["oais-usage"]["envoyHttpAls"]
-    assert (als["service"], als["port"]) == (authz["service"], authz["port"])
+    # Another Service name (a cluster of its own, as envoy.yaml's `authz_access_log`) ...
+    assert als["service"] != authz["service"]
+    services = {
+        f"{s['metadata']['name']}.authz-system.svc.cluster.local": s
+        for s in yaml.safe_load_all((ISTIO / "service.yaml").read_text(encoding="utf-8"))
+    }
+    usage, checks = services[als["service"]], services[authz["service"]]
+    # ... for the same pods and port.
+    assert usage["spec"]["selector"] == checks["spec"]["selector"]
+    (usage_port,) = [p for p in usage["spec"]["ports"] if p["port"] == als["port"]]
+    (check_port,) = [p for p in checks["spec"]["ports"] if p["port"] == authz["port"]]
+    assert (usage_port["targetPort"], usage_port["appProtocol"]) == (
+        check_port["targetPort"],
+        check_port["appProtocol"],
+    )
     (access_log,) = public_hcm(envoy_source())["access_log"]
     assert als["logName"] == access_log["typed_config"]["common_config"]["log_name"]
 

@@ -42,7 +42,7 @@ def with_shipped_tls_block(config_path: Path, pki: Pki) -> None:
         text = text.replace(shipped, str(made))
     config = yaml.safe_load(config_path.read_text())
     for cluster in config["static_resources"]["clusters"]:
-        if cluster["name"] == "authz":
+        if cluster["name"] in {"authz", "authz_access_log"}:  # both reach the sidecar
             cluster.update(yaml.safe_load(text))
     config_path.write_text(yaml.safe_dump(config))
 

@@ -20,6 +20,9 @@ import yaml
 from tests.support.procs import ManagedProcess, free_port
 from tests.support.stack import envoy_binary, render_envoy_config
 
+# The clusters whose endpoint is the sidecar (envoy.yaml).
+SIDECAR_CLUSTERS = ("authz", "authz_access_log")
+
 
 @dataclass(frozen=True)
 class RawAnswer:
@@ -160,7 +163,7 @@ def start_edge_envoy(
     name: str = "envoy",
     access_log: Path | None = None,
 ) -> EdgeEnvoy:
-    """The shipped envoy.yaml (ports rewritten) with one `authz` endpoint per port given, so
+    """The shipped envoy.yaml (ports rewritten) with one sidecar endpoint per port given, so
     several replicas sit behind it with the shipped health checks and circuit breakers. With
     `access_log`, Envoy also writes one line per request there: status, response flags and
     details (why Envoy answered as it did), for a test to explain a failure."""
@@ -173,15 +176,18 @@ def start_edge_envoy(
         upstream=upstream_port,
     )
     config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    authz = next(c for c in config["static_resources"]["clusters"] if c["name"] == "authz")
-    (group,) = authz["load_assignment"]["endpoints"]
-    (template,) = group["lb_endpoints"]
-    group["lb_endpoints"] = [
-        {"endpoint": {"address": {"socket_address": {
-            **template["endpoint"]["address"]["socket_address"], "port_value": port,
-        }}}}
-        for port in authz_ports
-    ]  # fmt: skip
+    # Checks and the access-log stream reach the same replicas, each on its own cluster.
+    for cluster in config["static_resources"]["clusters"]:
+        if cluster["name"] not in SIDECAR_CLUSTERS:
+            continue
+        (group,) = cluster["load_assignment"]["endpoints"]
+        (template,) = group["lb_endpoints"]
+        group["lb_endpoints"] = [
+            {"endpoint": {"address": {"socket_address": {
+                **template["endpoint"]["address"]["socket_address"], "port_value": port,
+            }}}}
+            for port in authz_ports
+        ]  # fmt: skip
     if access_log is not None:
         (listener,) = config["static_resources"]["listeners"]
         manager = listener["filter_chains"][0]["filters"][0]["typed_config"]

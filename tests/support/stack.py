@@ -54,7 +54,8 @@ def render_envoy_config(
     config: dict[str, Any] = yaml.safe_load((source or ROOT / "envoy.yaml").read_text())
     config["admin"]["address"]["socket_address"]["port_value"] = admin
     config["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] = listen
-    ports = {"authz": authz, "upstream": upstream}
+    # Checks and the access-log stream both reach the sidecar, each on its own cluster.
+    ports = {"authz": authz, "authz_access_log": authz, "upstream": upstream}
     for cluster in config["static_resources"]["clusters"]:
         if cluster["name"] in ports:
             for group in cluster["load_assignment"]["endpoints"]:
