@@ -86,10 +86,12 @@ bench-memory: $(STAMP)
 soak: $(STAMP) system-deps
 	$(BIN)/python -m bench.soak
 
-# In-process micro-benchmarks of the limiter and the servicer (no Envoy, no network).
+# In-process micro-benchmarks of the limiter, the Check servicer and the access-log path (no
+# Envoy, no network).
 bench-micro: $(STAMP)
 	$(BIN)/python -m bench.bench_ratelimit
 	$(BIN)/python -m bench.bench_check
+	$(BIN)/python -m bench.bench_accesslog
 
 # Re-resolve pyproject.toml's dependencies (runtime and dev) to the newest versions it allows,
 # in a throwaway virtualenv, and pin them all in constraints.txt. Commit the result.

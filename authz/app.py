@@ -75,6 +75,8 @@ class App:
     readiness: Readiness
     supervisor: Supervisor
     streams: StreamStop
+    access_log: als_pb2_grpc.AccessLogServiceServicer
+    """The servicer `server` runs for Envoy's access-log stream (the benchmark drives it)."""
     server: grpc.aio.Server
     tracing: Tracing
     health_server: grpc.aio.Server | None
@@ -177,6 +179,7 @@ async def build(
         else RedisReplayGuard(shared_commands(redis))
     )
     gate = ReservationGate(keyring=keyring, replay=replay, metrics=metrics, clock=wall_clock)
+    observations = ObservationSink(store=store, clock=wall_clock)
     authorization = AuthorizationServicer(
         resolver=resolver,
         limiter=limiter,
@@ -190,6 +193,7 @@ async def build(
         max_request_bytes=settings.max_request_bytes,
         wall_clock=wall_clock,
         tracing=tracing.check,
+        denials=observations.denied,
     )
     health = HealthServicer()
     readiness = Readiness(
@@ -208,12 +212,10 @@ async def build(
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(authorization, server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     streams = StreamStop()
-    als_pb2_grpc.add_AccessLogServiceServicer_to_server(
-        StoppableAccessLog(
-            ObservedAccessLog(accountant, gate=gate, sink=ObservationSink(store=store)), streams
-        ),
-        server,
+    access_log = StoppableAccessLog(
+        ObservedAccessLog(accountant, gate=gate, sink=observations), streams
     )
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(access_log, server)
     verifier = IdentityVerifier(
         settings.jwt_issuers, jwks_timeout_s=settings.jwks_timeout_ms / 1000
     )
@@ -248,6 +250,7 @@ async def build(
         readiness=readiness,
         supervisor=supervisor,
         streams=streams,
+        access_log=access_log,
         server=server,
         tracing=tracing,
         health_server=health_only_server(health) if settings.health_addr else None,

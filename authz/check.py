@@ -102,6 +102,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         wall_clock: Callable[[], float] = time.time,
         tracing: CheckTracing | None = None,
         shed_after: float = SHED_AFTER,
+        denials: Callable[[Deny], None] | None = None,
     ) -> None:
         self._resolver = resolver
         self._limiter = limiter
@@ -115,6 +116,8 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         self._max_request_bytes = max_request_bytes
         self._wall_clock = wall_clock
         self._tracing = tracing
+        self._denials = denials
+        """Told every denial (the Observability page's source: authz/usage/observations.py)."""
         self._warnings = ThrottledLog(log)
         self._latency = metrics.check_latency
         self._allowed = metrics.checks.labels("allow", "")
@@ -166,6 +169,8 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             return self._renderer.render(outcome, self._sign(outcome))
         self._metrics.checks.labels("deny", outcome.code).inc()
         self._count_denial(self._metrics.workspace_denials, outcome)
+        if self._denials is not None:
+            self._denials(outcome)
         return render_deny(outcome)
 
     def _overdue(self, context: Context) -> bool:

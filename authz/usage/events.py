@@ -13,11 +13,13 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from envoy.data.accesslog.v3.accesslog_pb2 import HTTPAccessLogEntry
 from google.protobuf.duration_pb2 import Duration
-from google.protobuf.struct_pb2 import Struct
+from google.protobuf.internal.containers import MessageMap
+from google.protobuf.struct_pb2 import Struct, Value
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from authz.models import ModelPrice
 from authz.usage import reservations as rsv
@@ -30,6 +32,7 @@ INVALID_TEXT = "(invalid)"
 character or a megabyte of model name never reaches the ledger, a log line or a terminal."""
 MAX_TEXT = 128
 _MAX_TOKENS = 10**12
+_NO_FIELDS = Struct().fields
 PROVEN_BYTES_PER_TOKEN = 400
 """A response of N body bytes carried at least N // 400 tokens: no SSE chunk or JSON choice that
 holds a token is longer than this (OpenAI's are about 150-250 bytes), so a hung-up stream's bytes
@@ -62,6 +65,9 @@ class UsageEvent:
     signing_key: str = ""
     mac: str = ""
     response_model: str | None = None
+    latency_seconds: float | None = None
+    """Start to the last byte sent downstream: the latency the client saw (None: it went away
+    before an answer)."""
 
     @property
     def reported(self) -> bool:
@@ -90,27 +96,31 @@ class UsageEvent:
         return reported + self.estimated_tokens
 
 
-def _amount(fields: Struct, name: str) -> float | None:
+Fields = MessageMap[str, Value]
+"""A Struct's fields, read directly: a field is looked up once, and its kind tested once."""
+
+
+def _amount(fields: Fields, name: str) -> float | None:
     """A finite, non-negative number field, else None."""
-    if name not in fields.fields:
+    if name not in fields:
         return None
-    value = fields.fields[name]
-    if value.WhichOneof("kind") != "number_value":
+    value = fields[name]
+    if not value.HasField("number_value"):
         return None
-    number = value.number_value
-    return number if math.isfinite(number) and number >= 0 else None
+    number: float = value.number_value
+    return number if 0 <= number < math.inf else None  # NaN fails both
 
 
-def _count(fields: Struct, name: str) -> int | None:
+def _count(fields: Fields, name: str) -> int | None:
     number = _amount(fields, name)
     return None if number is None else min(int(number), _MAX_TOKENS)
 
 
-def _raw_text(fields: Struct, name: str) -> str | None:
-    if name not in fields.fields:
+def _raw_text(fields: Fields, name: str) -> str | None:
+    if name not in fields:
         return None
-    value = fields.fields[name]
-    if value.WhichOneof("kind") != "string_value":
+    value = fields[name]
+    if not value.HasField("string_value"):
         return None
     return value.string_value or None
 
@@ -120,7 +130,7 @@ def valid_text(text: str) -> bool:
     return len(text) <= MAX_TEXT and text.isprintable()
 
 
-def _text(fields: Struct, name: str) -> str | None:
+def _text(fields: Fields, name: str) -> str | None:
     """Our own metadata: a string that is not valid counts as absent."""
     text = _raw_text(fields, name)
     return text if text is not None and valid_text(text) else None
@@ -142,7 +152,7 @@ def resource_of(path: str) -> str:
     return "/" + "/".join(kept) if kept else UNKNOWN_MODEL
 
 
-def _claims(authz: Struct, workspace_id: str, key_id: str, reserved: int) -> rsv.Claims | None:
+def _claims(authz: Fields, workspace_id: str, key_id: str, reserved: int) -> rsv.Claims | None:
     reservation_id = _text(authz, rsv.ID_FIELD)
     reserved_at = _count(authz, rsv.TIME_FIELD)
     price_in = _amount(authz, rsv.PRICE_IN_FIELD)
@@ -165,20 +175,30 @@ def _seconds(duration: Duration) -> float:
     return duration.seconds + duration.nanos / 1e9
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _moment(timestamp: Timestamp) -> datetime:
+    """`Timestamp.ToDatetime(tzinfo=UTC)`, the same value, without its generic conversions."""
+    nanos = timestamp.nanos
+    micros = nanos // 1000 if nanos >= 0 else -(-nanos // 1000)  # toward zero, as it does
+    return _EPOCH + timedelta(seconds=timestamp.seconds, microseconds=micros)
+
+
 def parse_entry(entry: HTTPAccessLogEntry) -> UsageEvent | None:
     """The usage event for an entry our Check allowed, else None (denied, or not ours)."""
     common = entry.common_properties
     metadata = common.metadata.filter_metadata
     if EXT_AUTHZ_NAMESPACE not in metadata:
         return None
-    authz = metadata[EXT_AUTHZ_NAMESPACE]
+    authz = metadata[EXT_AUTHZ_NAMESPACE].fields
     if _text(authz, "decision") != "allow":
         return None
     workspace_id = _text(authz, "workspace_id")
     key_id = _text(authz, "key_id")
     if workspace_id is None or key_id is None:
         return None
-    usage = metadata[USAGE_NAMESPACE] if USAGE_NAMESPACE in metadata else Struct()
+    usage = metadata[USAGE_NAMESPACE].fields if USAGE_NAMESPACE in metadata else _NO_FIELDS
     upstream: float | None = None
     if common.HasField("time_to_first_upstream_tx_byte") and common.HasField(
         "time_to_last_upstream_rx_byte"
@@ -188,21 +208,27 @@ def parse_entry(entry: HTTPAccessLogEntry) -> UsageEvent | None:
             _seconds(common.time_to_last_upstream_rx_byte)
             - _seconds(common.time_to_first_upstream_tx_byte),
         )
+    latency = (
+        _seconds(common.time_to_last_downstream_tx_byte)
+        if common.HasField("time_to_last_downstream_tx_byte")
+        else None
+    )
     reserved = _count(authz, "reserved_tokens") or 0
     claims = _claims(authz, workspace_id, key_id, reserved)
     # The ledger files the model the client asked for (signed into the reservation), else the
     # one the response names, else the path's resource. Both come from outside: each must be
     # printable text, else it is replaced and counted (a NUL would stop PostgreSQL's ledger).
-    rejected: list[str] = []
+    rejected: tuple[str, ...] = ()
     response_model = _raw_text(usage, "model")
     if response_model is not None and not valid_text(response_model):
         response_model = INVALID_TEXT
-        rejected.append("model")
+        rejected = ("model",)
     requested = claims.model if claims else None
     if requested and not valid_text(requested):
         requested = INVALID_TEXT
-        rejected.append("requested_model")
+        rejected = (*rejected, "requested_model")
     model = requested or response_model or resource_of(entry.request.path)
+    response = entry.response
     return UsageEvent(
         workspace_id=workspace_id,
         key_id=key_id,
@@ -210,13 +236,14 @@ def parse_entry(entry: HTTPAccessLogEntry) -> UsageEvent | None:
         model=model,
         prompt_tokens=_count(usage, "prompt_tokens"),
         completion_tokens=_count(usage, "completion_tokens"),
-        status=entry.response.response_code.value,
-        started_at=common.start_time.ToDatetime(tzinfo=UTC),
+        status=response.response_code.value,
+        started_at=_moment(common.start_time),
         upstream_seconds=upstream,
-        response_bytes=min(entry.response.response_body_bytes, _MAX_TOKENS),
-        rejected=tuple(rejected),
+        response_bytes=min(response.response_body_bytes, _MAX_TOKENS),
+        rejected=rejected,
         claims=claims,
         signing_key=_text(authz, rsv.KID_FIELD) or "",
         mac=_text(authz, rsv.MAC_FIELD) or "",
         response_model=response_model,
+        latency_seconds=latency,
     )

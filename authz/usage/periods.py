@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import UTC, datetime
 
@@ -35,3 +36,23 @@ def seconds_until_next_period(now_ts: float) -> float:
 def hour_of(moment: datetime) -> datetime:
     """The ledger's hourly bucket for a moment."""
     return moment.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+class HourSlots:
+    """`hour_of` and `period_of` of many moments, each worked out once per hour: access-log
+    entries arrive within the hour or so, so a few remembered hours answer nearly all."""
+
+    def __init__(self, *, keep: int = 64) -> None:
+        self._keep = keep
+        self._slots: dict[int, tuple[datetime, str]] = {}
+
+    def of(self, moment: datetime) -> tuple[datetime, str]:
+        """(the ledger hour, the quota period) of `moment`."""
+        seconds = math.floor(moment.timestamp())
+        slot = seconds - seconds % 3600
+        found = self._slots.get(slot)
+        if found is None:
+            if len(self._slots) >= self._keep:
+                self._slots.clear()
+            found = self._slots[slot] = (hour_of(moment), period_of(moment))
+        return found

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from redis.asyncio import Redis
@@ -22,10 +22,15 @@ class ReplayCheckUnavailable(Exception):
     """The shared memory of reported ids did not answer in time."""
 
 
+Report = tuple[str, str]
+"""(workspace id, reservation id)."""
+
+
 class ReplayGuard(Protocol):
-    async def first_report(self, workspace_id: str, reservation_id: str, *, ttl_s: int) -> bool:
-        """True the first time an id is reported within `ttl_s`, False for any repeat.
-        Raises ReplayCheckUnavailable when that cannot be told."""
+    async def first_reports(self, reports: Sequence[Report], *, ttl_s: int) -> list[bool]:
+        """For each report in order, True the first time its id is reported within `ttl_s`,
+        False for any repeat (an id twice in `reports` too). Raises ReplayCheckUnavailable
+        when that cannot be told."""
         ...
 
 
@@ -36,16 +41,23 @@ class MemoryReplayGuard:
         self._clock = clock
         self._seen: OrderedDict[str, float] = OrderedDict()
 
-    async def first_report(self, workspace_id: str, reservation_id: str, *, ttl_s: int) -> bool:
+    async def first_reports(self, reports: Sequence[Report], *, ttl_s: int) -> list[bool]:
         now = self._clock()
         while self._seen:
             oldest, expires = next(iter(self._seen.items()))
             if expires > now:
                 break
             del self._seen[oldest]
+        return [self._first(reservation_id, now + ttl_s) for _, reservation_id in reports]
+
+    async def first_report(self, workspace_id: str, reservation_id: str, *, ttl_s: int) -> bool:
+        """`first_reports` of one."""
+        return (await self.first_reports([(workspace_id, reservation_id)], ttl_s=ttl_s))[0]
+
+    def _first(self, reservation_id: str, expires: float) -> bool:
         if reservation_id in self._seen:
             return False
-        self._seen[reservation_id] = now + ttl_s
+        self._seen[reservation_id] = expires
         return True
 
 
@@ -55,7 +67,8 @@ Check's Redis call, still below Envoy's ext_authz timeout."""
 
 
 class RedisReplayGuard:
-    """`SET NX EX` on a key in the workspace's slot: one round trip, atomic across replicas."""
+    """`SET NX EX` on a key in the workspace's slot, atomic across replicas: a whole message's
+    entries in one pipelined round trip (on a cluster, concurrent routed calls)."""
 
     def __init__(
         self, client: Redis | ClusterCommands, *, timeout_s: float = REPLAY_TIMEOUT_S
@@ -65,9 +78,11 @@ class RedisReplayGuard:
         self._timeout_s = timeout_s
         self._late: set[asyncio.Task[Any]] = set()
 
-    async def first_report(self, workspace_id: str, reservation_id: str, *, ttl_s: int) -> bool:
-        key = reservation_key(workspace_id, reservation_id)
-        task = asyncio.ensure_future(self._client.set(key, b"1", nx=True, ex=ttl_s))
+    async def first_reports(self, reports: Sequence[Report], *, ttl_s: int) -> list[bool]:
+        if not reports:
+            return []
+        keys = [reservation_key(workspace_id, rid) for workspace_id, rid in reports]
+        task = asyncio.ensure_future(self._set_all(keys, ttl_s))
         try:
             # Shielded: a late answer still completes (and marks the id) instead of leaving a
             # connection cut mid-reply; the socket timeouts bound it.
@@ -77,7 +92,20 @@ class RedisReplayGuard:
                 self._late.add(task)
                 task.add_done_callback(self._settled)
             raise ReplayCheckUnavailable(f"redis: {type(error).__name__}") from error
-        return bool(created)
+        return [bool(answer) for answer in created]
+
+    async def _set_all(self, keys: list[str], ttl_s: int) -> list[Any]:
+        client = self._client
+        if isinstance(client, Redis):
+            pipeline = client.pipeline(transaction=False)
+            for key in keys:
+                pipeline.set(key, b"1", nx=True, ex=ttl_s)
+            return list(await pipeline.execute())
+        # A cluster: each key to its owner, routed to survive a slot migration, all at once
+        # (an id twice in one message: exactly one of its SETs wins).
+        return list(
+            await asyncio.gather(*(client.set(key, b"1", nx=True, ex=ttl_s) for key in keys))
+        )
 
     def _settled(self, task: asyncio.Task[Any]) -> None:
         self._late.discard(task)

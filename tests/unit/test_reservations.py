@@ -292,3 +292,62 @@ async def test_a_replica_that_could_not_read_its_keys_tries_again_within_a_secon
     signed = keyring.sign(claims)
     assert signed is not None
     assert await keyring.verify(claims, key_id=signed.key_id, mac=signed.mac)
+
+
+async def test_a_forged_entry_adds_no_latency_row(world: World) -> None:
+    def latency_rows() -> list[tuple[str, int]]:
+        store = world.sidecar.store
+        return [(r.workspace_id, r.count) for lat, _ in store.observations.values() for r in lat]
+
+    genuine = await world.check()
+    forged = {
+        "decision": "allow",
+        "workspace_id": VICTIM,
+        "key_id": str(metadata(genuine)["key_id"]),
+        "reserved_tokens": 10,
+    }
+    entries = [
+        log_entry(forged, USAGE, started=world.started_at()),
+        log_entry(
+            {**metadata(genuine), "reservation_mac": "0" * 64}, USAGE, started=world.started_at()
+        ),
+    ]
+    for log in entries:
+        log.common_properties.time_to_last_downstream_tx_byte.FromMilliseconds(40)
+    await send(world.sidecar.address, entries)
+    assert (world.refused("unsigned"), world.refused("bad_mac")) == (1, 1)
+    assert latency_rows() == []
+    signed = log_entry(genuine.dynamic_metadata, USAGE, started=world.started_at())
+    signed.common_properties.time_to_last_downstream_tx_byte.FromMilliseconds(40)
+    await send(world.sidecar.address, [signed])
+    assert latency_rows() == [(VICTIM, 1)]
+
+
+async def test_denials_come_from_check_never_from_an_entry(world: World) -> None:
+    def denial_rows() -> list[tuple[str, str, str, int]]:
+        store = world.sidecar.store
+        return [
+            (r.workspace_id, r.key_id, r.reason, r.count)
+            for _, denials in store.observations.values()
+            for r in denials
+        ]
+
+    key_id = str(metadata(await world.check())["key_id"])
+    forged = {
+        "decision": "deny",
+        "workspace_id": VICTIM,
+        "key_id": key_id,
+        "code": "insufficient_quota",
+        "type": "insufficient_quota",
+    }
+    await send(
+        world.sidecar.address, [log_entry(forged, None, started=world.started_at(), status=429)]
+    )
+    assert denial_rows() == []
+    too_large = json.dumps({"model": "gpt-4o", "max_tokens": 5000}).encode()
+    denied = await world.sidecar.stub.Check(
+        check_request(headers=bearer(world.key), body=too_large)
+    )
+    assert denied.denied_response.status.code == 429
+    await send(world.sidecar.address, [])  # the next write of the access-log stream
+    assert denial_rows() == [(VICTIM, key_id, "rate_limit_tokens", 1)]

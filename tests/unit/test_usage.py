@@ -132,8 +132,9 @@ def accountant(
     prices: PriceTable | None = None,
     *,
     max_queued_rows: int = 100,
+    registry: CollectorRegistry | None = None,
 ) -> UsageAccountant:
-    metrics = Metrics(CollectorRegistry())
+    metrics = Metrics(registry or CollectorRegistry())
     resolver = KeyResolver(
         store, metrics, size=10, ttl=60, negative_size=10, negative_ttl=10, stale_if_error=0
     )
