@@ -45,8 +45,13 @@ BODY = (
 
 
 class _Context:
+    """A call without a deadline: never shed."""
+
     async def abort(self, code: Any, details: str) -> None:
         raise RuntimeError(f"{code}: {details}")
+
+    def time_remaining(self) -> float | None:
+        return None
 
 
 def _entry(response: Any, n: int) -> HTTPAccessLogEntry:
@@ -112,7 +117,7 @@ def _messages(entries: list[HTTPAccessLogEntry]) -> list[StreamAccessLogsMessage
 
 async def main() -> None:
     folder = Path(tempfile.mkdtemp())
-    redis_url = os.environ.get("AUTHZ_BENCH_REDIS_URL")
+    redis_url = os.environ.get("AUTHZ_BENCH_REDIS_URL") or None
     settings = Settings(
         database_url=f"sqlite:///{folder / 'bench.db'}",
         redis_url=redis_url,
