@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from ratelimit.redis_backend import RedisClient, connect_redis
 from tests.support.redis_servers import (
@@ -116,6 +116,15 @@ def cluster() -> Iterator[RedisClusterServers]:
     """A 3-master Redis Cluster, shared by the session's tests (it takes ~2 s to form)."""
     with redis_cluster(3) as servers:
         yield servers
+
+
+@pytest.fixture
+async def cluster_client(cluster: RedisClusterServers) -> AsyncIterator[RedisCluster]:
+    """A client of the session's shared cluster."""
+    client = connect_redis(cluster.url, timeout_seconds=GENEROUS_TIMEOUT_SECONDS)
+    assert isinstance(client, RedisCluster)
+    yield client
+    await client.aclose()
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio.cluster import RedisCluster
@@ -11,20 +10,12 @@ from redis.asyncio.cluster import RedisCluster
 from ratelimit.keys import bucket_keys, operations_key, script_keys
 from ratelimit.limiter import LimitKind, Limits, Quota
 from ratelimit.memory import InMemoryRateLimiter
-from ratelimit.redis_backend import RedisRateLimiter, connect_redis
+from ratelimit.redis_backend import RedisRateLimiter
 from tests.integration.ratelimit.conftest import GENEROUS_TIMEOUT_SECONDS, FakeClockMs
 from tests.support.clocked_redis import ClockedRedisRateLimiter
 from tests.support.redis_servers import RedisClusterServers, send_command
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def cluster_client(cluster: RedisClusterServers) -> AsyncIterator[RedisCluster]:
-    client = connect_redis(cluster.url, timeout_seconds=GENEROUS_TIMEOUT_SECONDS)
-    assert isinstance(client, RedisCluster)
-    yield client
-    await client.aclose()
 
 
 async def test_all_keys_of_a_workspace_share_a_slot(cluster_client: RedisCluster) -> None:

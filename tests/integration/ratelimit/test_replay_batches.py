@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 from redis.asyncio import Redis, RedisCluster
 
 from authz.usage.replay import RedisReplayGuard, ReplayCheckUnavailable
 from ratelimit.keys import reservation_key
-from ratelimit.redis_backend import connect_redis
 from ratelimit.redis_cluster import shared_commands
 from tests.integration.ratelimit.conftest import GENEROUS_TIMEOUT_SECONDS
-from tests.support.redis_servers import RedisClusterServers, RedisServer
+from tests.support.redis_servers import RedisServer
 
 # Workspaces whose keys land on different nodes of a 3-master cluster, and two ids reported
 # twice in the same message: the second report of each is a replay.
 REPORTS = [(f"ws_{n}", f"r{n % 5}") for n in range(8)] + [("ws_0", "r0"), ("ws_6", "r1")]
 FIRSTS = [True] * 8 + [False, False]
-
-
-@pytest.fixture
-async def cluster_client(cluster: RedisClusterServers) -> AsyncIterator[RedisCluster]:
-    client = connect_redis(cluster.url, timeout_seconds=GENEROUS_TIMEOUT_SECONDS)
-    assert isinstance(client, RedisCluster)
-    yield client
-    await client.aclose()
 
 
 async def test_a_message_is_checked_in_one_call_and_repeats_are_replays(
