@@ -8,7 +8,7 @@ medians over the rounds, CPU per request of the sidecar and of Envoy (/proc delt
 commands and PostgreSQL statements per Check, every non-2xx answer, and ratios to the no-op
 server (b) measured in the same run. Results also go to a JSON file.
 
-    python -m bench.envoy_bench [--quick] [--out .run/bench.json]
+    python -m bench.envoy_bench [--quick] [--setups b,c,d] [--out .run/bench.json]
     python -m bench.envoy_bench --memory [--keys 100000 --workspaces 1000]
 """
 
@@ -225,9 +225,27 @@ def _envoy_version() -> str:
     return done.stdout.strip().rsplit(" ", 1)[-1] if done.returncode == 0 else "unknown"
 
 
+def _setup_names(value: str) -> tuple[Setup, ...]:
+    by_name = {setup.name: setup for setup in SETUPS}
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(by_name))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown setup(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(by_name)}"
+        )
+    return tuple(setup for setup in SETUPS if setup.name in names)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one short round (under 60 s)")
+    parser.add_argument(
+        "--setups",
+        type=_setup_names,
+        default=SETUPS,
+        help="comma-separated setup letters to run (default: all), e.g. b,c,d to compare a "
+        "change against the no-op in the same run",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / ".run" / "bench.json")
     parser.add_argument("--memory", action="store_true", help="RSS per 100k cached keys")
     parser.add_argument("--keys", type=int, default=100_000)
@@ -240,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_memory(keys=args.keys, workspaces=args.workspaces, trace=args.tracemalloc)
     plan = QUICK if args.quick else FULL
     with tempfile.TemporaryDirectory(prefix="authz-bench-") as folder:
-        results = run(plan, SETUPS, Path(folder))
+        results = run(plan, args.setups, Path(folder))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(render_tables(results))
