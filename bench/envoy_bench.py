@@ -113,7 +113,7 @@ def _measure(target: Target, envoy_pid: int, plan: Plan, log_dir: Path, round_: 
 
 
 @contextlib.contextmanager
-def _backends(setups: Sequence[Setup]) -> Iterator[tuple[str, str]]:
+def bench_backends(setups: Sequence[Setup]) -> Iterator[tuple[str, str]]:
     if not any(s.store == "postgres" for s in setups):
         yield "", ""
         return
@@ -156,7 +156,7 @@ def run(plan: Plan, setups: Sequence[Setup], log_dir: Path) -> dict[str, Any]:
     """Start everything, run the rounds, stop everything; returns the JSON-able results."""
     load_before = os.getloadavg()
     started = time.monotonic()
-    with _backends(setups) as (database_url, redis_url):
+    with bench_backends(setups) as (database_url, redis_url):
         seeded: dict[str, str] = {}
         running: dict[str, Running] = {}
         envoy: ManagedProcess | None = None
@@ -225,7 +225,7 @@ def _envoy_version() -> str:
     return done.stdout.strip().rsplit(" ", 1)[-1] if done.returncode == 0 else "unknown"
 
 
-def _setup_names(value: str) -> tuple[Setup, ...]:
+def setup_names(value: str) -> tuple[Setup, ...]:
     by_name = {setup.name: setup for setup in SETUPS}
     names = [name.strip() for name in value.split(",") if name.strip()]
     unknown = sorted(set(names) - set(by_name))
@@ -241,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one short round (under 60 s)")
     parser.add_argument(
         "--setups",
-        type=_setup_names,
+        type=setup_names,
         default=SETUPS,
         help="comma-separated setup letters to run (default: all), e.g. b,c,d to compare a "
         "change against the no-op in the same run",
