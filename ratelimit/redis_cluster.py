@@ -19,7 +19,8 @@ pooled connections, and it closes the whole client on every fifth MOVED. How eac
   TRYAGAIN_PAUSE_SECONDS for up to `tryagain_seconds` (within the Redis budget), then fails.
 * NOSCRIPT: SCRIPT LOAD on that node, then the call again.
 * A connection error or timeout: the slot map is re-read in the background (the node may have
-  failed over); calls to the other masters never wait for that read.
+  failed over); calls to the other masters never wait for that read, and keep their connections
+  through it (`_keep_connections`).
 
 Scripts name only the keys they touch (`keys.touched_bucket_keys`), and a workspace's keys are
 kept as long as each other (`bucket.KEEP_MS`, the operations hash of `keys.operations_key`), so
@@ -36,11 +37,12 @@ import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 from urllib.parse import unquote
 
 from redis.asyncio import Redis
-from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
+from redis.asyncio.cluster import ClusterNode, NodesManager, PipelineCommand, RedisCluster
 from redis.exceptions import (
     AskError,
     MovedError,
@@ -88,6 +90,20 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
     """Mark a shared task's exception as seen: its waiters report it, if any are left."""
     if not task.cancelled():
         task.exception()
+
+
+def _keep_connections(manager: NodesManager) -> None:
+    """Undo the reconnect marks a slot-map read leaves on the connections of the nodes it kept.
+
+    redis-py 8.1 marks every connection of every node it keeps for reconnect on each read, to
+    drop a replica's READONLY state; these calls never send READONLY. Re-reads follow each failed
+    call to a dead master, so every one would make each healthy master's next calls connect
+    anew (a connect and a handshake: three round trips in the 50 ms budget, for all of a
+    node's calls at once), and under CPU load enough of them timed out to open its breaker.
+    """
+    for node in chain(manager.nodes_cache.values(), manager.startup_nodes.values()):
+        for connection in node._connections:
+            connection.reset_should_reconnect()  # type: ignore[no-untyped-call]  # untyped in 8.1
 
 
 async def _asking(node: ClusterNode, args: Sequence[Any]) -> Any:
@@ -145,6 +161,7 @@ class ClusterScripts:
         else:
             # Only the map: unlike `initialize()`, a failure here closes no connection.
             await cluster.nodes_manager.initialize()
+            _keep_connections(cluster.nodes_manager)
 
     async def evalsha(self, script: ClusterScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """The script's reply from the node that owns the slot of `keys` (one slot)."""
