@@ -16,7 +16,8 @@ pooled connections, and it closes the whole client on every fifth MOVED. How eac
 * TRYAGAIN: the slot is migrating and the source holds some of the call's keys, not all. The
   migration has moved the others already, or they must be created and a migrating source
   creates none. It ends when the migration moves the rest, so the call is retried every
-  TRYAGAIN_PAUSE_SECONDS for up to `tryagain_seconds` (within the Redis budget), then fails.
+  TRYAGAIN_PAUSE_SECONDS until `tryagain_seconds` after its start (a share of the Redis
+  budget: the last retry's answer is due before the budget ends), then fails.
 * NOSCRIPT: SCRIPT LOAD on that node, then the call again.
 * A connection error or timeout: the slot map is re-read in the background (the node may have
   failed over); calls to the other masters never wait for that read, and keep their connections
@@ -205,7 +206,8 @@ class ClusterScripts:
         and TRYAGAIN as the module docstring says."""
         slot = self._cluster.keyslot(key)
         loop = asyncio.get_running_loop()
-        tryagain_until: float | None = None
+        # The TRYAGAIN share runs from the call's start, as the Redis budget does.
+        tryagain_until = loop.time() + self._tryagain
         redirects = 0
         node = await self._owner_or_refresh(slot)
         while True:
@@ -224,9 +226,10 @@ class ClusterScripts:
                     await self._cluster.nodes_manager.move_slot(moved)
                     node = await self._owner_or_refresh(slot)
             except TryAgainError:
-                now = loop.time()
-                tryagain_until = tryagain_until or now + self._tryagain
-                if now >= tryagain_until:
+                # No pause ends past the share: the last retry's round trip then fits in the
+                # rest of the budget, and a migration that outlasts the share fails the call as
+                # a migration (no breaker charged), not as a timeout of the node.
+                if loop.time() + TRYAGAIN_PAUSE_SECONDS > tryagain_until:
                     raise
                 await asyncio.sleep(TRYAGAIN_PAUSE_SECONDS)
             except (RedisConnectionError, RedisTimeoutError, OSError):
