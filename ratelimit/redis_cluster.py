@@ -16,10 +16,12 @@ pooled connections, and it closes the whole client on every fifth MOVED. How eac
 * TRYAGAIN: the slot is migrating and the source holds some of the call's keys, not all. The
   migration has moved the others already, or they must be created and a migrating source
   creates none. It ends when the migration moves the rest, so the call is retried every
-  TRYAGAIN_PAUSE_SECONDS for up to `tryagain_seconds` (within the Redis budget), then fails.
+  TRYAGAIN_PAUSE_SECONDS until `tryagain_seconds` after its start (a share of the Redis
+  budget: the last retry's answer is due before the budget ends), then fails.
 * NOSCRIPT: SCRIPT LOAD on that node, then the call again.
 * A connection error or timeout: the slot map is re-read in the background (the node may have
-  failed over); calls to the other masters never wait for that read.
+  failed over); calls to the other masters never wait for that read, and keep their connections
+  through it (`_keep_connections`).
 
 Scripts name only the keys they touch (`keys.touched_bucket_keys`), and a workspace's keys are
 kept as long as each other (`bucket.KEEP_MS`, the operations hash of `keys.operations_key`), so
@@ -36,11 +38,12 @@ import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 from urllib.parse import unquote
 
 from redis.asyncio import Redis
-from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
+from redis.asyncio.cluster import ClusterNode, NodesManager, PipelineCommand, RedisCluster
 from redis.exceptions import (
     AskError,
     MovedError,
@@ -88,6 +91,20 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
     """Mark a shared task's exception as seen: its waiters report it, if any are left."""
     if not task.cancelled():
         task.exception()
+
+
+def _keep_connections(manager: NodesManager) -> None:
+    """Undo the reconnect marks a slot-map read leaves on the connections of the nodes it kept.
+
+    redis-py 8.1 marks every connection of every node it keeps for reconnect on each read, to
+    drop a replica's READONLY state; these calls never send READONLY. Re-reads follow each failed
+    call to a dead master, so every one would make each healthy master's next calls connect
+    anew (a connect and a handshake: three round trips in the 50 ms budget, for all of a
+    node's calls at once), and under CPU load enough of them timed out to open its breaker.
+    """
+    for node in chain(manager.nodes_cache.values(), manager.startup_nodes.values()):
+        for connection in node._connections:
+            connection.reset_should_reconnect()  # type: ignore[no-untyped-call]  # untyped in 8.1
 
 
 async def _asking(node: ClusterNode, args: Sequence[Any]) -> Any:
@@ -145,6 +162,7 @@ class ClusterScripts:
         else:
             # Only the map: unlike `initialize()`, a failure here closes no connection.
             await cluster.nodes_manager.initialize()
+            _keep_connections(cluster.nodes_manager)
 
     async def evalsha(self, script: ClusterScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """The script's reply from the node that owns the slot of `keys` (one slot)."""
@@ -188,7 +206,8 @@ class ClusterScripts:
         and TRYAGAIN as the module docstring says."""
         slot = self._cluster.keyslot(key)
         loop = asyncio.get_running_loop()
-        tryagain_until: float | None = None
+        # The TRYAGAIN share runs from the call's start, as the Redis budget does.
+        tryagain_until = loop.time() + self._tryagain
         redirects = 0
         node = await self._owner_or_refresh(slot)
         while True:
@@ -207,9 +226,10 @@ class ClusterScripts:
                     await self._cluster.nodes_manager.move_slot(moved)
                     node = await self._owner_or_refresh(slot)
             except TryAgainError:
-                now = loop.time()
-                tryagain_until = tryagain_until or now + self._tryagain
-                if now >= tryagain_until:
+                # No pause ends past the share: the last retry's round trip then fits in the
+                # rest of the budget, and a migration that outlasts the share fails the call as
+                # a migration (no breaker charged), not as a timeout of the node.
+                if loop.time() + TRYAGAIN_PAUSE_SECONDS > tryagain_until:
                     raise
                 await asyncio.sleep(TRYAGAIN_PAUSE_SECONDS)
             except (RedisConnectionError, RedisTimeoutError, OSError):

@@ -31,7 +31,16 @@ def cluster() -> Iterator[RedisClusterServers]:
 
 @pytest.fixture
 def stack(tmp_path: Path, cluster: RedisClusterServers) -> Iterator[Stack]:
-    env = {"AUTHZ_REDIS_URL": cluster.url, "AUTHZ_LEDGER_FLUSH_S": "0.2"}
+    # A 2 s Redis budget, not the 50 ms default: this test is about migration handling, and with
+    # another suite beside it on 2 cores a Redis call can miss 50 ms (the servers, the sidecar
+    # and this test's own MIGRATE steps short of CPU), as in test_soak.py and
+    # test_ratelimit_redis.py. The TRYAGAIN share (0.8 of the budget) grows with it, so a
+    # starved MIGRATE step fails no call either.
+    env = {
+        "AUTHZ_REDIS_URL": cluster.url,
+        "AUTHZ_LEDGER_FLUSH_S": "0.2",
+        "AUTHZ_REDIS_TIMEOUT_MS": "2000",
+    }
     yield from build_stack(tmp_path, f"sqlite:///{tmp_path / 'authz.db'}", env=env)
 
 
