@@ -218,16 +218,92 @@ async def test_a_rotation_keeps_old_reservations_valid_for_the_overlap_only(worl
 async def test_a_fail_open_allow_reserves_and_refunds_nothing(world: World) -> None:
     assert (await world.limiter.acquire(VICTIM, world.limits, 400)).tokens.remaining == 600
     world.limiter.down = True
-    response = await world.check()
+    failed, reported, unreported = [await world.check() for _ in range(3)]
     world.limiter.down = False
-    fields = metadata(response)
-    assert (fields["fail_open"], fields["reserved_tokens"]) == (True, 0)
+    fields = metadata(failed)
+    assert (fields["fail_open"], fields["reserved_tokens"], fields["took_from_buckets"]) == (
+        True,
+        0,
+        False,
+    )
+    estimate = int(fields["estimate_tokens"])  # type: ignore[call-overload]
+    assert estimate == 30  # what it would have reserved: 37 body bytes / 4 + max_tokens 20
     # The upstream failed: no usage. A refund of a reservation never taken would lift the
     # bucket above what is really left.
-    await world.report(response, usage={})
+    no_usage = log_entry(failed.dynamic_metadata, {}, started=world.started_at(), status=502)
+    await send(world.sidecar.address, [no_usage])
     assert world.ledger_tokens() == 0
     assert await world.tokens_left() == 600
     assert world.sidecar.metrics.reconciliations.labels("no_usage")._value.get() == 1
+    # Nor is it charged what it used: the bucket was never asked. The month counts it all, and
+    # unknown usage is charged the signed estimate, never nothing.
+    await world.report(reported)
+    await world.report(unreported, usage={})
+    assert await world.tokens_left() == 600
+    assert world.ledger_tokens() == 15
+    assert await world.quota_used() == 15 + estimate
+
+
+async def test_what_a_request_took_from_the_buckets_is_signed(world: World) -> None:
+    world.limiter.down = True
+    untaken = metadata(await world.check())
+    world.limiter.down = False
+    taken = metadata(await world.check())
+    assert (taken["took_from_buckets"], taken["reserved_tokens"], taken["estimate_tokens"]) == (
+        True,
+        30,
+        30,
+    )
+    # Passed off as one that took its estimate, it would be refunded one never taken.
+    forgeries = [
+        {**untaken, "took_from_buckets": True},
+        {**untaken, "took_from_buckets": True, "reserved_tokens": 30},
+        {**untaken, "estimate_tokens": 1},
+        {k: v for k, v in untaken.items() if k not in ("took_from_buckets", "estimate_tokens")},
+        {**taken, "took_from_buckets": False},
+        {**taken, "estimate_tokens": 1},
+    ]
+    await send(
+        world.sidecar.address,
+        [log_entry(f, USAGE, started=world.started_at()) for f in forgeries],
+    )
+    assert world.refused("bad_mac") == len(forgeries)
+    assert world.ledger_tokens() == 0
+
+
+async def test_an_older_replicas_reservation_still_counts_as_it_did(world: World) -> None:
+    """During a rolling upgrade: v1 claims (no estimate, no took_from_buckets) verify and are
+    charged as before; a request that took its estimate is signed exactly as v1, so an older
+    replica verifies it too."""
+    key_id = str(metadata(await world.check())["key_id"])
+    keyring = world.started.app.keyring
+    # What an older replica's fail-open allow signed: reserved 0, charged all it used.
+    v1 = claims_for(
+        workspace_id=VICTIM,
+        key_id=key_id,
+        reserved_tokens=0,
+        now_ts=world.clock.now,
+        model="gpt-4o",
+        price=ModelPrice("gpt-4o", 2.5, 10.0),
+    )
+    assert v1.message().startswith(b"v1|")
+    signed = keyring.sign(v1)
+    assert signed is not None
+    older = {
+        k: v
+        for k, v in signed.metadata().items()
+        if k not in ("took_from_buckets", "estimate_tokens")
+    }
+    entry = {"decision": "allow", "workspace_id": VICTIM, "key_id": key_id, "reserved_tokens": 0}
+    before = await world.tokens_left()
+    await send(
+        world.sidecar.address, [log_entry({**entry, **older}, USAGE, started=world.started_at())]
+    )
+    assert world.ledger_tokens() == 15
+    assert await world.tokens_left() == before - 15
+    taken = replace(v1, reserved_tokens=30, estimate_tokens=30, took_from_buckets=True)
+    assert taken.message() == replace(v1, reserved_tokens=30).message()
+    assert replace(taken, took_from_buckets=False).message().startswith(b"v2|")
 
 
 async def test_refusals_warn_at_a_limited_rate_with_ids_only(
