@@ -94,7 +94,7 @@ def test_shadow_would_be_denials_leave_no_debt_and_count_in_full(embedded_stack:
     )
     secret = key["secret"]
 
-    def reconciled(result: str, count: int) -> None:
+    def reconciled(result: str, count: float) -> None:
         wait_until(
             lambda: (
                 stack.sidecar.metric("authz_usage_reconciliations_total", result=result) >= count

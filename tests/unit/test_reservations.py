@@ -6,11 +6,14 @@ workspace's usage; everything else is dropped and counted by reason.
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from hashlib import sha256
+from typing import Any
 
 import pytest
 from envoy.service.auth.v3.external_auth_pb2 import CheckResponse
@@ -249,11 +252,11 @@ async def test_what_a_request_took_from_the_buckets_is_signed(world: World) -> N
     untaken = metadata(await world.check())
     world.limiter.down = False
     taken = metadata(await world.check())
-    assert (taken["took_from_buckets"], taken["reserved_tokens"], taken["estimate_tokens"]) == (
-        True,
-        30,
-        30,
-    )
+    assert (untaken["took_from_buckets"], untaken["estimate_tokens"]) == (False, 30)
+    # One that took its estimate carries the metadata (and the MAC) it always did.
+    assert taken["reserved_tokens"] == 30
+    assert "took_from_buckets" not in taken
+    assert "estimate_tokens" not in taken
     # Passed off as one that took its estimate, it would be refunded one never taken.
     forgeries = [
         {**untaken, "took_from_buckets": True},
@@ -262,6 +265,7 @@ async def test_what_a_request_took_from_the_buckets_is_signed(world: World) -> N
         {k: v for k, v in untaken.items() if k not in ("took_from_buckets", "estimate_tokens")},
         {**taken, "took_from_buckets": False},
         {**taken, "estimate_tokens": 1},
+        {**taken, "estimate_tokens": 30, "took_from_buckets": False},
     ]
     await send(
         world.sidecar.address,
@@ -271,39 +275,46 @@ async def test_what_a_request_took_from_the_buckets_is_signed(world: World) -> N
     assert world.ledger_tokens() == 0
 
 
+def v1_mac(secret: bytes, fields: dict[str, Any], workspace_id: str, key_id: str) -> str:
+    """The MAC as a replica from before `estimate_tokens` computes it (the v1 message)."""
+    rid, model = fields["reservation_id"], fields["requested_model"]
+    price_in, price_out = fields["price_input_per_1m_usd"], fields["price_output_per_1m_usd"]
+    message = (
+        f"v1|{len(rid)}:{rid}|{len(workspace_id)}:{workspace_id}|{len(key_id)}:{key_id}"
+        f"|{len(model)}:{model}|{int(fields['reserved_tokens'])}|{int(fields['reserved_at'])}"
+        f"|{float(price_in)!r}|{float(price_out)!r}"
+    )
+    return hmac.new(secret, message.encode(), sha256).hexdigest()
+
+
 async def test_an_older_replicas_reservation_still_counts_as_it_did(world: World) -> None:
-    """During a rolling upgrade: v1 claims (no estimate, no took_from_buckets) verify and are
-    charged as before; a request that took its estimate is signed exactly as v1, so an older
-    replica verifies it too."""
-    key_id = str(metadata(await world.check())["key_id"])
-    keyring = world.started.app.keyring
-    # What an older replica's fail-open allow signed: reserved 0, charged all it used.
-    v1 = claims_for(
-        workspace_id=VICTIM,
-        key_id=key_id,
-        reserved_tokens=0,
-        now_ts=world.clock.now,
-        model="gpt-4o",
-        price=ModelPrice("gpt-4o", 2.5, 10.0),
-    )
-    assert v1.message().startswith(b"v1|")
-    signed = keyring.sign(v1)
-    assert signed is not None
-    older = {
-        k: v
-        for k, v in signed.metadata().items()
-        if k not in ("took_from_buckets", "estimate_tokens")
+    """A rolling upgrade: entries an older replica signed (v1, no estimate) verify and are
+    charged as before, and a newer replica signs an allow that took its estimate exactly as an
+    older one does, so the older one verifies it too."""
+    current, *_ = await world.sidecar.store.signing_keys()
+    taken = metadata(await world.check())
+    key_id = str(taken["key_id"])
+    assert taken["reservation_mac"] == v1_mac(current.secret, taken, VICTIM, key_id)
+    # An older replica's fail-open allow: reserved 0, and charged all it used, as then.
+    older: dict[str, Any] = {
+        "decision": "allow",
+        "workspace_id": VICTIM,
+        "key_id": key_id,
+        "fail_open": True,
+        "reserved_tokens": 0,
+        "reservation_id": "0" * 24,
+        "reservation_key": current.id,
+        "reserved_at": int(world.clock.now),
+        "requested_model": "gpt-4o",
+        "price_input_per_1m_usd": 2.5,
+        "price_output_per_1m_usd": 10.0,
     }
-    entry = {"decision": "allow", "workspace_id": VICTIM, "key_id": key_id, "reserved_tokens": 0}
+    older["reservation_mac"] = v1_mac(current.secret, older, VICTIM, key_id)
     before = await world.tokens_left()
-    await send(
-        world.sidecar.address, [log_entry({**entry, **older}, USAGE, started=world.started_at())]
-    )
+    await send(world.sidecar.address, [log_entry(older, USAGE, started=world.started_at())])
+    assert world.refused("bad_mac") == 0
     assert world.ledger_tokens() == 15
     assert await world.tokens_left() == before - 15
-    taken = replace(v1, reserved_tokens=30, estimate_tokens=30, took_from_buckets=True)
-    assert taken.message() == replace(v1, reserved_tokens=30).message()
-    assert replace(taken, took_from_buckets=False).message().startswith(b"v2|")
 
 
 async def test_refusals_warn_at_a_limited_rate_with_ids_only(
