@@ -235,6 +235,8 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
                 now_ts=self._wall_clock(),
                 model=allow.model,
                 price=allow.price,
+                estimate_tokens=allow.estimate_tokens,
+                took_from_buckets=allow.took_from_buckets,
             )
         )
 

@@ -43,7 +43,8 @@ class Allow:
 
     grant: KeyGrant
     workspace: Workspace
-    reserved_tokens: int
+    estimate_tokens: int
+    """The Check-time estimate: what the request reserves if it takes from the buckets."""
     rate: LimitResult | None
     fail_open: bool = False
     strip_headers: tuple[str, ...] = ()
@@ -54,6 +55,18 @@ class Allow:
     model: str | None = None
     """The model the request named; the charge uses `price`, its price at Check time."""
     price: ModelPrice | None = None
+
+    @property
+    def took_from_buckets(self) -> bool:
+        """Fail-open did not ask the buckets; a shadow workspace's would-be denial took nothing
+        from them (a step debits all of them or none)."""
+        return not self.fail_open and self.shadow_denial is None
+
+    @property
+    def reserved_tokens(self) -> int:
+        """What the TPM bucket holds for this request: nothing to refund for one that took
+        nothing, and (signed beside the estimate) nothing to charge it either."""
+        return self.estimate_tokens if self.took_from_buckets else 0
 
 
 Outcome = Allow | Deny
@@ -315,15 +328,12 @@ def decide(
         denial = replace(denial, key_id=grant.key_id)
         if workspace.enforcement is not Enforcement.SHADOW:
             return denial
-        # Shadow admits it. The limiter took nothing (all buckets or none), so nothing is
-        # reserved: reconciliation charges the request's real usage afterwards.
+        # Shadow admits it, taking nothing from the buckets (see Allow.took_from_buckets).
         shadow_denial = denial
     return Allow(
         grant=grant,
         workspace=workspace,
-        # Fail-open and a shadow workspace's would-be denial took nothing from the buckets:
-        # nothing to refund later either.
-        reserved_tokens=0 if fail_open or shadow_denial else requested_tokens,
+        estimate_tokens=requested_tokens,
         rate=rate,
         fail_open=fail_open,
         strip_headers=strip_headers,

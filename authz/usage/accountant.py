@@ -1,9 +1,9 @@
 """Reconciliation: what each allowed request really used, charged where it belongs.
 
 For every access-log entry: the ledger tallies it first (nothing below can drop it), then the
-TPM bucket gets the difference between reserved and used
-tokens (usage the upstream did not report is charged by estimate, never free: see
-`UsageEvent.estimated_tokens`), the month's token and spend
+TPM bucket gets the difference between reserved and used tokens (`UsageEvent.bucket_delta`:
+nothing for a request that took nothing from the buckets; usage the upstream did not report is
+charged by estimate, never free: see `UsageEvent.estimated_tokens`), the month's token and spend
 counters grow, per-workspace metrics move, and the hourly ledger aggregates in memory until
 the next flush. A flush is one idempotent batch: a retry after an error reuses its batch id,
 so it can never be counted twice.
@@ -142,7 +142,7 @@ class UsageAccountant:
             charge = charges.get((event.workspace_id, period))
             if charge is None:
                 charge = charges[(event.workspace_id, period)] = [0, 0, 0]
-            charge[0] += used - event.reserved_tokens
+            charge[0] += event.bucket_delta
             charge[1] += used
             charge[2] += self._carry.charge_units(event.workspace_id, period, spend)
         observed.publish()

@@ -1,8 +1,8 @@
 """One access-log entry from Envoy, reduced to what accounting needs. Pure: no I/O.
 
 Envoy's `http_grpc` access logger sends the stream's dynamic metadata: the ext_authz namespace
-(written by our Check: workspace, key, reserved tokens) and `oais.usage` (written by Envoy's
-`json_to_metadata` / `sse_to_metadata` filters from the upstream's `usage` object).
+(written by our Check: workspace, key, reserved tokens, the estimate) and `oais.usage` (written
+by Envoy's `json_to_metadata` / `sse_to_metadata` filters from the upstream's `usage` object).
 
 The ext_authz namespace also carries the signed reservation (authz/usage/reservations.py):
 nothing here is trusted until the access-log service has verified it.
@@ -75,14 +75,30 @@ class UsageEvent:
         return self.prompt_tokens is not None or self.completion_tokens is not None
 
     @property
+    def took_from_buckets(self) -> bool:
+        """False for a shadow workspace's would-be denial and a fail-open allow (signed so)."""
+        return self.claims is None or self.claims.took_from_buckets
+
+    @property
     def estimated_tokens(self) -> int:
         """Tokens charged by estimate: 0 when the upstream reported usage, or answered with an
         error (4xx/5xx, which generates nothing billable). Otherwise unknown usage is never free:
-        the reservation, or more when the response's bytes prove more (a stream without
-        `include_usage`, or a client that hung up before the final chunk)."""
+        the Check-time estimate (the reservation, or what a request that took nothing from the
+        buckets would have reserved), or more when the response's bytes prove more (a stream
+        without `include_usage`, or a client that hung up before the final chunk)."""
         if self.reported or 400 <= self.status < 600:
             return 0
-        return max(self.reserved_tokens, self.response_bytes // PROVEN_BYTES_PER_TOKEN)
+        estimate = self.reserved_tokens if self.claims is None else self.claims.estimate
+        return max(estimate, self.response_bytes // PROVEN_BYTES_PER_TOKEN)
+
+    @property
+    def bucket_delta(self) -> int:
+        """What the TPM bucket is charged (negative: refunded) once the usage is known: the
+        difference from the reservation. A request that took nothing from the buckets changes
+        nothing there: under enforcement it would not have run (shadow), or the buckets were
+        not asked (fail-open), and a charge would only be debt for requests never admitted.
+        Its usage still counts in full toward the month, spend and the ledger."""
+        return self.tokens_used - self.reserved_tokens if self.took_from_buckets else 0
 
     @property
     def price(self) -> ModelPrice | None:
@@ -152,12 +168,24 @@ def resource_of(path: str) -> str:
     return "/" + "/".join(kept) if kept else UNKNOWN_MODEL
 
 
+def _flag(fields: Fields, name: str, absent: bool) -> bool | None:
+    """A bool field; `absent` when missing; None when it holds anything but a bool."""
+    if name not in fields:
+        return absent
+    value = fields[name]
+    return value.bool_value if value.HasField("bool_value") else None
+
+
 def _claims(authz: Fields, workspace_id: str, key_id: str, reserved: int) -> rsv.Claims | None:
     reservation_id = _text(authz, rsv.ID_FIELD)
     reserved_at = _count(authz, rsv.TIME_FIELD)
     price_in = _amount(authz, rsv.PRICE_IN_FIELD)
     price_out = _amount(authz, rsv.PRICE_OUT_FIELD)
     if reservation_id is None or reserved_at is None or price_in is None or price_out is None:
+        return None
+    # Absent in an older replica's entries, which took what they reserved (v1 claims).
+    took = _flag(authz, rsv.TOOK_FIELD, absent=True)
+    if took is None:
         return None
     return rsv.Claims(
         reservation_id=reservation_id,
@@ -168,6 +196,8 @@ def _claims(authz: Fields, workspace_id: str, key_id: str, reserved: int) -> rsv
         model=(_raw_text(authz, rsv.MODEL_FIELD) or "")[: rsv.TEXT_LIMIT],
         price_in=price_in,
         price_out=price_out,
+        estimate_tokens=_count(authz, rsv.ESTIMATE_FIELD),
+        took_from_buckets=took,
     )
 
 

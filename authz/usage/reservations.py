@@ -2,7 +2,8 @@
 
 Every allow carries, in its ext_authz dynamic metadata, a reservation id and an HMAC-SHA256
 over what the access-log service will act on (workspace, key, reserved tokens, time, the model
-asked for and its price then). The secrets live in the store (`authz migrate` makes the first,
+asked for and its price then, and for a request that took nothing from the buckets, that fact and
+its Check-time estimate). The secrets live in the store (`authz migrate` makes the first,
 `authz signing-key rotate` the next), so every replica verifies every other one's reservations.
 The usage numbers themselves come from Envoy's filters and are not signed: the threat answered
 here is a caller of the gRPC port other than Envoy (docs/deploy.md, "Who can reach the gRPC
@@ -51,6 +52,8 @@ TIME_FIELD = "reserved_at"
 MODEL_FIELD = "requested_model"
 PRICE_IN_FIELD = "price_input_per_1m_usd"
 PRICE_OUT_FIELD = "price_output_per_1m_usd"
+ESTIMATE_FIELD = "estimate_tokens"
+TOOK_FIELD = "took_from_buckets"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,19 +64,43 @@ class Claims:
     workspace_id: str
     key_id: str
     reserved_tokens: int
+    """What the request took from the TPM bucket (0 when it took nothing)."""
     reserved_at: int
     model: str
     price_in: float
     price_out: float
+    estimate_tokens: int | None = None
+    """The Check-time estimate, what the request would reserve (None: `reserved_tokens`, as an
+    entry from a replica that signs no estimate says)."""
+    took_from_buckets: bool = True
+    """False for a shadow workspace's would-be denial and a fail-open allow: admitted without
+    taking anything from the buckets, so their usage is not theirs to charge."""
+
+    @property
+    def estimate(self) -> int:
+        return self.reserved_tokens if self.estimate_tokens is None else self.estimate_tokens
+
+    @property
+    def v1(self) -> bool:
+        """A request that took its estimate says nothing v1 (an older replica's format) could
+        not: it is signed, and its metadata written, exactly as v1, so replicas of either
+        version verify it during a rolling upgrade. Only one that took nothing is v2."""
+        estimate = self.estimate_tokens  # not self.estimate: this runs on every allow
+        return self.took_from_buckets and (estimate is None or estimate == self.reserved_tokens)
 
     def message(self) -> bytes:
         # The texts are length-prefixed, so no choice of values can be re-split into another
         # claim; the numbers follow in a fixed order. One format call: this is the hot path.
         rid, ws, key, model = self.reservation_id, self.workspace_id, self.key_id, self.model
-        return (
+        text = (
             f"v1|{len(rid)}:{rid}|{len(ws)}:{ws}|{len(key)}:{key}|{len(model)}:{model}"
             f"|{self.reserved_tokens}|{self.reserved_at}|{self.price_in!r}|{self.price_out!r}"
-        ).encode()
+        )
+        if not self.v1:
+            # Rare (shadow would-be denials, fail-open), so built from v1's text: the prefix
+            # keeps every v2 message apart from every v1 one.
+            text = f"v2{text[2:]}|{self.estimate}|{self.took_from_buckets:d}"
+        return text.encode()
 
     @property
     def price(self) -> ModelPrice:
@@ -88,9 +115,9 @@ class Signed:
     key_id: str
     mac: str
 
-    def metadata(self) -> dict[str, str | int | float]:
+    def metadata(self) -> dict[str, str | int | float | bool]:
         claims = self.claims
-        return {
+        fields: dict[str, str | int | float | bool] = {
             ID_FIELD: claims.reservation_id,
             MAC_FIELD: self.mac,
             KID_FIELD: self.key_id,
@@ -99,6 +126,12 @@ class Signed:
             PRICE_IN_FIELD: claims.price_in,
             PRICE_OUT_FIELD: claims.price_out,
         }
+        if not claims.v1:
+            # Absent, they read back as "took its reserved_tokens": nothing to add on the hot
+            # path of an ordinary allow.
+            fields[ESTIMATE_FIELD] = claims.estimate
+            fields[TOOK_FIELD] = claims.took_from_buckets
+        return fields
 
 
 def new_reservation_id() -> str:
@@ -113,6 +146,8 @@ def claims_for(
     now_ts: float,
     model: str | None,
     price: ModelPrice | None,
+    estimate_tokens: int | None = None,
+    took_from_buckets: bool = True,
 ) -> Claims:
     """The claims of a fresh reservation (a new random id)."""
     return Claims(
@@ -125,6 +160,8 @@ def claims_for(
         model=(model or "")[:TEXT_LIMIT],
         price_in=0.0 if price is None else float(price.input_per_1m_usd),
         price_out=0.0 if price is None else float(price.output_per_1m_usd),
+        estimate_tokens=estimate_tokens,
+        took_from_buckets=took_from_buckets,
     )
 
 

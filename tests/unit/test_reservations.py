@@ -6,11 +6,14 @@ workspace's usage; everything else is dropped and counted by reason.
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from hashlib import sha256
+from typing import Any
 
 import pytest
 from envoy.service.auth.v3.external_auth_pb2 import CheckResponse
@@ -218,16 +221,100 @@ async def test_a_rotation_keeps_old_reservations_valid_for_the_overlap_only(worl
 async def test_a_fail_open_allow_reserves_and_refunds_nothing(world: World) -> None:
     assert (await world.limiter.acquire(VICTIM, world.limits, 400)).tokens.remaining == 600
     world.limiter.down = True
-    response = await world.check()
+    failed, reported, unreported = [await world.check() for _ in range(3)]
     world.limiter.down = False
-    fields = metadata(response)
-    assert (fields["fail_open"], fields["reserved_tokens"]) == (True, 0)
+    fields = metadata(failed)
+    assert (fields["fail_open"], fields["reserved_tokens"], fields["took_from_buckets"]) == (
+        True,
+        0,
+        False,
+    )
+    estimate = int(fields["estimate_tokens"])  # type: ignore[call-overload]
+    assert estimate == 30  # what it would have reserved: 37 body bytes / 4 + max_tokens 20
     # The upstream failed: no usage. A refund of a reservation never taken would lift the
     # bucket above what is really left.
-    await world.report(response, usage={})
+    no_usage = log_entry(failed.dynamic_metadata, {}, started=world.started_at(), status=502)
+    await send(world.sidecar.address, [no_usage])
     assert world.ledger_tokens() == 0
     assert await world.tokens_left() == 600
     assert world.sidecar.metrics.reconciliations.labels("no_usage")._value.get() == 1
+    # Nor is it charged what it used: the bucket was never asked. The month counts it all, and
+    # unknown usage is charged the signed estimate, never nothing.
+    await world.report(reported)
+    await world.report(unreported, usage={})
+    assert await world.tokens_left() == 600
+    assert world.ledger_tokens() == 15
+    assert await world.quota_used() == 15 + estimate
+
+
+async def test_what_a_request_took_from_the_buckets_is_signed(world: World) -> None:
+    world.limiter.down = True
+    untaken = metadata(await world.check())
+    world.limiter.down = False
+    taken = metadata(await world.check())
+    assert (untaken["took_from_buckets"], untaken["estimate_tokens"]) == (False, 30)
+    # One that took its estimate carries the metadata (and the MAC) it always did.
+    assert taken["reserved_tokens"] == 30
+    assert "took_from_buckets" not in taken
+    assert "estimate_tokens" not in taken
+    # Passed off as one that took its estimate, it would be refunded one never taken.
+    forgeries = [
+        {**untaken, "took_from_buckets": True},
+        {**untaken, "took_from_buckets": True, "reserved_tokens": 30},
+        {**untaken, "estimate_tokens": 1},
+        {k: v for k, v in untaken.items() if k not in ("took_from_buckets", "estimate_tokens")},
+        {**taken, "took_from_buckets": False},
+        {**taken, "estimate_tokens": 1},
+        {**taken, "estimate_tokens": 30, "took_from_buckets": False},
+    ]
+    await send(
+        world.sidecar.address,
+        [log_entry(f, USAGE, started=world.started_at()) for f in forgeries],
+    )
+    assert world.refused("bad_mac") == len(forgeries)
+    assert world.ledger_tokens() == 0
+
+
+def v1_mac(secret: bytes, fields: dict[str, Any], workspace_id: str, key_id: str) -> str:
+    """The MAC as a replica from before `estimate_tokens` computes it (the v1 message)."""
+    rid, model = fields["reservation_id"], fields["requested_model"]
+    price_in, price_out = fields["price_input_per_1m_usd"], fields["price_output_per_1m_usd"]
+    message = (
+        f"v1|{len(rid)}:{rid}|{len(workspace_id)}:{workspace_id}|{len(key_id)}:{key_id}"
+        f"|{len(model)}:{model}|{int(fields['reserved_tokens'])}|{int(fields['reserved_at'])}"
+        f"|{float(price_in)!r}|{float(price_out)!r}"
+    )
+    return hmac.new(secret, message.encode(), sha256).hexdigest()
+
+
+async def test_an_older_replicas_reservation_still_counts_as_it_did(world: World) -> None:
+    """A rolling upgrade: entries an older replica signed (v1, no estimate) verify and are
+    charged as before, and a newer replica signs an allow that took its estimate exactly as an
+    older one does, so the older one verifies it too."""
+    current, *_ = await world.sidecar.store.signing_keys()
+    taken = metadata(await world.check())
+    key_id = str(taken["key_id"])
+    assert taken["reservation_mac"] == v1_mac(current.secret, taken, VICTIM, key_id)
+    # An older replica's fail-open allow: reserved 0, and charged all it used, as then.
+    older: dict[str, Any] = {
+        "decision": "allow",
+        "workspace_id": VICTIM,
+        "key_id": key_id,
+        "fail_open": True,
+        "reserved_tokens": 0,
+        "reservation_id": "0" * 24,
+        "reservation_key": current.id,
+        "reserved_at": int(world.clock.now),
+        "requested_model": "gpt-4o",
+        "price_input_per_1m_usd": 2.5,
+        "price_output_per_1m_usd": 10.0,
+    }
+    older["reservation_mac"] = v1_mac(current.secret, older, VICTIM, key_id)
+    before = await world.tokens_left()
+    await send(world.sidecar.address, [log_entry(older, USAGE, started=world.started_at())])
+    assert world.refused("bad_mac") == 0
+    assert world.ledger_tokens() == 15
+    assert await world.tokens_left() == before - 15
 
 
 async def test_refusals_warn_at_a_limited_rate_with_ids_only(

@@ -11,6 +11,7 @@ from google.rpc import code_pb2
 
 from authz.keys import generate_key
 from authz.models import ModelPrice, StreamingUsage
+from authz.usage.accountant import UsageAccountant
 from authz.usage.events import PROVEN_BYTES_PER_TOKEN, parse_entry
 from authz.usage.pricing import PriceTable
 from ratelimit.limiter import Limits, Quota
@@ -21,6 +22,7 @@ from tests.unit.conftest import Sidecar
 from tests.unit.test_usage import ALLOW, PRICED, accountant, entry
 
 QUOTA = Quota(period="2026-11", token_quota=1_000_000, spend_cap_micros=None)
+LIMITS = Limits(rpm=0, tpm=100)
 
 
 @pytest.mark.parametrize(
@@ -50,18 +52,24 @@ def test_reported_usage_is_never_estimated() -> None:
     assert (event.estimated_tokens, event.tokens_used) == (0, 7)
 
 
-async def test_an_unreported_stream_is_charged_to_tpm_quota_spend_and_ledger() -> None:
+async def seventy_taken() -> tuple[FakeStore, InMemoryRateLimiter, UsageAccountant]:
+    """A workspace at TPM 100 with 70 taken (by the request reported next, when it took its
+    reservation), its month's counters at zero."""
     store = FakeStore()
     store.workspaces["ws_test"] = workspace(rpm=0, tpm=100)
     limiter = InMemoryRateLimiter(clock_ms=lambda: 0)
     books = accountant(store, limiter, PriceTable([ModelPrice("*", 1.0, 3.0)]))
-    limits = Limits(rpm=0, tpm=100)
     await limiter.seed_usage("ws_test", period="2026-11", tokens=0, spend_micros=0)
-    assert (await limiter.acquire("ws_test", limits, 70)).tokens.remaining == 30
+    assert (await limiter.acquire("ws_test", LIMITS, 70)).tokens.remaining == 30
+    return store, limiter, books
+
+
+async def test_an_unreported_stream_is_charged_to_tpm_quota_spend_and_ledger() -> None:
+    store, limiter, books = await seventy_taken()
     event = parse_entry(entry(PRICED, {"model": "gpt"}))
     assert event is not None
     await books.record(event)
-    after = await limiter.acquire("ws_test", limits, 0, quota=QUOTA)
+    after = await limiter.acquire("ws_test", LIMITS, 0, quota=QUOTA)
     assert after.tokens.remaining == 30  # nothing refunded
     assert after.quota is not None
     # Priced like a reservation: the split is unknown, so all at the higher (output) rate.
@@ -107,3 +115,45 @@ async def test_require_policy_refuses_streams_that_will_not_report_usage(
         fixed = json.dumps({**json.loads(payload), "stream_options": {"include_usage": True}})
         response = await sidecar.stub.Check(check_request(headers=bearer(key), body=fixed.encode()))
         assert response.status.code == code_pb2.OK
+
+
+UNTAKEN = {**PRICED, "reserved_tokens": 0, "estimate_tokens": 70, "took_from_buckets": False}
+"""A shadow workspace's would-be denial, or a fail-open allow: it took nothing from the buckets."""
+
+
+@pytest.mark.parametrize(
+    ("claims", "usage", "body_bytes", "bucket", "charged", "estimated"),
+    [
+        # Took its 70: the difference from the reservation, refunded or charged (as debt).
+        (PRICED, {"prompt_tokens": 10, "completion_tokens": 5}, 0, 85, 15, 0),
+        (PRICED, {"prompt_tokens": 100, "completion_tokens": 50}, 0, -50, 150, 0),
+        # Took nothing: the bucket is neither charged nor refunded, however much it used.
+        (UNTAKEN, {"prompt_tokens": 100, "completion_tokens": 50}, 0, 30, 150, 0),
+        # ...and unknown usage is still never free: the signed estimate, or what bytes prove.
+        (UNTAKEN, None, 0, 30, 70, 70),
+        (UNTAKEN, None, 100 * PROVEN_BYTES_PER_TOKEN, 30, 100, 100),
+    ],
+)
+async def test_a_request_that_took_nothing_from_the_buckets_is_charged_only_to_the_month(
+    claims: dict[str, object],
+    usage: dict[str, object] | None,
+    body_bytes: int,
+    bucket: int,
+    charged: int,
+    estimated: int,
+) -> None:
+    store, limiter, books = await seventy_taken()
+    log = entry(claims, usage)
+    log.response.response_body_bytes = body_bytes
+    event = parse_entry(log)
+    assert event is not None
+    await books.record(event)
+    after = await limiter.acquire("ws_test", LIMITS, 0, quota=QUOTA)
+    assert after.tokens.remaining == max(0, bucket)
+    if bucket < 0:  # debt: not even a 1-token request fits until it is paid
+        assert not (await limiter.acquire("ws_test", LIMITS, 1)).allowed
+    assert after.quota is not None
+    assert after.quota.tokens_used == charged
+    await books.flush()
+    (row,) = [r for batch in store.batches.values() for r in batch]
+    assert (row.tokens, row.estimated_tokens) == (charged, estimated)
