@@ -178,12 +178,21 @@ def test_observability_shows_latency_and_denials_per_key(
     key_row = page.locator("#per-key tr", has_text="batch-importer")
 
     def observed() -> bool:
+        # The denial is recorded by Check as it answers; latency comes later, from Envoy's
+        # access log of the allowed requests: wait for both.
         page.reload()
         page.locator("[data-tile=Requests]").wait_for()
         denied = key_row.locator("td[data-col=denied]")
-        return bool(denied.count() == 1 and denied.text_content() == "1")
+        p50 = key_row.locator("td[data-col=p50]")
+        return bool(
+            denied.count() == 1
+            and denied.text_content() == "1"
+            and re.fullmatch(r"[\d.]+ ms", str(p50.text_content()))
+        )
 
-    wait_until(observed, timeout=30, what="the 429 on the Observability page", interval=0.3)
+    wait_until(
+        observed, timeout=30, what="the 429 and latency on the Observability page", interval=0.3
+    )
     assert page.locator("[data-tile='Denied 429 requests'] .tile-value").text_content() == "1"
     assert page.locator("[data-tile='Denied 429 tokens'] .tile-value").text_content() == "0"
     assert "429 requests: 1" in str(key_row.locator("td[data-col=denied]").get_attribute("title"))
@@ -270,4 +279,6 @@ def test_sign_out_clears_the_session(page: Any, console_stack: ConsoleStack) -> 
     page.wait_for_url(re.compile(r"/console/signin"))
     page.goto(f"{console_stack.console}w/{console_stack.workspaces['acme']}/keys")
     page.wait_for_url(re.compile(r"/console/signin"))
-    assert page.get_by_role("link", name=f"Sign in with {PROVIDER_NAME}").is_visible()
+    # is_visible() does not wait; wait_for() does (visible by default), so a slow render on a
+    # busy machine is not read as a missing link.
+    page.get_by_role("link", name=f"Sign in with {PROVIDER_NAME}").wait_for()

@@ -112,7 +112,16 @@ async def deployment(pg_dsn: str, backend_url: str) -> AsyncIterator[Deployment]
     store = await open_store(pg_dsn)
     await store.migrate()  # the one `authz migrate`: it makes the signing secret
     await store.set_price(ModelPrice("demo-model", 2.0, 8.0), actor=CLI_ACTOR)
-    settings = replace(UNIT_SETTINGS, database_url=pg_dsn, redis_url=backend_url, ledger_flush_s=60)
+    # Generous Redis and database budgets: this test is about forged entries, not latency, and
+    # a Check over the 50 ms default on a busy 2-core machine would fail it for the wrong reason.
+    settings = replace(
+        UNIT_SETTINGS,
+        database_url=pg_dsn,
+        redis_url=backend_url,
+        ledger_flush_s=60,
+        redis_timeout_ms=1000,
+        db_timeout_ms=1000,
+    )
     replicas = []
     for _ in range(2):
         app = await build(settings, registry=CollectorRegistry())
