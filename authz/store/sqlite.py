@@ -108,7 +108,7 @@ class SqliteStore(SqlStore):
         """One IMMEDIATE transaction: writers from any process are serialized by SQLite."""
         async with self._lock:
             db = opened(self._conn)
-            await db.execute("BEGIN IMMEDIATE")
+            await _begin(db)
             try:
                 yield _SqliteTx(db)
             except BaseException:
@@ -185,3 +185,22 @@ class SqliteStore(SqlStore):
 
 def _only_comments(statement: str) -> bool:
     return all(not line.strip() or line.strip().startswith("--") for line in statement.splitlines())
+
+
+async def _begin(db: aiosqlite.Connection) -> None:
+    """BEGIN IMMEDIATE, first rolling back a transaction its caller abandoned.
+
+    aiosqlite runs statements on its thread in order, whatever happens to the coroutine that
+    sent them: a caller cancelled (a timeout) while awaiting its BEGIN leaves that BEGIN to
+    run anyway, and the connection in a transaction nobody will end. Its caller saw an error
+    and will retry, so its work is rolled back here instead of failing every later
+    transaction with "cannot start a transaction within a transaction".
+    """
+    try:
+        await db.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as error:
+        if "within a transaction" not in str(error):
+            raise
+        log.info("sqlite: rolled back a transaction abandoned by a cancelled caller")
+        await db.execute("ROLLBACK")
+        await db.execute("BEGIN IMMEDIATE")
