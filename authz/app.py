@@ -34,7 +34,7 @@ from authz.logs import configure_logging
 from authz.metrics import Metrics
 from authz.resolver import KeyResolver
 from authz.responses import AllowRenderer
-from authz.server import StartupError, grpc_server_options, serve
+from authz.server import StartupError, grpc_server_options, serve, stop_requested
 from authz.settings import Settings, SettingsError
 from authz.store import open_store
 from authz.store.base import Store, StoreError
@@ -261,13 +261,14 @@ __all__ = ["App", "StartupError", "build", "run"]
 
 
 async def build_and_serve(settings: Settings) -> int:
+    stopping = stop_requested()
     try:
         app = await build(settings)
         log.info(
             "key management API: %d sign-in provider(s) trusted (AUTHZ_JWT_ISSUERS)",
             len(settings.jwt_issuers),
         )
-        return await serve(app)
+        return await serve(app, stopping)
     except (StartupError, StoreError) as error:
         # One line in the configured log format; `start` has already released every port.
         log.error("cannot start: %s", error)

@@ -171,8 +171,22 @@ async def _release(app: App, running: Running, *, grace_s: float | None) -> None
         http_thread.join(timeout=2)
 
 
-async def serve(app: App) -> int:
-    """Run the sidecar until SIGTERM/SIGINT, then drain and return the exit code."""
+def stop_requested() -> asyncio.Event:
+    """An event set by SIGTERM/SIGINT, installed on the running loop before anything starts.
+
+    Installed first so that a SIGTERM at any point of start-up (an orchestrator stopping a pod
+    the moment it turned ready, say) drains and exits 0 like any other, rather than meeting
+    the default handler and killing the process mid-start.
+    """
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    return stopping
+
+
+async def serve(app: App, stopping: asyncio.Event) -> int:
+    """Run the sidecar until `stopping` is set (SIGTERM/SIGINT), then drain and return 0."""
     settings = app.settings
     running = await start(app)
     log.info(
@@ -186,10 +200,6 @@ async def serve(app: App) -> int:
         redact_url(settings.redis_url) if settings.redis_url else "in-process",
         settings.failure_mode,
     )
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
     await stopping.wait()
     log.info("shutting down: NOT_SERVING, draining for %.1fs", settings.drain_delay_s)
     await stop(

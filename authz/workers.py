@@ -22,10 +22,12 @@ import logging
 import multiprocessing
 import os
 import signal
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
+from multiprocessing.synchronize import Event as EventType
 from types import FrameType
 
 from authz.logs import configure_logging, worker_process_name
@@ -35,6 +37,11 @@ log = logging.getLogger("authz")
 
 STOP_TIMEOUT_S = 60.0
 """A worker still running this long after the supervisor forwarded SIGTERM is killed."""
+
+ARMING_POLL_S = 0.05
+"""While stopping, how often the supervisor looks for workers newly able to take the signal."""
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 Serve = Callable[[Settings], int]
 
@@ -51,60 +58,92 @@ def run_workers(settings: Settings, serve: Serve) -> int:
         return serve(settings)
     configure_logging(settings.log_level, settings.log_format)
     context = multiprocessing.get_context("spawn")
-    workers = [
-        context.Process(
-            target=_worker, args=(serve, worker_settings(settings, i)), name=worker_process_name(i)
+    workers = []
+    for i in range(settings.workers):
+        armed = context.Event()
+        process = context.Process(
+            target=_worker,
+            args=(serve, worker_settings(settings, i), armed),
+            name=worker_process_name(i),
         )
-        for i in range(settings.workers)
-    ]
-    stopping = False
+        workers.append(_Worker(process, armed))
+    asked: list[int] = []  # the stop signal received, once one is
 
     def forward(signum: int, _frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
-        for worker in workers:
-            if worker.pid is not None and worker.exitcode is None:
-                os.kill(worker.pid, signum)
+        asked.append(signum)
+        _forward(workers, signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
     try:
         for worker in workers:
-            worker.start()
+            worker.process.start()
         log.info("started %d workers on %s", len(workers), settings.grpc_addr)
-        return _supervise(workers, lambda: stopping)
+        return _supervise(workers, asked)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _supervise(workers: Sequence[BaseProcess], asked_to_stop: Callable[[], bool]) -> int:
+@dataclass(slots=True)
+class _Worker:
+    process: BaseProcess
+    armed: EventType
+    """Set by the worker once a stop signal ends it cleanly. Before that a signal is lost (sent
+    between its fork and its exec: the worker then served on until killed 60 s later) or meets
+    the default handler (exit 143, reported as a failure), so it is held back until then."""
+    signalled: bool = False
+
+
+def _forward(workers: Sequence[_Worker], signum: int) -> None:
+    """Send the stop signal to each running worker able to take it, once."""
+    for worker in workers:
+        process = worker.process
+        if worker.signalled or process.pid is None or process.exitcode is not None:
+            continue
+        if worker.armed.is_set():
+            worker.signalled = True
+            os.kill(process.pid, signum)
+
+
+def _supervise(workers: Sequence[_Worker], asked: Sequence[int]) -> int:
     """Wait for every worker; the first to exit unasked stops the rest and sets the code."""
     code = 0
-    stopping = False
-    running = {worker.sentinel: worker for worker in workers}
+    stop_signal: int | None = None
+    stop_deadline = 0.0
+    running = {worker.process.sentinel: worker for worker in workers}
     while running:
-        stopping = stopping or asked_to_stop()
-        ended = wait(list(running), timeout=STOP_TIMEOUT_S if stopping else 1.0)
-        if not ended and stopping:
+        if stop_signal is None and asked:
+            stop_signal, stop_deadline = asked[0], time.monotonic() + STOP_TIMEOUT_S
+        if stop_signal is not None:
+            _forward(list(running.values()), stop_signal)  # to workers armed since
+        ended = wait(list(running), timeout=ARMING_POLL_S if stop_signal else 1.0)
+        if not ended and stop_signal is not None and time.monotonic() > stop_deadline:
             for worker in running.values():
-                log.error("%s did not stop in %.0f s: killed", worker.name, STOP_TIMEOUT_S)
-                worker.kill()
+                log.error("%s did not stop in %.0f s: killed", worker.process.name, STOP_TIMEOUT_S)
+                worker.process.kill()
         for sentinel in ended:
             assert isinstance(sentinel, int)  # wait() hands back the sentinels it was given
-            worker = running.pop(sentinel)
-            worker.join()
-            exit_code = worker.exitcode or 0
+            process = running.pop(sentinel).process
+            process.join()
+            exit_code = process.exitcode or 0
             if exit_code < 0:  # killed by a signal: reported as a shell does
                 exit_code = 128 - exit_code
-            if not (stopping or asked_to_stop()):
-                log.error("%s exited (code %s): stopping the others", worker.name, exit_code)
+            if stop_signal is None and not asked:
+                log.error("%s exited (code %s): stopping the others", process.name, exit_code)
                 exit_code = exit_code or 1
-                stopping = True
-                for other in running.values():
-                    other.terminate()
+                stop_signal, stop_deadline = signal.SIGTERM, time.monotonic() + STOP_TIMEOUT_S
             code = code or exit_code
     return code
 
 
-def _worker(serve: Serve, settings: Settings) -> None:
+def _worker(serve: Serve, settings: Settings, armed: EventType) -> None:
+    # Until its event loop takes SIGTERM over, a stop signal ends the worker cleanly: nothing is
+    # served yet, so nothing needs draining, and exit 0 is not reported as a failure.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _exit_before_serving)
+    armed.set()
     raise SystemExit(serve(settings))
+
+
+def _exit_before_serving(_signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -173,3 +174,16 @@ def test_embedded_refuses_more_than_one_worker(tmp_path: Path) -> None:
     assert len(lines) == 1, lines
     assert "AUTHZ_WORKERS" in lines[0]
     assert "AUTHZ_REDIS_URL" in lines[0]
+
+
+def test_a_worker_that_dies_stops_the_other_and_the_pod_fails(workers: Workers) -> None:
+    """An orchestrator must see one failure, not a pod quietly serving on fewer workers."""
+    process = workers.sidecar.process
+    children = _workers_of(process.pid)
+    assert len(children) == WORKERS
+    os.kill(children[0], signal.SIGKILL)
+    assert process.wait(timeout=60) == 128 + signal.SIGKILL
+    assert not [pid for pid in children if Path(f"/proc/{pid}").exists()]
+    log_text = process.read_log()
+    assert "exited (code 137): stopping the others" in log_text
+    assert log_text.count("stopped") == WORKERS - 1  # the survivor drained
