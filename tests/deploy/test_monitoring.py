@@ -88,7 +88,7 @@ def test_objects_validate_against_prometheus_operators_crds() -> None:
 
 def test_every_alert_passes_promtool_unit_tests(promtool: str, tmp_path: Path) -> None:
     output = run_promtool(promtool, tmp_path, rule())
-    assert "SUCCESS: 6 rules found" in output
+    assert "SUCCESS: 7 rules found" in output
 
 
 def test_promtool_catches_a_wrong_threshold(promtool: str, tmp_path: Path) -> None:
@@ -110,6 +110,7 @@ def test_each_alert_has_a_firing_and_a_quiet_case() -> None:
         "AuthzRedisCircuitOpen",
         "AuthzCheckLatencyP99OverBudget",
         "AuthzWorkspaceQuotaExhausted",
+        "AuthzChecksShed",
     }
     cases = [c for t in load_yaml(UNIT_TESTS)["tests"] for c in t["alert_rule_test"]]
     for name in names:
