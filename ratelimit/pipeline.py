@@ -32,7 +32,28 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import DataError, NoScriptError, ResponseError
+
+_EVALSHA = b"$7\r\nEVALSHA\r\n"
+
+
+def _bulk(value: str | int) -> bytes:
+    """One RESP bulk string, encoded as redis-py's Encoder does (str as UTF-8, int by repr)."""
+    if isinstance(value, bool):
+        # redis-py refuses bools rather than guess 0/1 or "True"; so do we.
+        raise DataError("Invalid input of type: 'bool'. Convert to a bytes, string, int or float.")
+    data = value.encode() if isinstance(value, str) else repr(value).encode()
+    return b"$%d\r\n%b\r\n" % (len(data), data)
+
+
+def pack_evalsha(sha: str, keys: Sequence[str], args: Sequence[int | str]) -> bytes:
+    """`EVALSHA sha numkeys key... arg...` in RESP, byte for byte what redis-py's
+    `pack_command` writes for it, at a fraction of its cost (it was a fifth of a Redis call's
+    CPU: a generic encoder, command-name splitting and a buffer cut-off per argument)."""
+    parts = [b"*%d\r\n" % (3 + len(keys) + len(args)), _EVALSHA, _bulk(sha), _bulk(len(keys))]
+    parts += map(_bulk, keys)
+    parts += map(_bulk, args)
+    return b"".join(parts)
 
 
 @dataclass(slots=True)
@@ -111,9 +132,7 @@ class ScriptPipeliner:
         connection = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
             await connection.send_packed_command(
-                connection.pack_commands(
-                    [("EVALSHA", c.script.sha, len(c.keys), *c.keys, *c.args) for c in calls]
-                )
+                b"".join([pack_evalsha(c.script.sha, c.keys, c.args) for c in calls])
             )
             replies: list[Any] = []
             for _ in calls:
