@@ -174,17 +174,8 @@ def _replicas(
     count = plan.replicas
     running = Running(Setup("soak", f"{count} replicas", "authz", "postgres", replicas=count))
 
-    # Every port chosen up front, distinct: free_port() called from the starting threads at
-    # once could hand the same just-released port to two replicas (one then fails to bind).
-    chosen: set[int] = set()
-
-    def distinct_port() -> int:
-        while (port := free_port()) in chosen:
-            pass
-        chosen.add(port)
-        return port
-
-    addresses = [(distinct_port(), distinct_port()) for _ in range(count)]
+    # Every port chosen up front; free_port() reserves each one, so no two are the same.
+    addresses = [(free_port(), free_port()) for _ in range(count)]
 
     def start(index: int) -> Sidecar:
         port, metrics_port = addresses[index]

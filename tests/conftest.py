@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 # Before anything imports grpc, which reads it once: the tests start PostgreSQL and PgBouncer
@@ -29,6 +30,20 @@ def pytest_configure(config: pytest.Config) -> None:
     if entries:
         absolute = (str(Path(entry).resolve()) for entry in entries.split(os.pathsep) if entry)
         os.environ["PYTHONPATH"] = os.pathsep.join(absolute)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _collect_garbage_after_each_module() -> Iterator[None]:
+    """Blame a leak on the module that made it.
+
+    An unclosed socket or redis-py connection caught in a reference cycle is only found when
+    the garbage collector runs, and pytest reports it (an error: filterwarnings = error) on
+    whatever test that happens in, often a later allocation-heavy one such as a Hypothesis
+    test. Collecting here, after the module's fixtures are torn down, reports it in the
+    teardown of the module's last test instead.
+    """
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

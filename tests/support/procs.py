@@ -21,6 +21,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
+from tests.support.ports import machine_reservations
+
 _POLL_INTERVAL = 0.02
 
 
@@ -43,29 +45,19 @@ class ClosesOnExit:
 
 
 def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that nothing listens on right now.
+    """Return a TCP port on 127.0.0.1 for a child process to listen on.
 
-    The OS picks it (bind to port 0), so parallel tests do not collide on hard-coded ports.
+    Nothing listens on it now, and no other test process on this machine (another pytest run,
+    another clone's `make test`) is handed it until this process exits: see tests/support/
+    ports.py. So parallel tests and suites do not collide on ports.
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    return machine_reservations().reserve()
 
 
 def free_ports_in_a_row(count: int) -> int:
-    """The first of `count` consecutive free ports (AUTHZ_WORKERS: worker i's metrics port is
-    AUTHZ_METRICS_ADDR's port + i)."""
-    for _ in range(50):
-        first = free_port()
-        try:
-            for offset in range(1, count):
-                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-                    sock.bind(("127.0.0.1", first + offset))
-        except OSError:
-            continue
-        return first
-    raise RuntimeError(f"no {count} consecutive free ports")
+    """The first of `count` consecutive free ports, all reserved like free_port()'s
+    (AUTHZ_WORKERS: worker i's metrics port is AUTHZ_METRICS_ADDR's port + i)."""
+    return machine_reservations().reserve(range(count))
 
 
 def wait_for_port(

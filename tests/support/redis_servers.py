@@ -27,6 +27,7 @@ import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from tests.support.ports import machine_reservations
 from tests.support.procs import ClosesOnExit
 
 REDIS_URL_ENV = "AUTHZ_TEST_REDIS_URL"
@@ -48,25 +49,9 @@ def redis_server_binary() -> str:
 
 
 def free_port(*, cluster_bus: bool = False) -> int:
-    """A 127.0.0.1 TCP port nothing listens on now (and its cluster bus port, if asked)."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            port: int = sock.getsockname()[1]
-        if not cluster_bus:
-            return port
-        if port + _CLUSTER_BUS_OFFSET < 65536 and _port_is_free(port + _CLUSTER_BUS_OFFSET):
-            return port
-    raise RuntimeError("no free port pair for a Redis Cluster node")
-
-
-def _port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
+    """A reserved 127.0.0.1 TCP port nothing listens on now (and its cluster bus port, if
+    asked), as tests.support.procs.free_port()."""
+    return machine_reservations().reserve((0, _CLUSTER_BUS_OFFSET) if cluster_bus else (0,))
 
 
 def send_command(port: int, *args: str | int, timeout: float = 1.0) -> bytes:
