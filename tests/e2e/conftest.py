@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,3 +57,17 @@ def build_stack(
 def embedded_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     log_dir = tmp_path_factory.mktemp("stack")
     yield from build_stack(log_dir, f"sqlite:///{log_dir / 'authz.db'}", FEED_LOGS)
+
+
+@pytest.fixture
+def make_run_ports() -> Iterator[None]:
+    """`make run` listens on fixed ports (the README's curl names 8080): a test of it waits here
+    while another suite on this machine (two checkouts tested side by side) runs one, rather
+    than finding the ports busy and skipping."""
+    lock = Path(tempfile.gettempdir()) / "oais-authz-make-run.lock"
+    with lock.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

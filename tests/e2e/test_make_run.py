@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import fcntl
 import re
 import shlex
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,21 +38,7 @@ def unexplained_warnings(output: str) -> list[str]:
     ]
 
 
-@pytest.fixture
-def fixed_ports_to_ourselves() -> Iterator[None]:
-    """`make run` listens on fixed ports (the README's curl names 8080): a second suite on this
-    machine (two checkouts tested side by side) waits its turn here rather than finding them
-    busy and skipping."""
-    lock = Path(tempfile.gettempdir()) / "oais-authz-make-run.lock"
-    with lock.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-@pytest.mark.usefixtures("fixed_ports_to_ourselves")
+@pytest.mark.usefixtures("make_run_ports")
 def test_make_run_prints_a_curl_that_works_and_stops_cleanly(tmp_path: Path) -> None:
     busy = [f"{name}:{port}" for name, port in PORTS.items() if not _port_free(port)]
     if busy:

@@ -107,7 +107,9 @@ class Shell:
 
 
 @pytest.fixture
-def make_run(tmp_path: Path) -> Iterator[tuple[ManagedProcess, dict[str, str]]]:
+def make_run(
+    tmp_path: Path, make_run_ports: None
+) -> Iterator[tuple[ManagedProcess, dict[str, str]]]:
     busy = [f"{name}:{port}" for name, port in PORTS.items() if not _port_free(port)]
     if busy:
         pytest.skip(f"make run needs its fixed ports, busy here: {busy}")
