@@ -35,6 +35,7 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 _KEEP_IDLE = 2
 """Batches in flight at once are few (one per loop tick, each a round trip), so two kept
@@ -59,6 +60,26 @@ def pack_evalsha(sha: str, keys: Sequence[str], args: Sequence[int | str]) -> by
     parts += map(_bulk, keys)
     parts += map(_bulk, args)
     return b"".join(parts)
+
+
+async def _write(connection: Any, data: bytes) -> None:
+    """What `send_packed_command` does for a connected connection, without its per-write task:
+    it runs every write under `asyncio.wait_for`, which wraps it in a task of its own (a task
+    and an extra loop iteration per batch, most of the batch's CPU after the reads). A write
+    only waits when the socket's buffer is full: that wait keeps the socket timeout. Failures
+    raise what redis-py raises (the guard retries a ConnectionError once)."""
+    writer = connection._writer
+    try:
+        writer.write(data)
+        _, high = writer.transport.get_write_buffer_limits()
+        if writer.transport.get_write_buffer_size() > high:
+            await asyncio.wait_for(writer.drain(), connection.socket_timeout)
+        else:
+            await writer.drain()  # returns at once; raises if the connection was lost
+    except TimeoutError:
+        raise RedisTimeoutError("Timeout writing to socket") from None
+    except OSError as error:
+        raise RedisConnectionError(f"Error while writing to socket: {error!r}") from error
 
 
 @dataclass(slots=True)
@@ -137,8 +158,8 @@ class ScriptPipeliner:
         pool = self._client.connection_pool
         connection = await self._checkout()
         try:
-            await connection.send_packed_command(
-                b"".join([pack_evalsha(c.script.sha, c.keys, c.args) for c in calls])
+            await _write(
+                connection, b"".join([pack_evalsha(c.script.sha, c.keys, c.args) for c in calls])
             )
             replies: list[Any] = []
             for _ in calls:
