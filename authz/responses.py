@@ -53,6 +53,15 @@ def _limit_header(kind: str, limit: int) -> HeaderValueOption:
     return _set(f"x-ratelimit-limit-{kind}", str(limit))
 
 
+_reset_value = lru_cache(maxsize=4096)(format_go_duration)
+"""A reset is whole milliseconds within a window, so a few thousand values recur: each is
+formatted once (formatting was an eighth of the rate headers' cost)."""
+
+
+_REMAINING = {kind: f"x-ratelimit-remaining-{kind}" for kind in ("requests", "tokens")}
+_RESET = {kind: f"x-ratelimit-reset-{kind}" for kind in ("requests", "tokens")}
+
+
 def _add_bucket_headers(
     headers: RepeatedCompositeFieldContainer[HeaderValueOption], kind: str, bucket: BucketState
 ) -> None:
@@ -61,11 +70,11 @@ def _add_bucket_headers(
     headers.append(_limit_header(kind, bucket.limit))
     # Filled in place: a message built apart and then copied in costs twice as much.
     remaining = headers.add(append_action=OVERWRITE).header
-    remaining.key = f"x-ratelimit-remaining-{kind}"
+    remaining.key = _REMAINING[kind]
     remaining.value = str(max(0, bucket.remaining))
     reset = headers.add(append_action=OVERWRITE).header
-    reset.key = f"x-ratelimit-reset-{kind}"
-    reset.value = format_go_duration(bucket.reset_seconds)
+    reset.key = _RESET[kind]
+    reset.value = _reset_value(bucket.reset_seconds)
 
 
 def add_rate_limit_headers(

@@ -56,13 +56,20 @@ def percentile(samples: list[float], fraction: float) -> float:
 
 async def run(name: str, limiter: RateLimiter, requests: int, concurrency: int) -> None:
     await latencies(limiter, min(requests, 200))  # warm-up: connections, script load
+    cpu = time.process_time()
     samples = await latencies(limiter, requests)
+    cpu_one = (time.process_time() - cpu) / requests
+    cpu = time.process_time()
     rate = await throughput(limiter, requests, concurrency)
+    cpu_many = (time.process_time() - cpu) / requests
+    # CPU per acquire (this process only) is what a shared machine measures reliably; the
+    # wall-clock figures move with whatever else runs.
     print(
         f"{name:>10}: p50 {percentile(samples, 0.5) * 1e6:8.1f} us   "
         f"p99 {percentile(samples, 0.99) * 1e6:8.1f} us   "
         f"mean {statistics.fmean(samples) * 1e6:8.1f} us   "
-        f"{rate:10.0f} acquires/s with {concurrency} concurrent"
+        f"{rate:10.0f} acquires/s with {concurrency} concurrent   "
+        f"CPU/acquire {cpu_one * 1e6:6.1f} us one at a time, {cpu_many * 1e6:6.1f} us concurrent"
     )
 
 

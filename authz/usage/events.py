@@ -118,12 +118,13 @@ Fields = MessageMap[str, Value]
 
 def _amount(fields: Fields, name: str) -> float | None:
     """A finite, non-negative number field, else None."""
-    if name not in fields:
-        return None
-    value = fields[name]
-    if not value.HasField("number_value"):
+    value = fields.get(name)
+    if value is None:
         return None
     number: float = value.number_value
+    # Only a number holds a non-zero number_value: the kind needs testing for 0 alone.
+    if number == 0 and not value.HasField("number_value"):
+        return None
     return number if 0 <= number < math.inf else None  # NaN fails both
 
 
@@ -133,12 +134,9 @@ def _count(fields: Fields, name: str) -> int | None:
 
 
 def _raw_text(fields: Fields, name: str) -> str | None:
-    if name not in fields:
-        return None
-    value = fields[name]
-    if not value.HasField("string_value"):
-        return None
-    return value.string_value or None
+    value = fields.get(name)
+    # Any other kind reads as "": absent, as an empty string is.
+    return None if value is None else value.string_value or None
 
 
 def valid_text(text: str) -> bool:
@@ -170,10 +168,12 @@ def resource_of(path: str) -> str:
 
 def _flag(fields: Fields, name: str, absent: bool) -> bool | None:
     """A bool field; `absent` when missing; None when it holds anything but a bool."""
-    if name not in fields:
+    value = fields.get(name)
+    if value is None:
         return absent
-    value = fields[name]
-    return value.bool_value if value.HasField("bool_value") else None
+    if value.bool_value:  # only a bool holds True
+        return True
+    return False if value.HasField("bool_value") else None
 
 
 def _claims(authz: Fields, workspace_id: str, key_id: str, reserved: int) -> rsv.Claims | None:
@@ -212,23 +212,25 @@ def _moment(timestamp: Timestamp) -> datetime:
     """`Timestamp.ToDatetime(tzinfo=UTC)`, the same value, without its generic conversions."""
     nanos = timestamp.nanos
     micros = nanos // 1000 if nanos >= 0 else -(-nanos // 1000)  # toward zero, as it does
-    return _EPOCH + timedelta(seconds=timestamp.seconds, microseconds=micros)
+    return _EPOCH + timedelta(0, timestamp.seconds, micros)  # positional: no keyword parsing
 
 
 def parse_entry(entry: HTTPAccessLogEntry) -> UsageEvent | None:
     """The usage event for an entry our Check allowed, else None (denied, or not ours)."""
     common = entry.common_properties
     metadata = common.metadata.filter_metadata
-    if EXT_AUTHZ_NAMESPACE not in metadata:
+    namespace = metadata.get(EXT_AUTHZ_NAMESPACE)
+    if namespace is None:
         return None
-    authz = metadata[EXT_AUTHZ_NAMESPACE].fields
-    if _text(authz, "decision") != "allow":
+    authz = namespace.fields
+    if _raw_text(authz, "decision") != "allow":  # "allow" is valid text
         return None
     workspace_id = _text(authz, "workspace_id")
     key_id = _text(authz, "key_id")
     if workspace_id is None or key_id is None:
         return None
-    usage = metadata[USAGE_NAMESPACE].fields if USAGE_NAMESPACE in metadata else _NO_FIELDS
+    reported = metadata.get(USAGE_NAMESPACE)
+    usage = _NO_FIELDS if reported is None else reported.fields
     upstream: float | None = None
     if common.HasField("time_to_first_upstream_tx_byte") and common.HasField(
         "time_to_last_upstream_rx_byte"
