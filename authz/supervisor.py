@@ -34,6 +34,7 @@ class Supervisor:
         max_backoff_s: float = 10.0,
         sleep: Sleep = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
+        recancel_s: float = 0.1,
     ) -> None:
         self._readiness = readiness
         self._metrics = metrics
@@ -41,6 +42,7 @@ class Supervisor:
         self._max_backoff_s = max_backoff_s
         self._sleep = sleep
         self._clock = clock
+        self._recancel_s = recancel_s
         self.tasks: list[asyncio.Task[None]] = []
 
     def start(self, name: str, job: Job) -> asyncio.Task[None]:
@@ -51,8 +53,19 @@ class Supervisor:
         return task
 
     async def stop(self) -> None:
-        for task in self.tasks:
-            task.cancel()
+        """Cancel every job, again and again until each has ended.
+
+        Once is not enough on Python 3.11: a cancellation that lands as an inner
+        `asyncio.wait_for` completes is lost (CPython gh-86296, fixed in 3.12), and redis-py
+        writes every command under `wait_for`. Seen: readiness's Redis PING swallowed the
+        cancellation when SIGTERM came right after start-up, its loop ran on, and shutdown
+        waited for it forever.
+        """
+        pending = {task for task in self.tasks if not task.done()}
+        while pending:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=self._recancel_s)
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
     async def _supervise(self, name: str, job: Job) -> None:

@@ -73,7 +73,8 @@ async def _write(connection: Any, data: bytes) -> None:
         writer.write(data)
         _, high = writer.transport.get_write_buffer_limits()
         if writer.transport.get_write_buffer_size() > high:
-            await asyncio.wait_for(writer.drain(), connection.socket_timeout)
+            async with asyncio.timeout(connection.socket_timeout):  # not wait_for (see Supervisor)
+                await writer.drain()
         else:
             await writer.drain()  # returns at once; raises if the connection was lost
     except TimeoutError:

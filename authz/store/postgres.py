@@ -154,7 +154,8 @@ class PostgresStore(SqlStore):
     async def close(self) -> None:
         if self._pool is not None:
             with suppress(*CONNECTION_ERRORS):
-                await asyncio.wait_for(self._pool.close(), timeout=2.0)
+                async with asyncio.timeout(2.0):  # not wait_for: it can lose a cancel on 3.11
+                    await self._pool.close()
             self._pool.terminate()
             self._pool = None
 
@@ -269,8 +270,10 @@ class PostgresStore(SqlStore):
         sink.on_reset()
         log.info("change feed: listening on %s", CHANGE_CHANNEL)
         while not lost.is_set():
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can lose a cancellation.
             with suppress(TimeoutError):
-                await asyncio.wait_for(lost.wait(), timeout=_FEED_PROBE_SECONDS)
+                async with asyncio.timeout(_FEED_PROBE_SECONDS):
+                    await lost.wait()
             if not lost.is_set():
                 # A silently dead network never terminates the connection: probe it.
                 await conn.fetchval("SELECT 1", timeout=_FEED_PROBE_SECONDS)

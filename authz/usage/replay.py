@@ -86,7 +86,9 @@ class RedisReplayGuard:
         try:
             # Shielded: a late answer still completes (and marks the id) instead of leaving a
             # connection cut mid-reply; the socket timeouts bound it.
-            created = await asyncio.wait_for(asyncio.shield(task), self._timeout_s)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can lose a cancellation.
+            async with asyncio.timeout(self._timeout_s):
+                created = await asyncio.shield(task)
         except (TimeoutError, RedisError, OSError) as error:
             if not task.done():
                 self._late.add(task)

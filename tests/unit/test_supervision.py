@@ -160,3 +160,31 @@ async def test_backoff_doubles_while_a_task_keeps_crashing() -> None:
     await supervisor.stop()
     assert delays == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 10.0]
     assert registry.get_sample_value("authz_background_task_restarts_total", {"task": "flaky"}) == 8
+
+
+async def test_stop_ends_a_job_that_lost_its_first_cancellation() -> None:
+    """Python 3.11's `asyncio.wait_for` drops a cancellation that lands as its inner call
+    completes (redis-py writes under it): the job then runs on as if never cancelled."""
+    app = await build(UNIT_SETTINGS, store=FakeStore(), limiter=InMemoryRateLimiter())
+    supervisor = Supervisor(readiness=app.readiness, metrics=app.metrics)
+    rounds = 0
+    lost = asyncio.Event()
+
+    async def probe_loop() -> None:
+        nonlocal rounds
+        while True:
+            rounds += 1
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if lost.is_set():
+                    raise
+                lost.set()  # the first one is lost, as wait_for loses it
+
+    supervisor.start("readiness", probe_loop)
+    while rounds == 0:
+        await asyncio.sleep(0)
+    async with asyncio.timeout(10):
+        await supervisor.stop()
+    assert lost.is_set()
+    assert all(task.done() for task in supervisor.tasks)
