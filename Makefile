@@ -43,7 +43,7 @@ run: $(STAMP) $(NODE_STAMP)
 	$(BIN)/python -m demo.run --envoy-config envoy.yaml
 
 test: install lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -rs
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import fcntl
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from demo.run import PORTS, _port_free
 from tests.support.stack import (
     FEED_LOGS,
     Stack,
@@ -68,6 +70,12 @@ def make_run_ports() -> Iterator[None]:
     with lock.open("a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
+            # The other suite's last `make run` may still be exiting (its children a moment
+            # after it): give its ports time to close; a port held by anything else still
+            # makes the test skip, as before.
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not all(map(_port_free, PORTS.values())):
+                time.sleep(0.05)
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
