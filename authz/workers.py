@@ -24,6 +24,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, replace
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
@@ -67,21 +68,30 @@ def run_workers(settings: Settings, serve: Serve) -> int:
             name=worker_process_name(i),
         )
         workers.append(_Worker(process, armed))
-    asked: list[int] = []  # the stop signal received, once one is
+    asked: list[int] = []  # the stop signals received
 
-    def forward(signum: int, _frame: FrameType | None) -> None:
+    def record(signum: int, _frame: FrameType | None) -> None:
+        # Only recorded: forwarding reads each worker's `armed` Event, whose lock a handler
+        # must not take (it may have interrupted the supervisor holding it: a deadlock on a
+        # second signal). The wakeup fd wakes `_supervise`, which forwards at once.
         asked.append(signum)
-        _forward(workers, signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
+    wake, wake_write = os.pipe()
+    for fd in (wake, wake_write):
+        os.set_blocking(fd, False)
+    previous_wakeup = signal.set_wakeup_fd(wake_write)
+    previous = {sig: signal.signal(sig, record) for sig in STOP_SIGNALS}
     try:
         for worker in workers:
             worker.process.start()
         log.info("started %d workers on %s", len(workers), settings.grpc_addr)
-        return _supervise(workers, asked)
+        return _supervise(workers, asked, wake)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        signal.set_wakeup_fd(previous_wakeup)
+        os.close(wake)
+        os.close(wake_write)
 
 
 @dataclass(slots=True)
@@ -105,8 +115,11 @@ def _forward(workers: Sequence[_Worker], signum: int) -> None:
             os.kill(process.pid, signum)
 
 
-def _supervise(workers: Sequence[_Worker], asked: Sequence[int]) -> int:
-    """Wait for every worker; the first to exit unasked stops the rest and sets the code."""
+def _supervise(workers: Sequence[_Worker], asked: Sequence[int], wake: int) -> int:
+    """Wait for every worker; the first to exit unasked stops the rest and sets the code.
+
+    `wake` turns readable when a signal arrives (signal.set_wakeup_fd), so the wait ends then.
+    """
     code = 0
     stop_signal: int | None = None
     stop_deadline = 0.0
@@ -116,7 +129,11 @@ def _supervise(workers: Sequence[_Worker], asked: Sequence[int]) -> int:
             stop_signal, stop_deadline = asked[0], time.monotonic() + STOP_TIMEOUT_S
         if stop_signal is not None:
             _forward(list(running.values()), stop_signal)  # to workers armed since
-        ended = wait(list(running), timeout=ARMING_POLL_S if stop_signal else 1.0)
+        ready = wait([*running, wake], timeout=1.0 if stop_signal is None else ARMING_POLL_S)
+        if wake in ready:
+            with suppress(BlockingIOError):
+                os.read(wake, 512)
+        ended = [sentinel for sentinel in ready if sentinel != wake]
         if not ended and stop_signal is not None and time.monotonic() > stop_deadline:
             for worker in running.values():
                 log.error("%s did not stop in %.0f s: killed", worker.process.name, STOP_TIMEOUT_S)

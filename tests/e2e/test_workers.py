@@ -161,6 +161,20 @@ def test_sigterm_drains_and_ends_both_workers(workers: Workers) -> None:
     assert process.read_log().count("stopped") >= WORKERS
 
 
+def test_signals_repeated_while_draining_still_end_both_workers(workers: Workers) -> None:
+    """A second Ctrl-C, or a manager that repeats SIGTERM: the supervisor's handler only
+    records the signal (forwarding takes each worker's Event lock, which a handler interrupting
+    the supervisor mid-forward must not take), so more signals change nothing."""
+    process = workers.sidecar.process
+    children = _workers_of(process.pid)
+    for i in range(40):
+        process.send_signal(signal.SIGTERM if i % 2 == 0 else signal.SIGINT)
+        time.sleep(0.005)
+    assert process.wait(timeout=30) == 0
+    assert not [pid for pid in children if Path(f"/proc/{pid}").exists()]
+    assert process.read_log().count("stopped") >= WORKERS
+
+
 def test_embedded_refuses_more_than_one_worker(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "authz", "serve", "--workers", "2"],
